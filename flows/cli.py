@@ -1,0 +1,106 @@
+"""The `vidopt` command.
+
+    vidopt run [--profile demo] [key.sub=value ...]      run the pipeline flow (local Prefect, MLflow in the project dir)
+    vidopt data sample --out DIR [--profile demo] [...]  write the labeled sample dataset as H.264 mp4 files
+    vidopt bench decode DIR [...]                        clip-sampling throughput of decord vs PyAV
+    vidopt config [--profile demo] [...]                 print the resolved config
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+from vidopt.config import ConfigError, PipelineConfig, load_config
+from vidopt.ingestion import IngestError
+
+
+def _add_config_args(parser: argparse.ArgumentParser, default_profile: str = "demo") -> None:
+    parser.add_argument("--profile", default=default_profile, help="a profile in flows/configs/ or a .yaml path")
+    parser.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides, e.g. clips.frames=8")
+
+
+def _prefect_env(cfg: PipelineConfig) -> None:
+    """Embedded default: Prefect's ephemeral server keeps its sqlite DB in the project dir. Must run before Prefect is
+    imported; a user's own PREFECT_* settings (e.g. PREFECT_API_URL of a real server) win."""
+    os.environ.setdefault("PREFECT_HOME", str(Path(cfg.run.project_dir).resolve() / "prefect"))
+    # Analytics on a fresh ephemeral server races the first migration ("database is locked").
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "vidopt")
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    cfg = load_config(args.profile, args.overrides)
+    _prefect_env(cfg)
+    from flows.pipeline import pipeline  # after _prefect_env: Prefect reads its settings at import
+    from flows.summary import print_summary
+
+    result = pipeline(cfg)
+    print_summary(cfg, result)
+    return 0
+
+
+def cmd_sample(args: argparse.Namespace) -> int:
+    from vidopt.sample_data import generate_dataset
+
+    spec = load_config(args.profile, args.overrides).data.sample
+    counts = generate_dataset(Path(args.out), spec, progress=lambda done, total: print(
+        f"\rsample data: {done}/{total} videos", end="" if done < total else "\n", flush=True))
+    print(json.dumps({"out": str(Path(args.out).resolve()), "videos_per_class": counts}, indent=2))
+    return 0
+
+
+def cmd_bench_decode(args: argparse.Namespace) -> int:
+    from vidopt.bench.decode import main as bench_decode
+
+    return bench_decode(args.rest) or 0
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    print(load_config(args.profile, args.overrides).model_dump_json(indent=2))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="vidopt", description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="run the pipeline")
+    _add_config_args(run)
+    run.set_defaults(func=cmd_run)
+
+    data = sub.add_parser("data", help="data utilities").add_subparsers(dest="data_command", required=True)
+    sample = data.add_parser("sample", help="write the labeled sample dataset")
+    sample.add_argument("--out", required=True, help="output folder (<label>/<video>.mp4)")
+    _add_config_args(sample)
+    sample.set_defaults(func=cmd_sample)
+
+    bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bench_command", required=True)
+    decode = bench.add_parser("decode", help="decord vs PyAV clip sampling", add_help=False)
+    decode.add_argument("rest", nargs=argparse.REMAINDER)
+    decode.set_defaults(func=cmd_bench_decode)
+
+    show = sub.add_parser("config", help="print the resolved config")
+    _add_config_args(show)
+    show.set_defaults(func=cmd_config)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    try:
+        return args.func(args)
+    except ConfigError as err:
+        print(err, file=sys.stderr)
+        return 2
+    except IngestError as err:
+        print(err, file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,224 @@
+"""Ingestion stage: a folder or s3:// prefix of labeled clips -> a verified manifest with splits, a data version and a
+quarantine list.
+
+    python -m tasks.ingest --profile tiny data.source=path/to/clips
+
+Every file is downloaded to the cache (atomically; unchanged objects are not fetched again), hashed, fully decoded to
+count frames, and checked against decord; what cannot be used is quarantined with its reason while the rest goes on.
+"""
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import time
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from pathlib import Path
+
+from prefect import task
+
+from vidopt.artifacts import DatasetArtifact
+from vidopt.config import PipelineConfig
+from vidopt.data import class_counts, data_version, split_for_hash
+from vidopt.ingestion import (
+    IngestError,
+    file_identity,
+    inspect_file,
+    labels_from_layout,
+    manifest_uri,
+    probe_cache_path,
+    read_source_manifest,
+)
+from vidopt.sample_data import generate_dataset
+from vidopt.tracking import MLflowLogger, set_run_tags, stage_run
+from vidopt.storage import (
+    DownloadCache,
+    RemoteObject,
+    StorageError,
+    is_s3,
+    list_objects,
+    read_jsonl,
+    sha256_file,
+    write_jsonl,
+)
+
+log = logging.getLogger("vidopt.ingest")
+
+
+def run(cfg: PipelineConfig) -> DatasetArtifact:
+    data, project = cfg.data, Path(cfg.run.project_dir)
+    _fill_with_samples_if_missing(cfg)
+    try:
+        objects = list_objects(data.source, data.s3_endpoint_url, data.s3_region)
+    except StorageError as err:
+        raise IngestError(f"ingest: {err}") from None
+    labels, quarantine = _labels(cfg, objects)
+    cache = DownloadCache(project / "cache" / "objects", data.source, data.s3_endpoint_url, data.s3_region)
+
+    rows, started = [], time.monotonic()
+    candidates = [o for o in objects if o.key in labels]
+    log.info("ingest: %d objects under %s, %d labeled", len(objects), data.source, len(candidates))
+    for obj, result in _inspect_all(cfg, cache, candidates, quarantine):
+        base = {"key": obj.key, "uri": obj.uri, "label": labels[obj.key], **result}
+        if not base.pop("ok"):
+            quarantine.append(base)
+        elif base["num_frames"] < data.min_frames:
+            quarantine.append({**base, "reason": f"too short: {base['num_frames']} frames < {data.min_frames} needed"})
+        else:
+            rows.append(base)
+    rows = _drop_duplicates(rows, quarantine)
+    for row in rows:
+        row["split"] = split_for_hash(row["sha256"], data.split_fractions)
+    for q in quarantine:
+        log.warning("ingest: %s: %s (quarantined)", q["uri"], q["reason"])
+
+    if not rows:
+        raise IngestError(f"ingest: no usable videos in {data.source} ({len(quarantine)} quarantined: "
+                          + "; ".join(f"{q['key']}: {q['reason']}" for q in quarantine[:5]) + ")")
+    return _write_dataset(project, rows, quarantine, cache.downloaded, time.monotonic() - started)
+
+
+def _fill_with_samples_if_missing(cfg: PipelineConfig) -> None:
+    source = cfg.data.source
+    if cfg.data.sample_if_missing and not is_s3(source) and not Path(source).exists():
+        spec = cfg.data.sample
+        log.info("ingest: %s does not exist; writing the sample dataset there (%d classes x %d videos)",
+                 source, len(spec.classes), spec.videos_per_class)
+        generate_dataset(Path(source), spec, progress=_progress("sample data: wrote", "videos"))
+
+
+def _labels(cfg: PipelineConfig, objects: list[RemoteObject]) -> tuple[dict[str, str], list[dict]]:
+    if cfg.data.manifest is None:
+        return labels_from_layout(objects)
+    uri = manifest_uri(cfg.data.source, cfg.data.manifest)
+    try:
+        listed = read_source_manifest(uri, cfg.data.s3_endpoint_url, cfg.data.s3_region)
+    except (OSError, StorageError) as err:
+        raise IngestError(f"ingest: cannot read manifest {uri}: {err}") from None
+    present = {o.key for o in objects}
+    missing = [{"key": k, "uri": k, "reason": "listed in the manifest but not found in the source"}
+               for k in sorted(listed) if k not in present]
+    return listed, missing
+
+
+def _inspect_all(cfg: PipelineConfig, cache: DownloadCache, objects: list[RemoteObject], quarantine: list[dict]):
+    """Yield (object, inspect result) for every object that could be fetched; probes are cached by content hash."""
+    probe_dir = Path(cfg.run.project_dir) / "cache" / "probes"
+    probe_dir.mkdir(parents=True, exist_ok=True)
+    checks = cfg.data.decoder_checks
+    pending, progress = [], _progress("ingest: probed", "new files")
+    for obj in objects:
+        try:
+            path = cache.local_path(obj)
+            sha, size = file_identity(path)
+        except (OSError, StorageError) as err:
+            quarantine.append({"key": obj.key, "uri": obj.uri, "reason": f"cannot fetch: {err}"})
+            continue
+        cached = probe_cache_path(probe_dir, sha, checks)
+        if cached.exists():
+            yield obj, {**read_jsonl(cached)[0], "sha256": sha, "size": size, "path": str(path)}
+        else:
+            pending.append((obj, path, sha, size, cached))
+    for done, ((obj, path, sha, size, cached), result) in enumerate(_run_probes(pending, cfg.data.probe_workers, checks), 1):
+        if result.pop("cacheable", True):
+            write_jsonl(cached, [result])
+        progress(done, len(pending))
+        yield obj, {**result, "sha256": sha, "size": size, "path": str(path)}
+
+
+def _run_probes(pending: list[tuple], workers: int, checks: int):
+    """Yield (pending item, inspect result) in order. A file that crashes the decoder itself (a native abort kills the
+    worker and breaks the pool) is found by re-running the affected files one per fresh process, and quarantined."""
+    if not pending:
+        return
+    # spawn, not fork: the parent may hold Prefect/MLflow threads, which fork copies in a broken state.
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
+        futures = [pool.submit(inspect_file, str(item[1]), checks) for item in pending]
+        for item, future in zip(pending, futures):
+            try:
+                yield item, future.result()
+            except BrokenProcessPool:
+                yield item, _probe_alone(str(item[1]), checks, context)
+
+
+def _probe_alone(path: str, checks: int, context) -> dict:
+    with ProcessPoolExecutor(max_workers=1, mp_context=context) as pool:
+        try:
+            return pool.submit(inspect_file, path, checks).result()
+        except BrokenProcessPool:
+            # Not cached: a crash may come from this machine's state rather than the file.
+            return {"ok": False, "reason": "the decoder crashed on this file", "cacheable": False}
+
+
+def _drop_duplicates(rows: list[dict], quarantine: list[dict]) -> list[dict]:
+    """Same content twice would sit in one split under two keys (or two labels): keep the first key only."""
+    first: dict[str, dict] = {}
+    kept = []
+    for row in sorted(rows, key=lambda r: r["key"]):
+        if row["sha256"] in first:
+            quarantine.append({**row, "reason": f"duplicate content of {first[row['sha256']]['key']}"})
+        else:
+            first[row["sha256"]] = row
+            kept.append(row)
+    return kept
+
+
+def _write_dataset(project: Path, rows, quarantine, downloaded: int, seconds: float) -> DatasetArtifact:
+    version = data_version(rows)
+    out = project / "datasets" / version
+    write_jsonl(out / "manifest.jsonl", rows)
+    write_jsonl(out / "quarantine.jsonl", sorted(quarantine, key=lambda q: q["key"]))
+    counts = class_counts(rows)
+    log.info("ingest: %d videos, %d classes, %d quarantined, data version %s (%.1f s)",
+             len(rows), len(counts), len(quarantine), version, seconds)
+    return DatasetArtifact(
+        uri=str(out.resolve()),
+        manifest_uri=str((out / "manifest.jsonl").resolve()),
+        quarantine_uri=str((out / "quarantine.jsonl").resolve()),
+        manifest_sha256=sha256_file(out / "manifest.jsonl"),
+        data_version=version,
+        classes=sorted(counts),
+        class_counts=counts,
+        num_videos=len(rows),
+        num_quarantined=len(quarantine),
+        downloaded=downloaded,
+    )
+
+
+def _progress(what: str, unit: str):
+    """Log about ten progress lines per stage, whatever its size."""
+    def report(done: int, total: int) -> None:
+        if done == total or done % max(1, total // 10) == 0:
+            log.info("%s %d/%d %s", what, done, total, unit)
+    return report
+
+
+def log_dataset(stage: MLflowLogger, dataset: DatasetArtifact, parent_run_id: str) -> None:
+    """[MLflow] data version as a tag on both runs; counts as metrics; manifest and quarantine list as artifacts."""
+    stage.set_tags({"data_version": dataset.data_version})
+    set_run_tags(parent_run_id, {"data_version": dataset.data_version})
+    stage.log("videos", dataset.num_videos)
+    stage.log("quarantined", dataset.num_quarantined)
+    stage.log("downloaded", dataset.downloaded)
+    for label, counts in dataset.class_counts.items():
+        for split, n in counts.items():
+            stage.log(f"count.{split}.{label}", n)
+    stage.log_dict(dataset.model_dump(), "dataset.json")
+    stage.log_artifact(dataset.manifest_uri, "dataset")
+    stage.log_artifact(dataset.quarantine_uri, "dataset")
+
+
+# [Prefect] retries cover flaky object-store reads; `run` above is the plain function tests call.
+@task(name="ingest", retries=2, retry_delay_seconds=[2, 10])
+def ingest_task(cfg: PipelineConfig, parent_run_id: str) -> DatasetArtifact:
+    with stage_run("ingest", parent_run_id) as stage:
+        dataset = run(cfg)
+        log_dataset(stage, dataset, parent_run_id)
+    return dataset
+
+
+if __name__ == "__main__":
+    from vidopt.config import run_stage_standalone
+
+    run_stage_standalone(run)

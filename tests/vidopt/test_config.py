@@ -1,0 +1,66 @@
+import pytest
+
+from vidopt.config import ConfigError, PipelineConfig, flatten, load_config, redact
+
+
+def test_profiles_load_and_differ():
+    tiny, demo = load_config("tiny"), load_config("demo")
+    assert isinstance(tiny, PipelineConfig)
+    assert tiny.clips.frames < demo.clips.frames
+    assert tiny.data.sample.videos_per_class < demo.data.sample.videos_per_class
+
+
+def test_override_sets_nested_value_and_parses_yaml():
+    cfg = load_config("tiny", ["clips.frames=4", "data.split_fractions=[0.5, 0.25, 0.25]", "data.sample.seed=7"])
+    assert cfg.clips.frames == 4
+    assert cfg.data.split_fractions == (0.5, 0.25, 0.25)
+    assert cfg.data.sample.seed == 7
+
+
+@pytest.mark.parametrize("override, key", [
+    ("clips.framez=4", "clips.framez"),
+    ("nosuch.section=1", "nosuch"),
+    ("clips.frames.deeper=1", "clips.frames.deeper"),
+])
+def test_unknown_override_key_is_named(override, key):
+    with pytest.raises(ConfigError, match=f"config: {key}: unknown key"):
+        load_config("tiny", [override])
+
+
+def test_bad_value_is_named():
+    with pytest.raises(ConfigError, match=r"config: clips.height: Input should be a valid integer"):
+        load_config("tiny", ["clips.height=tall"])
+    with pytest.raises(ConfigError, match=r"config: data.split_fractions: .*summing to 1"):
+        load_config("tiny", ["data.split_fractions=[0.9, 0.9, 0.1]"])
+
+
+def test_unknown_key_in_profile_file_is_named(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("clips:\n  frames: 8\n  colour: red\n")
+    with pytest.raises(ConfigError, match="config: clips.colour: unknown key"):
+        load_config(str(bad))
+
+
+def test_unknown_profile_lists_known_ones():
+    with pytest.raises(ConfigError, match=r"unknown profile 'nope'.*'demo'.*'tiny'"):
+        load_config("nope")
+
+
+def test_malformed_override():
+    with pytest.raises(ConfigError, match="not of the form key.sub=value"):
+        load_config("tiny", ["clips.frames"])
+
+
+def test_section_hash_changes_only_with_its_section():
+    a, b = load_config("tiny"), load_config("tiny", ["clips.frames=4"])
+    assert a.section_hash("data") == b.section_hash("data")
+    assert a.section_hash("clips") != b.section_hash("clips")
+    assert a.config_hash() != b.config_hash()
+
+
+def test_redact_masks_secrets_and_uri_credentials():
+    raw = {"tracking": {"uri": "http://bob:hunter2@mlflow:5000", "api_token": "abc"}, "data": {"source": "s3://b/p"}}
+    flat = flatten(redact(raw))
+    assert flat["tracking.api_token"] == "***"
+    assert "hunter2" not in flat["tracking.uri"] and flat["tracking.uri"].endswith("@mlflow:5000")
+    assert flat["data.source"] == "s3://b/p"

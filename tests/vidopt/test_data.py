@@ -1,0 +1,51 @@
+import numpy as np
+import pytest
+
+from vidopt.data import class_counts, data_version, sample_clip_indices, split_for_hash
+
+
+def _hash(i: int) -> str:
+    import hashlib
+
+    return hashlib.sha256(str(i).encode()).hexdigest()
+
+
+def test_split_follows_content_hash_and_fractions():
+    splits = [split_for_hash(_hash(i), (0.7, 0.15, 0.15)) for i in range(40000)]
+    fractions = {s: splits.count(s) / len(splits) for s in ("train", "val", "test")}
+    assert abs(fractions["train"] - 0.7) < 0.01 and abs(fractions["test"] - 0.15) < 0.01  # ~4 sigma
+    assert split_for_hash(_hash(3), (0.7, 0.15, 0.15)) == splits[3]
+    assert {split_for_hash(_hash(i), (0.0, 0.0, 1.0)) for i in range(50)} == {"test"}
+
+
+def test_data_version_depends_on_content_not_order_or_location():
+    rows = [{"sha256": _hash(i), "label": "a", "split": "train", "uri": f"s3://x/{i}"} for i in range(5)]
+    moved = [{**r, "uri": "elsewhere"} for r in reversed(rows)]
+    assert data_version(rows) == data_version(moved)
+    assert data_version(rows) != data_version(rows[:4])
+    assert data_version(rows) != data_version([{**rows[0], "label": "b"}, *rows[1:]])
+
+
+def test_class_counts():
+    rows = [{"label": "a", "split": "train"}, {"label": "a", "split": "test"}, {"label": "b", "split": "train"}]
+    assert class_counts(rows) == {"a": {"train": 1, "val": 0, "test": 1, "total": 2},
+                                  "b": {"train": 1, "val": 0, "test": 0, "total": 1}}
+
+
+def test_training_clips_are_random_contiguous_windows():
+    rng = np.random.default_rng(0)
+    clips = [sample_clip_indices(40, 8, 2, train=True, rng=rng) for _ in range(200)]
+    assert all(len(c) == 8 and np.all(np.diff(c) == 2) and 0 <= c[0] and c[-1] < 40 for c in clips)
+    assert len({c[0] for c in clips}) > 10  # offsets vary
+
+
+def test_eval_clips_are_uniform_and_deterministic():
+    assert sample_clip_indices(40, 8, 1, train=False) == list(range(16, 24))  # centre
+    starts = [sample_clip_indices(40, 8, 1, train=False, clip=k, clips=4)[0] for k in range(4)]
+    assert starts == sorted(starts) and starts[0] < 8 and starts[-1] > 24
+
+
+def test_short_video_shrinks_stride_and_too_short_fails():
+    assert sample_clip_indices(10, 8, 4, train=False) == list(range(1, 9))
+    with pytest.raises(ValueError, match="7 frames, a clip needs 8"):
+        sample_clip_indices(7, 8, 1, train=False)

@@ -1,0 +1,174 @@
+"""PipelineConfig: the one typed config of a vidopt run, loaded from a YAML profile plus `key.sub=value` overrides.
+
+It is the Prefect flow's parameter, so the Prefect UI renders it as a form. Every section forbids unknown keys: a typo
+fails before any work starts, with a message that names the key.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from vidopt.sample_data import SampleSpec
+
+PROFILE_DIR = Path(__file__).resolve().parent.parent / "flows" / "configs"
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(Section):
+    source: str = ".vidopt/bucket"       # local folder or s3://bucket/prefix; layout <label>/<file> or a manifest
+    manifest: str | None = None          # CSV/JSONL (path,label) relative to `source`; None: use <label>/<file>
+    sample_if_missing: bool = False      # a local `source` that does not exist is filled with the sample dataset
+    s3_endpoint_url: str | None = None   # e.g. MinIO; None: the usual AWS way (AWS_ENDPOINT_URL, profiles, ...)
+    s3_region: str | None = None
+    split_fractions: tuple[float, float, float] = (0.7, 0.15, 0.15)  # train / val / test, by content hash
+    min_frames: int = 16                 # shorter videos are quarantined: a clip needs this many frames
+    decoder_checks: int = 24             # frames compared per file before decord is trusted with it
+    probe_workers: int = 2               # processes probing files in parallel (one per core)
+    sample: SampleSpec = Field(default_factory=SampleSpec)  # what `sample_if_missing` and `vidopt data sample` write
+
+    @field_validator("split_fractions")
+    @classmethod
+    def _fractions_sum_to_one(cls, v: tuple[float, float, float]) -> tuple[float, float, float]:
+        if any(f < 0 for f in v) or abs(sum(v) - 1.0) > 1e-6:
+            raise ValueError(f"must be three non-negative fractions summing to 1, got {list(v)}")
+        return v
+
+
+class ClipConfig(Section):
+    frames: int = 16                     # T: frames per clip
+    stride: int = 1                      # frame step inside a training clip
+    height: int = 112
+    width: int = 112
+    eval_clips_per_video: int = 1        # uniformly spaced clips per video at evaluation
+    batch_size: int = 8
+    loader_workers: int = 2              # DataLoader processes decoding clips
+
+
+class TrackingConfig(Section):
+    uri: str | None = None               # MLflow tracking URI; None: sqlite file in the project dir
+    experiment: str = "vidopt"
+
+
+class RunConfig(Section):
+    project_dir: str = ".vidopt"         # cache, run outputs, mlflow.db, prefect home
+    name: str | None = None              # MLflow run name; None: MLflow picks one
+    seed: int = 0
+
+
+class PipelineConfig(Section):
+    run: RunConfig = Field(default_factory=RunConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    clips: ClipConfig = Field(default_factory=ClipConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+
+    def section_hash(self, name: str) -> str:
+        """Content hash of one section: part of every stage's cache key."""
+        return _hash_json(getattr(self, name).model_dump(mode="json"))
+
+    def config_hash(self) -> str:
+        return _hash_json(self.model_dump(mode="json"))
+
+
+class ConfigError(ValueError):
+    """A profile or override that does not fit PipelineConfig; the message names the key."""
+
+
+def _hash_json(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def profile_path(profile: str) -> Path:
+    path = Path(profile)
+    if path.suffix in (".yaml", ".yml") and path.exists():
+        return path
+    path = PROFILE_DIR / f"{profile}.yaml"
+    if not path.exists():
+        known = sorted(p.stem for p in PROFILE_DIR.glob("*.yaml"))
+        raise ConfigError(f"config: unknown profile {profile!r}; known profiles: {known} (or pass a .yaml path)")
+    return path
+
+
+def load_config(profile: str = "demo", overrides: list[str] | tuple[str, ...] = ()) -> PipelineConfig:
+    """Profile YAML, then overrides like `clips.frames=8` (values parsed as YAML), validated as a whole."""
+    raw = yaml.safe_load(profile_path(profile).read_text()) or {}
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"config: override {item!r} is not of the form key.sub=value")
+        _set_path(raw, key.strip(), yaml.safe_load(value))
+    return validate_config(raw)
+
+
+def validate_config(raw: dict[str, Any]) -> PipelineConfig:
+    try:
+        return PipelineConfig.model_validate(raw)
+    except ValidationError as err:
+        problems = []
+        for e in err.errors():
+            key = ".".join(str(p) for p in e["loc"])
+            msg = "unknown key" if e["type"] == "extra_forbidden" else e["msg"]
+            problems.append(f"config: {key}: {msg}")
+        raise ConfigError("\n".join(problems)) from None
+
+
+def _set_path(raw: dict[str, Any], dotted: str, value: Any) -> None:
+    """Set raw[a][b][c] for 'a.b.c', refusing keys PipelineConfig does not have (before any work starts)."""
+    parts = dotted.split(".")
+    model: type[BaseModel] | None = PipelineConfig
+    for i, part in enumerate(parts):
+        if model is None or part not in model.model_fields:
+            raise ConfigError(f"config: {'.'.join(parts[: i + 1])}: unknown key")
+        annotation = model.model_fields[part].annotation
+        model = annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
+    node = raw
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+    node[parts[-1]] = value
+
+
+SECRET_WORDS = ("secret", "password", "token", "credential", "access_key", "session_key")
+
+
+def redact(obj: Any) -> Any:
+    """Copy of a config dict with values under secret-looking keys (and credentials inside URIs) masked."""
+    if isinstance(obj, dict):
+        return {k: "***" if any(w in str(k).lower() for w in SECRET_WORDS) else redact(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [redact(v) for v in obj]
+    if isinstance(obj, str) and "://" in obj and "@" in obj.split("://", 1)[1].split("/", 1)[0]:
+        scheme, rest = obj.split("://", 1)
+        return f"{scheme}://***@{rest.split('@', 1)[1]}"
+    return obj
+
+
+def flatten(obj: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in obj.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+
+def run_stage_standalone(stage_run, argv: list[str] | None = None) -> None:
+    """`python -m tasks.<stage> --profile tiny key.sub=value ...`: run one stage's plain function, print its record."""
+    import argparse
+    import logging
+
+    parser = argparse.ArgumentParser(description=stage_run.__module__)
+    parser.add_argument("--profile", default="tiny")
+    parser.add_argument("overrides", nargs="*", help="key.sub=value")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    print(stage_run(load_config(args.profile, args.overrides)).model_dump_json(indent=2))

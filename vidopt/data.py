@@ -1,0 +1,126 @@
+"""Manifest rows, deterministic splits, data versions, and the clip dataset that feeds models `[B, C, T, H, W]` batches.
+
+Splits come from each file's content hash, so adding files never moves old ones between train / val / test.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from collections import Counter
+from typing import Sequence
+
+import numpy as np
+
+from vidopt.config import ClipConfig
+
+SPLITS = ("train", "val", "test")
+# torchvision's video models are trained with Kinetics statistics; we keep them so teacher weights stay interchangeable.
+KINETICS_MEAN = (0.43216, 0.394666, 0.37645)
+KINETICS_STD = (0.22803, 0.22145, 0.216989)
+
+
+def split_for_hash(content_hash: str, fractions: Sequence[float]) -> str:
+    """Map a sha256 hex digest to a split; the same content always lands in the same split."""
+    u = int(content_hash[:15], 16) / float(16**15)  # uniform in [0, 1)
+    edge = 0.0
+    for name, fraction in zip(SPLITS, fractions):
+        edge += fraction
+        if u < edge:
+            return name
+    return SPLITS[-1]
+
+
+def data_version(rows: list[dict]) -> str:
+    """Hash of what the data *is* (content, label, split), not where it lives: re-uploads keep the version."""
+    keyed = sorted((r["sha256"], r["label"], r["split"]) for r in rows)
+    return hashlib.sha256(json.dumps(keyed).encode()).hexdigest()[:16]
+
+
+def class_counts(rows: list[dict]) -> dict[str, dict[str, int]]:
+    """{label: {split: count, 'total': count}} for every label seen."""
+    counts: dict[str, dict[str, int]] = {}
+    for (label, split), n in Counter((r["label"], r["split"]) for r in rows).items():
+        counts.setdefault(label, {s: 0 for s in (*SPLITS, "total")})
+        counts[label][split] += n
+        counts[label]["total"] += n
+    return dict(sorted(counts.items()))
+
+
+def sample_clip_indices(
+    num_frames: int,
+    frames: int,
+    stride: int,
+    *,
+    train: bool,
+    rng: np.random.Generator | None = None,
+    clip: int = 0,
+    clips: int = 1,
+) -> list[int]:
+    """Frame indices of one clip of `frames` frames, `stride` apart.
+
+    Training: a random offset. Evaluation: clip `clip` of `clips` windows spaced uniformly over the video (one clip:
+    the centre). The stride shrinks for videos too short to hold the full span, so every clip has `frames` frames.
+    """
+    if num_frames < frames:
+        raise ValueError(f"video has {num_frames} frames, a clip needs {frames}")
+    stride = max(1, min(stride, (num_frames - 1) // max(frames - 1, 1)))
+    span = (frames - 1) * stride + 1
+    room = num_frames - span
+    if train:
+        start = int((rng or np.random.default_rng()).integers(0, room + 1))
+    else:
+        start = int(round(room * (clip + 0.5) / clips))
+    return list(range(start, start + span, stride))
+
+
+def _import_torch():
+    import torch
+
+    return torch
+
+
+class ClipDataset:
+    """Clips of manifest videos as normalised float tensors.
+
+    Item: (clip [C, T, H, W] float32, label index, video index). A DataLoader stacks them to `[B, C, T, H, W]`.
+    Decoding happens in __getitem__, so DataLoader workers decode in parallel; each row names the decoder that ingestion
+    verified for that file.
+    """
+
+    def __init__(self, rows: list[dict], classes: list[str], clips: ClipConfig, *, train: bool, seed: int = 0):
+        self.rows, self.clips, self.train, self.seed = rows, clips, train, seed
+        self.class_index = {c: i for i, c in enumerate(classes)}
+        self.per_video = 1 if train else clips.eval_clips_per_video
+        self.epoch = 0  # bump between epochs so random offsets change
+
+    def __len__(self) -> int:
+        return len(self.rows) * self.per_video
+
+    def __getitem__(self, item: int):
+        from vidopt.video import read_frames
+
+        torch = _import_torch()
+        video, clip = divmod(item, self.per_video)
+        row = self.rows[video]
+        rng = np.random.default_rng([self.seed, self.epoch, item]) if self.train else None
+        indices = sample_clip_indices(row["num_frames"], self.clips.frames, self.clips.stride,
+                                      train=self.train, rng=rng, clip=clip, clips=self.per_video)
+        frames = read_frames(row["path"], indices, decoder=row["decoder"], size=(self.clips.height, self.clips.width))
+        x = torch.from_numpy(frames).permute(3, 0, 1, 2).float().div_(255.0)  # [T, H, W, C] uint8 -> [C, T, H, W]
+        mean = torch.tensor(KINETICS_MEAN).view(3, 1, 1, 1)
+        std = torch.tensor(KINETICS_STD).view(3, 1, 1, 1)
+        return (x - mean) / std, self.class_index[row["label"]], video
+
+
+def make_loader(rows: list[dict], classes: list[str], clips: ClipConfig, *, train: bool, seed: int = 0):
+    """DataLoader of `[B, C, T, H, W]` clips; decoding runs in `clips.loader_workers` worker processes."""
+    torch = _import_torch()
+    dataset = ClipDataset(rows, classes, clips, train=train, seed=seed)
+    return torch.utils.data.DataLoader(
+        dataset,
+        batch_size=clips.batch_size,
+        shuffle=train,
+        num_workers=clips.loader_workers,
+        persistent_workers=False,
+        generator=torch.Generator().manual_seed(seed),
+    )

@@ -1,0 +1,162 @@
+"""URIs (a local path or s3://bucket/key), atomic writes, content hashes and the local download cache.
+
+S3 goes through boto3 with its usual configuration (env vars, profiles, AWS_ENDPOINT_URL), so AWS, MinIO and moto all
+work; an explicit endpoint/region from the config wins.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from typing import Iterator
+
+HASH_CHUNK = 1 << 20  # bytes read at a time when hashing
+
+
+class StorageError(RuntimeError):
+    """A URI that cannot be read or a key that must not be written; the message names it."""
+
+
+@dataclass(frozen=True)
+class RemoteObject:
+    key: str         # path relative to the source root, '/'-separated
+    uri: str         # full URI to fetch it
+    size: int
+    etag: str        # S3 ETag, or mtime_ns for local files: changes when content may have changed
+
+
+def is_s3(uri: str) -> bool:
+    return uri.startswith("s3://")
+
+
+def split_s3(uri: str) -> tuple[str, str]:
+    bucket, _, prefix = uri[len("s3://"):].partition("/")
+    if not bucket:
+        raise StorageError(f"{uri}: no bucket name")
+    return bucket, prefix
+
+
+def s3_client(endpoint_url: str | None = None, region: str | None = None):
+    import boto3  # lazy: only S3 sources need it
+
+    return boto3.session.Session().client("s3", endpoint_url=endpoint_url, region_name=region)
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(HASH_CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+@contextmanager
+def atomic_path(dest: Path) -> Iterator[Path]:
+    """Yield a temp path next to `dest`; on success it replaces `dest` in one rename, on failure it is removed."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.replace(tmp, dest)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def atomic_write_text(dest: Path, text: str) -> None:
+    with atomic_path(dest) as tmp:
+        tmp.write_text(text)
+
+
+def write_jsonl(dest: Path, rows: list[dict]) -> None:
+    atomic_write_text(dest, "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def safe_relative_key(key: str) -> PurePosixPath:
+    # Checked on the raw string: PurePosixPath would silently normalise 'a/./b' and 'a//b' away.
+    """A source key as a relative path that cannot escape the cache directory."""
+    if not key or key.startswith("/") or "\\" in key or "\x00" in key:
+        raise StorageError(f"{key!r}: object key is absolute or malformed (rejected: it would escape the cache)")
+    parts = key.split("/")
+    if any(p in ("..", ".", "") for p in parts):
+        raise StorageError(f"{key!r}: object key has a '..', '.' or empty part (rejected: it would escape the cache)")
+    return PurePosixPath(*parts)
+
+
+def list_objects(source: str, endpoint_url: str | None = None, region: str | None = None) -> list[RemoteObject]:
+    """Every object under a folder or s3:// prefix, sorted by key; hidden files (.DS_Store, temp files) skipped."""
+    if is_s3(source):
+        return _list_s3(source, endpoint_url, region)
+    root = Path(source)
+    if not root.is_dir():
+        raise StorageError(f"{source}: data source folder does not exist")
+    objects = []
+    for path in sorted(root.rglob("*")):
+        rel = path.relative_to(root).as_posix()
+        if path.is_file() and not any(p.startswith(".") for p in rel.split("/")):
+            st = path.stat()
+            objects.append(RemoteObject(rel, str(path), st.st_size, str(st.st_mtime_ns)))
+    return objects
+
+
+def _list_s3(source: str, endpoint_url: str | None, region: str | None) -> list[RemoteObject]:
+    bucket, prefix = split_s3(source)
+    if prefix and not prefix.endswith("/"):
+        prefix += "/"
+    client = s3_client(endpoint_url, region)
+    objects = []
+    for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
+        for obj in page.get("Contents", []):
+            rel = obj["Key"][len(prefix):]
+            if rel and not rel.endswith("/") and not any(p.startswith(".") for p in rel.split("/")):
+                objects.append(RemoteObject(rel, f"s3://{bucket}/{obj['Key']}", obj["Size"], obj["ETag"].strip('"')))
+    return sorted(objects, key=lambda o: o.key)
+
+
+class DownloadCache:
+    """Local copies of source objects under `root`, keyed by source and key.
+
+    A sidecar `<file>.src.json` remembers the (size, etag) a copy was made from, so re-ingesting unchanged data
+    downloads nothing. Local sources are used in place (no copy).
+    """
+
+    def __init__(self, root: Path, source: str, endpoint_url: str | None = None, region: str | None = None):
+        self.source = source
+        self.root = root / hashlib.sha256(source.encode()).hexdigest()[:12]
+        self.endpoint_url, self.region = endpoint_url, region
+        self.downloaded = 0  # objects fetched by this instance (0 on an unchanged re-run)
+        self._client = None
+
+    def local_path(self, obj: RemoteObject) -> Path:
+        if not is_s3(self.source):
+            return Path(obj.uri)
+        dest = self.root / safe_relative_key(obj.key)
+        stamp = dest.with_name(dest.name + ".src.json")
+        want = {"size": obj.size, "etag": obj.etag}
+        if dest.exists() and stamp.exists() and json.loads(stamp.read_text()) == want:
+            return dest
+        if self._client is None:
+            self._client = s3_client(self.endpoint_url, self.region)
+        bucket, key = split_s3(obj.uri)
+        with atomic_path(dest) as tmp:
+            self._client.download_file(bucket, key, str(tmp))
+        atomic_write_text(stamp, json.dumps(want))
+        self.downloaded += 1
+        return dest
+
+
+def read_text_uri(uri: str, endpoint_url: str | None = None, region: str | None = None) -> str:
+    if is_s3(uri):
+        bucket, key = split_s3(uri)
+        body = s3_client(endpoint_url, region).get_object(Bucket=bucket, Key=key)["Body"]
+        return body.read().decode()
+    return Path(uri).read_text()
