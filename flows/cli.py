@@ -26,7 +26,8 @@ def _add_config_args(parser: argparse.ArgumentParser, default_profile: str = "de
 def _prefect_env(cfg: PipelineConfig) -> None:
     """Embedded default: Prefect's ephemeral server keeps its sqlite DB in the project dir. Must run before Prefect is
     imported; a user's own PREFECT_* settings (e.g. PREFECT_API_URL of a real server) win."""
-    os.environ.setdefault("PREFECT_HOME", str(Path(cfg.run.project_dir).resolve() / "prefect"))
+    home = Path(os.environ.setdefault("PREFECT_HOME", str(Path(cfg.run.project_dir).resolve() / "prefect")))
+    home.mkdir(parents=True, exist_ok=True)  # Prefect creates only the last level
     # Analytics on a fresh ephemeral server races the first migration ("database is locked").
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "vidopt")
@@ -92,6 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per Prefect API call otherwise
     try:
         return args.func(args)
     except ConfigError as err:

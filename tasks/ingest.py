@@ -8,6 +8,8 @@ count frames, and checked against decord; what cannot be used is quarantined wit
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import multiprocessing
 import time
@@ -17,11 +19,13 @@ from pathlib import Path
 
 from prefect import task
 
+from tasks.retry import IO_RETRY_DELAYS, only_io_errors
 from vidopt.artifacts import DatasetArtifact
 from vidopt.config import PipelineConfig
 from vidopt.data import class_counts, data_version, split_for_hash
 from vidopt.ingestion import (
     IngestError,
+    ManifestError,
     file_identity,
     inspect_file,
     labels_from_layout,
@@ -93,7 +97,7 @@ def _labels(cfg: PipelineConfig, objects: list[RemoteObject]) -> tuple[dict[str,
     uri = manifest_uri(cfg.data.source, cfg.data.manifest)
     try:
         listed = read_source_manifest(uri, cfg.data.s3_endpoint_url, cfg.data.s3_region)
-    except (OSError, StorageError) as err:
+    except (OSError, StorageError, ManifestError) as err:
         raise IngestError(f"ingest: cannot read manifest {uri}: {err}") from None
     present = {o.key for o in objects}
     missing = [{"key": k, "uri": k, "reason": "listed in the manifest but not found in the source"}
@@ -166,7 +170,9 @@ def _drop_duplicates(rows: list[dict], quarantine: list[dict]) -> list[dict]:
 
 def _write_dataset(project: Path, rows, quarantine, downloaded: int, seconds: float) -> DatasetArtifact:
     version = data_version(rows)
-    out = project / "datasets" / version
+    # Same data version from another source (or with other rejects) must not overwrite this one's lists.
+    listing = json.dumps([sorted(r.items()) for r in rows + quarantine], sort_keys=True, default=str)
+    out = project / "datasets" / f"{version}-{hashlib.sha256(listing.encode()).hexdigest()[:8]}"
     write_jsonl(out / "manifest.jsonl", rows)
     write_jsonl(out / "quarantine.jsonl", sorted(quarantine, key=lambda q: q["key"]))
     counts = class_counts(rows)
@@ -210,7 +216,7 @@ def log_dataset(stage: MLflowLogger, dataset: DatasetArtifact, parent_run_id: st
 
 
 # [Prefect] retries cover flaky object-store reads; `run` above is the plain function tests call.
-@task(name="ingest", retries=2, retry_delay_seconds=[2, 10])
+@task(name="ingest", retries=len(IO_RETRY_DELAYS), retry_delay_seconds=IO_RETRY_DELAYS, retry_condition_fn=only_io_errors)
 def ingest_task(cfg: PipelineConfig, parent_run_id: str) -> DatasetArtifact:
     with stage_run("ingest", parent_run_id) as stage:
         dataset = run(cfg)

@@ -27,6 +27,11 @@ def labels_from_layout(objects: list[RemoteObject]) -> tuple[dict[str, str], lis
     labels, rejected = {}, []
     for obj in objects:
         parts = obj.key.split("/")
+        try:
+            safe_relative_key(obj.key)
+        except StorageError as err:
+            rejected.append({"key": obj.key, "uri": obj.uri, "reason": str(err)})
+            continue
         if len(parts) < 2:
             rejected.append({"key": obj.key, "uri": obj.uri, "reason": "no label: expected <label>/<file>"})
         else:

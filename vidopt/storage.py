@@ -29,6 +29,11 @@ class RemoteObject:
     etag: str        # S3 ETag, or mtime_ns for local files: changes when content may have changed
 
 
+def is_hidden(key: str) -> bool:
+    """.DS_Store, editor temp files and the like; '.' and '..' are not hidden but unsafe (see safe_relative_key)."""
+    return any(p.startswith(".") and p not in (".", "..") for p in key.split("/"))
+
+
 def is_s3(uri: str) -> bool:
     return uri.startswith("s3://")
 
@@ -102,7 +107,7 @@ def list_objects(source: str, endpoint_url: str | None = None, region: str | Non
     objects = []
     for path in sorted(root.rglob("*")):
         rel = path.relative_to(root).as_posix()
-        if path.is_file() and not any(p.startswith(".") for p in rel.split("/")):
+        if path.is_file() and not is_hidden(rel):
             st = path.stat()
             objects.append(RemoteObject(rel, str(path), st.st_size, str(st.st_mtime_ns)))
     return objects
@@ -117,7 +122,7 @@ def _list_s3(source: str, endpoint_url: str | None, region: str | None) -> list[
     for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
         for obj in page.get("Contents", []):
             rel = obj["Key"][len(prefix):]
-            if rel and not rel.endswith("/") and not any(p.startswith(".") for p in rel.split("/")):
+            if rel and not rel.endswith("/") and not is_hidden(rel):
                 objects.append(RemoteObject(rel, f"s3://{bucket}/{obj['Key']}", obj["Size"], obj["ETag"].strip('"')))
     return sorted(objects, key=lambda o: o.key)
 

@@ -1,0 +1,164 @@
+"""Teacher and student models, each rebuilt from a small JSON architecture record (`arch.json`), never from a pickle.
+
+Teacher: torchvision's video ResNets (r3d_18, mc3_18, r2plus1d_18) with a width multiplier; at width 1.0 they are the
+standard architectures, with torchvision's module names, so torchvision checkpoints load as they are.
+Student: a per-frame 2D CNN encoder and a temporal Conv1d head — only ops every target runs well (no Conv3d, no
+adaptive pooling; see DESIGN.md), and per-layer widths in the record so a pruned student rebuilds anywhere.
+"""
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from torch import nn
+from torchvision.models.video.resnet import BasicBlock, Conv2Plus1D, Conv3DNoTemporal, Conv3DSimple, VideoResNet
+
+TEACHER_LAYOUTS = {  # arch -> conv maker per residual layer (torchvision's definitions)
+    "r3d_18": [Conv3DSimple] * 4,
+    "mc3_18": [Conv3DSimple] + [Conv3DNoTemporal] * 3,
+    "r2plus1d_18": [Conv2Plus1D] * 4,
+}
+BASE_WIDTHS = (64, 128, 256, 512)  # torchvision's channels per residual layer at width 1.0
+
+
+class TeacherArch(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    kind: Literal["teacher"] = "teacher"
+    arch: Literal["r3d_18", "mc3_18", "r2plus1d_18"] = "r2plus1d_18"
+    width: float = 1.0                      # multiplier on every channel count; 1.0 = the published model
+    num_classes: int = 400
+
+
+class StudentArch(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    kind: Literal["student"] = "student"
+    frames: int = 16                        # T: the temporal head pools over exactly T steps
+    height: int = 112
+    width: int = 112
+    conv_widths: list[int] = Field(default_factory=lambda: [16, 32, 64, 128])   # per Conv2d, in order
+    conv_strides: list[int] = Field(default_factory=lambda: [2, 2, 2, 2])       # per Conv2d
+    temporal_widths: list[int] = Field(default_factory=lambda: [128])          # per temporal Conv1d
+    temporal_kernel: int = 3
+    num_classes: int = 400
+
+    def final_map(self) -> tuple[int, int]:
+        """Feature-map size after the encoder (3x3 convs with padding 1: ceil division by each stride)."""
+        h, w = self.height, self.width
+        for s in self.conv_strides:
+            h, w = (h + s - 1) // s, (w + s - 1) // s
+        return h, w
+
+
+def _stem(arch: str, c64: int, c45: int) -> nn.Sequential:
+    """torchvision's BasicStem / R2Plus1dStem with scaled widths (same layer indices, so checkpoint keys match)."""
+    if arch == "r2plus1d_18":
+        return nn.Sequential(
+            nn.Conv3d(3, c45, (1, 7, 7), stride=(1, 2, 2), padding=(0, 3, 3), bias=False),
+            nn.BatchNorm3d(c45), nn.ReLU(inplace=True),
+            nn.Conv3d(c45, c64, (3, 1, 1), stride=(1, 1, 1), padding=(1, 0, 0), bias=False),
+            nn.BatchNorm3d(c64), nn.ReLU(inplace=True),
+        )
+    return nn.Sequential(
+        nn.Conv3d(3, c64, (3, 7, 7), stride=(1, 2, 2), padding=(1, 3, 3), bias=False),
+        nn.BatchNorm3d(c64), nn.ReLU(inplace=True),
+    )
+
+
+class ScaledVideoResNet(VideoResNet):
+    """torchvision's VideoResNet with every channel count scaled; forward and _make_layer are torchvision's own."""
+
+    def __init__(self, spec: TeacherArch):
+        nn.Module.__init__(self)
+        widths = [max(8, round(c * spec.width)) for c in BASE_WIDTHS]
+        makers = TEACHER_LAYOUTS[spec.arch]
+        self.inplanes = widths[0]
+        self.stem = _stem(spec.arch, widths[0], max(4, round(45 * spec.width)))
+        self.layer1 = self._make_layer(BasicBlock, makers[0], widths[0], 2, stride=1)
+        self.layer2 = self._make_layer(BasicBlock, makers[1], widths[1], 2, stride=2)
+        self.layer3 = self._make_layer(BasicBlock, makers[2], widths[2], 2, stride=2)
+        self.layer4 = self._make_layer(BasicBlock, makers[3], widths[3], 2, stride=2)
+        self.avgpool = nn.AdaptiveAvgPool3d((1, 1, 1))
+        self.fc = nn.Linear(widths[3], spec.num_classes)
+        for m in self.modules():  # torchvision's initialisation
+            if isinstance(m, nn.Conv3d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            elif isinstance(m, nn.BatchNorm3d):
+                nn.init.constant_(m.weight, 1)
+                nn.init.constant_(m.bias, 0)
+            elif isinstance(m, nn.Linear):
+                nn.init.normal_(m.weight, 0, 0.01)
+                nn.init.constant_(m.bias, 0)
+
+
+def conv_bn_relu_2d(cin: int, cout: int, stride: int) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=False), nn.BatchNorm2d(cout),
+                         nn.ReLU(inplace=True))
+
+
+class FrameEncoder(nn.Module):
+    """Per-frame 2D CNN: [N, C, H, W] -> [N, D]. Global pooling is an AvgPool2d over the whole final map (fixed size),
+    not adaptive pooling, which hls4ml rejects."""
+
+    def __init__(self, spec: StudentArch):
+        super().__init__()
+        layers, cin = [], 3
+        for cout, stride in zip(spec.conv_widths, spec.conv_strides, strict=True):
+            layers.append(conv_bn_relu_2d(cin, cout, stride))
+            cin = cout
+        self.convs = nn.Sequential(*layers)
+        self.pool = nn.AvgPool2d(spec.final_map())
+        self.flatten = nn.Flatten()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.flatten(self.pool(self.convs(x)))
+
+
+class TemporalHead(nn.Module):
+    """[B, D, T] -> logits [B, classes]: temporal Conv1d layers, AvgPool1d over all T steps, Linear."""
+
+    def __init__(self, spec: StudentArch):
+        super().__init__()
+        layers, cin = [], spec.conv_widths[-1]
+        for cout in spec.temporal_widths:
+            layers += [nn.Conv1d(cin, cout, spec.temporal_kernel, padding=spec.temporal_kernel // 2, bias=False),
+                       nn.BatchNorm1d(cout), nn.ReLU(inplace=True)]
+            cin = cout
+        self.convs = nn.Sequential(*layers)
+        self.pool = nn.AvgPool1d(spec.frames)
+        self.flatten = nn.Flatten()
+        self.fc = nn.Linear(cin, spec.num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.flatten(self.pool(self.convs(x))))
+
+
+class Student(nn.Module):
+    def __init__(self, spec: StudentArch):
+        super().__init__()
+        self.frames = spec.frames
+        self.encoder = FrameEncoder(spec)
+        self.head = TemporalHead(spec)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, c, t, h, w = x.shape
+        frames = x.transpose(1, 2).reshape(b * t, c, h, w)       # [B, C, T, H, W] -> [B*T, C, H, W]
+        features = self.encoder(frames)                           # [B*T, D]
+        features = features.reshape(b, t, -1).transpose(1, 2)     # -> [B, D, T]
+        return self.head(features)
+
+
+def build_model(spec: TeacherArch | StudentArch) -> nn.Module:
+    return ScaledVideoResNet(spec) if spec.kind == "teacher" else Student(spec)
+
+
+def arch_from_dict(raw: dict) -> TeacherArch | StudentArch:
+    return TeacherArch.model_validate(raw) if raw.get("kind") == "teacher" else StudentArch.model_validate(raw)
+
+
+def student_arch_of(model: Student, spec: StudentArch) -> StudentArch:
+    """The record of a (possibly pruned) student: widths read back from its layers."""
+    convs = [m for m in model.encoder.convs.modules() if isinstance(m, nn.Conv2d)]
+    temporal = [m for m in model.head.convs.modules() if isinstance(m, nn.Conv1d)]
+    return spec.model_copy(update={"conv_widths": [c.out_channels for c in convs],
+                                   "temporal_widths": [c.out_channels for c in temporal]})
