@@ -79,18 +79,28 @@ def _import_torch():
     return torch
 
 
-class ClipDataset:
-    """Clips of manifest videos as normalised float tensors.
+def normalise_clips(clips):
+    """uint8 clips [..., T, H, W, C] -> float [..., C, T, H, W], scaled to [0, 1] and standardised per channel."""
+    torch = _import_torch()
+    x = clips.float().div_(255.0).movedim(-1, -4)  # [..., T, H, W, C] -> [..., C, T, H, W]
+    mean = torch.tensor(KINETICS_MEAN).view(3, 1, 1, 1)
+    std = torch.tensor(KINETICS_STD).view(3, 1, 1, 1)
+    return (x - mean) / std
 
-    Item: (clip [C, T, H, W] float32, label index, video index). A DataLoader stacks them to `[B, C, T, H, W]`.
-    Decoding happens in __getitem__, so DataLoader workers decode in parallel; each row names the decoder that ingestion
-    verified for that file.
+
+class ClipDataset:
+    """Clips of manifest videos.
+
+    Item: (clip, label index, video index); clip is float [C, T, H, W] normalised, or uint8 [T, H, W, C] with
+    normalise=False (for caching). A DataLoader stacks them to `[B, C, T, H, W]`. Decoding happens in __getitem__, so
+    DataLoader workers decode in parallel; each row names the decoder that ingestion verified for that file.
     """
 
-    def __init__(self, rows: list[dict], classes: list[str], clips: ClipConfig, *, train: bool, seed: int = 0):
-        self.rows, self.clips, self.train, self.seed = rows, clips, train, seed
+    def __init__(self, rows: list[dict], classes: list[str], clips: ClipConfig, *, train: bool, seed: int = 0,
+                 per_video: int | None = None, normalise: bool = True):
+        self.rows, self.clips, self.train, self.seed, self.normalise = rows, clips, train, seed, normalise
         self.class_index = {c: i for i, c in enumerate(classes)}
-        self.per_video = 1 if train else clips.eval_clips_per_video
+        self.per_video = per_video or (1 if train else clips.eval_clips_per_video)
         self.epoch = 0  # bump between epochs so random offsets change
 
     def __len__(self) -> int:
@@ -105,11 +115,9 @@ class ClipDataset:
         rng = np.random.default_rng([self.seed, self.epoch, item]) if self.train else None
         indices = sample_clip_indices(row["num_frames"], self.clips.frames, self.clips.stride,
                                       train=self.train, rng=rng, clip=clip, clips=self.per_video)
-        frames = read_frames(row["path"], indices, decoder=row["decoder"], size=(self.clips.height, self.clips.width))
-        x = torch.from_numpy(frames).permute(3, 0, 1, 2).float().div_(255.0)  # [T, H, W, C] uint8 -> [C, T, H, W]
-        mean = torch.tensor(KINETICS_MEAN).view(3, 1, 1, 1)
-        std = torch.tensor(KINETICS_STD).view(3, 1, 1, 1)
-        return (x - mean) / std, self.class_index[row["label"]], video
+        frames = torch.from_numpy(read_frames(row["path"], indices, decoder=row["decoder"],
+                                              size=(self.clips.height, self.clips.width)))  # [T, H, W, C] uint8
+        return (normalise_clips(frames) if self.normalise else frames), self.class_index[row["label"]], video
 
 
 def make_loader(rows: list[dict], classes: list[str], clips: ClipConfig, *, train: bool, seed: int = 0):

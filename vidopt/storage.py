@@ -101,7 +101,7 @@ def list_objects(source: str, endpoint_url: str | None = None, region: str | Non
     """Every object under a folder or s3:// prefix, sorted by key; hidden files (.DS_Store, temp files) skipped."""
     if is_s3(source):
         return _list_s3(source, endpoint_url, region)
-    root = Path(source)
+    root = Path(source).resolve()  # manifests hold absolute paths: later stages may run from another directory
     if not root.is_dir():
         raise StorageError(f"{source}: data source folder does not exist")
     objects = []

@@ -1,0 +1,157 @@
+"""Decoder benchmark over `<label>/<video>.mp4`: clip-sampling throughput and sequential decode rate, decord vs PyAV.
+
+    python -m vidopt.bench.decode DIR [--clips 200] [--frames 16] [--stride 2] [--size 112 112] [--json out.json]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+
+from vidopt.data import sample_clip_indices
+from vidopt.video import DECODERS, DecodeError, iter_frames, probe_video, read_frames
+
+SEQUENTIAL_CHUNK = 32  # decord frames per get_batch when decoding a whole file: bounds memory on long videos
+
+
+def find_videos(root: Path) -> tuple[list[tuple[Path, int]], list[str]]:
+    """-> ([(path, decoded frame count)], [skip notes]) for every `<label>/<video>.mp4` PyAV can decode."""
+    videos, skipped = [], []
+    for path in sorted(root.glob("*/*.mp4")):
+        try:
+            videos.append((path, probe_video(path).num_frames))
+        except DecodeError as err:
+            skipped.append(f"{path.relative_to(root)}: {err}")
+    return videos, skipped
+
+
+def plan_clips(videos: list[tuple[Path, int]], clips: int, frames: int, stride: int,
+               seed: int) -> list[tuple[Path, list[int]]]:
+    """The same random clips for every decoder, drawn the way the training loader draws them."""
+    rng = np.random.default_rng(seed)
+    usable = [(path, n) for path, n in videos if n >= frames]
+    if not usable:
+        raise SystemExit(f"bench.decode: no video has the {frames} frames a clip needs")
+    picks = rng.integers(0, len(usable), clips)
+    return [(usable[k][0], sample_clip_indices(usable[k][1], frames, stride, train=True, rng=rng)) for k in picks]
+
+
+def time_clip_sampling(plan: list[tuple[Path, list[int]]], decoder: str, size: tuple[int, int]) -> float:
+    """clips/s through read_frames, exactly as the data loader calls it."""
+    start = time.perf_counter()
+    for path, indices in plan:
+        read_frames(path, indices, decoder=decoder, size=size)
+    return len(plan) / (time.perf_counter() - start)
+
+
+def decode_all_pyav(path: Path) -> int:
+    return sum(1 for _ in iter_frames(path))  # RGB like decord, which always converts
+
+
+def decode_all_decord(path: Path) -> int:
+    import decord
+
+    reader = decord.VideoReader(str(path), ctx=decord.cpu(0))
+    try:
+        count = len(reader)
+        for start in range(0, count, SEQUENTIAL_CHUNK):
+            reader.get_batch(list(range(start, min(start + SEQUENTIAL_CHUNK, count)))).asnumpy()
+        return count
+    finally:
+        del reader
+
+
+def time_sequential(videos: list[tuple[Path, int]], decoder: str) -> float:
+    """frames/s decoding every frame of every file in order, to RGB at native size."""
+    decode_all = {"pyav": decode_all_pyav, "decord": decode_all_decord}[decoder]
+    start = time.perf_counter()
+    frames = sum(decode_all(path) for path, _ in videos)
+    return frames / (time.perf_counter() - start)
+
+
+def warm_up(decoder: str, path: Path) -> None:
+    """Load the decoder's libraries and fill OS caches before timing, so the first decoder measured is not penalised."""
+    try:
+        read_frames(path, [0], decoder=decoder)
+    except DecodeError:
+        pass  # measure() reports it
+
+
+def measure(decoder: str, videos: list[tuple[Path, int]], plan: list[tuple[Path, list[int]]],
+            size: tuple[int, int]) -> dict:
+    try:
+        return {"clips_per_s": time_clip_sampling(plan, decoder, size),
+                "sequential_frames_per_s": time_sequential(videos, decoder)}
+    except DecodeError as err:  # e.g. decord cannot open AV1: report it, keep the other decoder's numbers
+        return {"error": str(err)}
+
+
+def best_of(runs: list[dict]) -> dict:
+    """Per number, the best round: on a shared machine the slow rounds measure the neighbours, not the decoder."""
+    errors = [run for run in runs if "error" in run]
+    return errors[0] if errors else {key: max(run[key] for run in runs) for key in runs[0]}
+
+
+def run_benchmark(root: Path, clips: int, frames: int, stride: int, size: tuple[int, int], seed: int,
+                  repeats: int) -> dict:
+    videos, skipped = find_videos(root)
+    if not videos:
+        raise SystemExit(f"bench.decode: no decodable <label>/<video>.mp4 under {root}")
+    plan = plan_clips(videos, clips, frames, stride, seed)
+    for decoder in DECODERS:
+        warm_up(decoder, videos[0][0])
+    runs = {decoder: [] for decoder in DECODERS}
+    for _ in range(repeats):  # alternate decoders so slow spells of a noisy machine hit both
+        for decoder in DECODERS:
+            runs[decoder].append(measure(decoder, videos, plan, size))
+    return {
+        "root": str(root), "videos": len(videos), "total_frames": sum(n for _, n in videos), "skipped": skipped,
+        "clips": clips, "frames": frames, "stride": stride, "size": list(size), "repeats": repeats,
+        "results": {decoder: best_of(decoder_runs) for decoder, decoder_runs in runs.items()},
+    }
+
+
+def format_table(report: dict) -> str:
+    height, width = report["size"]
+    skipped = f", {len(report['skipped'])} skipped" if report["skipped"] else ""
+    lines = [
+        f"{report['videos']} videos ({report['total_frames']} frames) under {report['root']}{skipped}",
+        f"clip sampling: {report['clips']} random clips of {report['frames']} frames, stride {report['stride']}, "
+        f"resized to {height}x{width}; sequential: every frame of every video, native size, RGB; "
+        f"best of {report['repeats']} rounds",
+        f"{'decoder':<8} {'clips/s':>10} {'frames/s':>12}",
+    ]
+    for decoder, numbers in report["results"].items():
+        if "error" in numbers:
+            lines.append(f"{decoder:<8} failed: {numbers['error']}")
+        else:
+            lines.append(f"{decoder:<8} {numbers['clips_per_s']:>10.1f} {numbers['sequential_frames_per_s']:>12.0f}")
+    lines += [f"skipped {note}" for note in report["skipped"]]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(prog="python -m vidopt.bench.decode", description=__doc__.splitlines()[0])
+    parser.add_argument("root", type=Path, help="folder of <label>/<video>.mp4")
+    parser.add_argument("--clips", type=int, default=200, help="clips to sample per decoder")
+    parser.add_argument("--frames", type=int, default=16, help="frames per clip (T)")
+    parser.add_argument("--stride", type=int, default=2, help="frame step inside a clip, as the training loader uses")
+    parser.add_argument("--size", type=int, nargs=2, default=(112, 112), metavar=("H", "W"),
+                        help="resize inside the decoder")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--repeats", type=int, default=3, help="rounds per decoder; the best is reported")
+    parser.add_argument("--json", type=Path, help="also write the numbers here")
+    args = parser.parse_args(argv)
+    report = run_benchmark(args.root, args.clips, args.frames, args.stride, tuple(args.size), args.seed,
+                           args.repeats)
+    print(format_table(report))
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=2) + "\n")
+    return report
+
+
+if __name__ == "__main__":
+    main()
