@@ -19,3 +19,12 @@ class DatasetArtifact(Artifact):
     num_videos: int
     num_quarantined: int
     downloaded: int                        # objects fetched from the source this time (0 on an unchanged re-run)
+
+
+class ModelArtifact(Artifact):
+    kind: str                              # "teacher", "student", "pruned", "int8"
+    arch: dict                             # TeacherArch / StudentArch record (per-layer widths): rebuilds the model
+    weights_sha256: str                    # of weights.safetensors (or model.onnx for int8)
+    metrics: dict[str, float]              # top-1 per clip / per video on val and test, MACs, params, size, ...
+    data_version: str
+    notes: dict[str, str] = {}             # what was done and why (e.g. "quantization: ptq" or "qat after ptq lost 3.1")

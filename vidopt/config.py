@@ -8,7 +8,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -52,6 +52,51 @@ class ClipConfig(Section):
     loader_workers: int = 2              # DataLoader processes decoding clips
 
 
+TeacherName = Literal["r3d_18", "mc3_18", "r2plus1d_18"]
+
+
+class TeacherConfig(Section):
+    arch: TeacherName = "r3d_18"
+    width: float = Field(0.25, gt=0)     # channel multiplier; 1.0 = torchvision's published architecture
+    init: str | None = None              # state_dict checkpoint (path or s3:// URI, .pt or .safetensors) to start from
+    epochs: int = Field(12, ge=1)
+    lr: float = 3e-3                     # AdamW, cosine decay to 0 over `epochs`
+    weight_decay: float = 1e-4
+    patience: int = Field(4, ge=1)       # early stopping: epochs without a better val top-1
+
+
+class DistillConfig(Section):
+    # Student architecture: per-frame 2D encoder widths (each conv 3x3, stride as listed), temporal Conv1d widths.
+    conv_widths: list[int] = Field(default_factory=lambda: [16, 32, 64, 128])
+    conv_strides: list[int] = Field(default_factory=lambda: [2, 2, 2, 2])
+    temporal_widths: list[int] = Field(default_factory=lambda: [128])
+    pool_grid: int = Field(2, ge=1)      # encoder output pooled to a grid x grid map: keeps coarse position for motion
+    epochs: int = Field(20, ge=1)
+    lr: float = 3e-3
+    weight_decay: float = 1e-4
+    alpha: float = Field(0.5, ge=0, le=1)  # weight of CE(labels); (1 - alpha) weighs T^2 * KL to the teacher
+    temperature: float = Field(4.0, gt=0)
+    cached_clips_per_video: int = Field(4, ge=1)  # fixed training clips per video whose teacher logits are cached
+    patience: int = Field(6, ge=1)
+
+
+class PruneConfig(Section):
+    method: Literal["structured", "l1_unstructured"] = "structured"
+    target_macs_ratio: float = Field(0.45, gt=0, le=1)  # structured: keep this fraction of the student's MACs
+    sparsity: float = Field(0.5, ge=0, lt=1)           # l1_unstructured: fraction of weights set to zero
+    finetune_epochs: int = Field(8, ge=0)              # distillation fine-tuning after pruning
+    lr: float = 1e-3
+
+
+class QuantizeConfig(Section):
+    calibration_clips: int = Field(64, ge=1)  # training clips fed through the model to set activation ranges
+    per_channel: bool = True                  # per-output-channel weight scales (needed for pruned, uneven layers)
+    max_top1_drop: float = Field(0.01, ge=0)  # allowed test top-1 loss vs fp32; beyond it, quantization-aware training
+    qat_epochs: int = Field(3, ge=1)
+    qat_lr: float = 1e-4
+    threads: list[int] = Field(default_factory=lambda: [1, 2])  # onnxruntime intra-op threads to measure latency with
+
+
 class TrackingConfig(Section):
     uri: str | None = None               # MLflow tracking URI; None: sqlite file in the project dir
     experiment: str = "vidopt"
@@ -67,6 +112,10 @@ class PipelineConfig(Section):
     run: RunConfig = Field(default_factory=RunConfig)
     data: DataConfig = Field(default_factory=DataConfig)
     clips: ClipConfig = Field(default_factory=ClipConfig)
+    teacher: TeacherConfig = Field(default_factory=TeacherConfig)
+    distill: DistillConfig = Field(default_factory=DistillConfig)
+    prune: PruneConfig = Field(default_factory=PruneConfig)
+    quantize: QuantizeConfig = Field(default_factory=QuantizeConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
 
     def section_hash(self, name: str) -> str:

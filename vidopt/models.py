@@ -40,6 +40,7 @@ class StudentArch(BaseModel):
     conv_strides: list[int] = Field(default_factory=lambda: [2, 2, 2, 2])       # per Conv2d
     temporal_widths: list[int] = Field(default_factory=lambda: [128])          # per temporal Conv1d
     temporal_kernel: int = 3
+    pool_grid: int = 2                      # encoder output averaged to a grid x grid map, then flattened
     num_classes: int = 400
 
     def final_map(self) -> tuple[int, int]:
@@ -48,6 +49,19 @@ class StudentArch(BaseModel):
         for s in self.conv_strides:
             h, w = (h + s - 1) // s, (w + s - 1) // s
         return h, w
+
+    def pool_window(self) -> tuple[tuple[int, int], tuple[int, int]]:
+        """(kernel, stride) of the AvgPool2d giving exactly a grid x grid map from the final feature map. Windows
+        overlap where the map does not divide (7x7 -> 2x2: kernel 4, stride 3), so every position counts."""
+        h, w = self.final_map()
+        if min(h, w) < self.pool_grid:
+            raise ValueError(f"student: final feature map {h}x{w} is smaller than pool_grid={self.pool_grid}")
+        stride = (h // self.pool_grid, w // self.pool_grid)
+        kernel = (h - (self.pool_grid - 1) * stride[0], w - (self.pool_grid - 1) * stride[1])
+        return kernel, stride
+
+    def feature_dim(self) -> int:
+        return self.conv_widths[-1] * self.pool_grid**2
 
 
 def _stem(arch: str, c64: int, c45: int) -> nn.Sequential:
@@ -97,8 +111,9 @@ def conv_bn_relu_2d(cin: int, cout: int, stride: int) -> nn.Sequential:
 
 
 class FrameEncoder(nn.Module):
-    """Per-frame 2D CNN: [N, C, H, W] -> [N, D]. Global pooling is an AvgPool2d over the whole final map (fixed size),
-    not adaptive pooling, which hls4ml rejects."""
+    """Per-frame 2D CNN: [N, C, H, W] -> [N, D], D = width * grid^2. Pooling is a fixed-size AvgPool2d to a small grid,
+    not adaptive pooling (hls4ml rejects it). A grid, not a single global average, because motion classes (left vs
+    right, in vs out) need to know *where* things are in each frame; a 1x1 grid would leave only padding cues."""
 
     def __init__(self, spec: StudentArch):
         super().__init__()
@@ -107,7 +122,8 @@ class FrameEncoder(nn.Module):
             layers.append(conv_bn_relu_2d(cin, cout, stride))
             cin = cout
         self.convs = nn.Sequential(*layers)
-        self.pool = nn.AvgPool2d(spec.final_map())
+        kernel, stride = spec.pool_window()
+        self.pool = nn.AvgPool2d(kernel, stride)
         self.flatten = nn.Flatten()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -119,7 +135,7 @@ class TemporalHead(nn.Module):
 
     def __init__(self, spec: StudentArch):
         super().__init__()
-        layers, cin = [], spec.conv_widths[-1]
+        layers, cin = [], spec.feature_dim()
         for cout in spec.temporal_widths:
             layers += [nn.Conv1d(cin, cout, spec.temporal_kernel, padding=spec.temporal_kernel // 2, bias=False),
                        nn.BatchNorm1d(cout), nn.ReLU(inplace=True)]
@@ -143,7 +159,7 @@ class Student(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, c, t, h, w = x.shape
         frames = x.transpose(1, 2).reshape(b * t, c, h, w)       # [B, C, T, H, W] -> [B*T, C, H, W]
-        features = self.encoder(frames)                           # [B*T, D]
+        features = self.encoder(frames)                           # [B*T, D], D = width * grid^2
         features = features.reshape(b, t, -1).transpose(1, 2)     # -> [B, D, T]
         return self.head(features)
 

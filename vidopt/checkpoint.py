@@ -1,0 +1,77 @@
+"""Model directories and training checkpoints.
+
+A model directory holds `weights.safetensors`, `arch.json` (rebuilds the module anywhere, pruned or not), `metrics.json`
+and `config.json` (the resolved config that made it). It is written to a temp dir and renamed, so it is whole or absent.
+Training checkpoints (`last.pt`) hold tensors and plain values only and load with `weights_only=True`.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from vidopt.models import StudentArch, TeacherArch, arch_from_dict, build_model
+from vidopt.storage import atomic_path, sha256_file
+
+WEIGHTS, ARCH, METRICS, CONFIG = "weights.safetensors", "arch.json", "metrics.json", "config.json"
+
+
+def save_model_dir(out: Path, model: nn.Module, arch: TeacherArch | StudentArch, metrics: dict[str, float],
+                   config: dict[str, Any], extra_files: dict[str, Path] | None = None) -> str:
+    """Write the model directory atomically; returns the weights' sha256."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
+    try:
+        state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+        save_file(state, str(tmp / WEIGHTS))
+        (tmp / ARCH).write_text(arch.model_dump_json(indent=2))
+        (tmp / METRICS).write_text(json.dumps(metrics, indent=2, sort_keys=True))
+        (tmp / CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True))
+        for name, src in (extra_files or {}).items():
+            shutil.copy2(src, tmp / name)
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return sha256_file(out / WEIGHTS)
+
+
+def load_model_dir(path: str | Path) -> tuple[nn.Module, TeacherArch | StudentArch]:
+    """Rebuild the module from arch.json and load its weights (safetensors: no code runs on load)."""
+    path = Path(path)
+    arch = arch_from_dict(json.loads((path / ARCH).read_text()))
+    model = build_model(arch)
+    model.load_state_dict(load_file(str(path / WEIGHTS)))
+    return model.eval(), arch
+
+
+def load_state_dict_uri(uri: str) -> dict[str, torch.Tensor]:
+    """A user-supplied checkpoint: safetensors, or a torch file loaded with weights_only=True (untrusted input)."""
+    from vidopt.storage import is_s3, s3_client, split_s3
+
+    if is_s3(uri):
+        local = Path(tempfile.mkdtemp()) / Path(uri).name
+        bucket, key = split_s3(uri)
+        s3_client().download_file(bucket, key, str(local))
+        uri = str(local)
+    if uri.endswith(".safetensors"):
+        return load_file(uri)
+    state = torch.load(uri, map_location="cpu", weights_only=True)
+    return state.get("model", state) if isinstance(state, dict) else state
+
+
+def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
+    """Atomically replace the training checkpoint (model/optimizer state dicts, epoch, history)."""
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
+
+
+def load_checkpoint(path: Path) -> dict[str, Any] | None:
+    return torch.load(path, map_location="cpu", weights_only=True) if path.exists() else None

@@ -1,0 +1,130 @@
+"""The one training loop every stage uses (teacher, distillation, pruning fine-tune, QAT): AdamW with cosine decay,
+a checkpoint after every epoch, resume from it after a crash, early stopping on validation top-1, best weights kept.
+"""
+from __future__ import annotations
+
+import copy
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable, Protocol
+
+import numpy as np
+import torch
+from torch import nn
+
+from vidopt.checkpoint import load_checkpoint, save_checkpoint
+from vidopt.metrics import top1, top1_per_video
+
+log = logging.getLogger("vidopt.training")
+
+
+class EpochLogger(Protocol):
+    def log(self, name: str, value: float, step: int | None = None) -> None: ...
+
+
+@dataclass(frozen=True)
+class FitSpec:
+    epochs: int
+    lr: float
+    weight_decay: float = 1e-4
+    patience: int = 1000           # epochs without a better val score before stopping
+    stage: str = "train"           # prefix of logged metric names and progress lines
+
+
+# loss_fn(model, batch) -> scalar loss; the batch is whatever the loader yields.
+LossFn = Callable[[nn.Module, tuple], torch.Tensor]
+
+
+def fit(model: nn.Module, loss_fn: LossFn, train_batches: Iterable, score_fn: Callable[[nn.Module], float],
+        spec: FitSpec, checkpoint: Path, logger: EpochLogger | None = None,
+        on_epoch_start: Callable[[int], None] | None = None) -> dict:
+    """Train `model` in place and leave it holding the best-scoring weights. Resumes from `checkpoint` if present.
+
+    Returns {"best_score", "best_epoch", "epochs_run", "resumed_from", "history": [{epoch, loss, score, seconds}]}.
+    """
+    optimizer = torch.optim.AdamW(model.parameters(), lr=spec.lr, weight_decay=spec.weight_decay)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=spec.epochs)
+    state = {"epoch": 0, "best_score": -1.0, "best_epoch": -1, "history": [], "best_model": None}
+    saved = load_checkpoint(checkpoint)
+    resumed_from = 0
+    if saved is not None:
+        model.load_state_dict(saved["model"])
+        optimizer.load_state_dict(saved["optimizer"])
+        scheduler.load_state_dict(saved["scheduler"])
+        state = {k: saved[k] for k in state}
+        resumed_from = state["epoch"]
+        log.info("%s: resumed from checkpoint after epoch %d (best val top-1 %.3f)", spec.stage, resumed_from,
+                 state["best_score"])
+
+    for epoch in range(state["epoch"], spec.epochs):
+        if epoch - state["best_epoch"] > spec.patience and state["best_epoch"] >= 0:
+            log.info("%s: early stop after epoch %d (no better val top-1 for %d epochs)", spec.stage, epoch,
+                     spec.patience)
+            break
+        if on_epoch_start:
+            on_epoch_start(epoch)
+        started = time.monotonic()
+        loss = _train_one_epoch(model, loss_fn, train_batches, optimizer, spec.stage, epoch)
+        scheduler.step()
+        score = score_fn(model)
+        seconds = time.monotonic() - started
+        if score > state["best_score"]:
+            state.update(best_score=score, best_epoch=epoch,
+                         best_model={k: v.detach().clone() for k, v in model.state_dict().items()})
+        state["history"].append({"epoch": epoch, "loss": loss, "score": score, "seconds": seconds})
+        state["epoch"] = epoch + 1
+        save_checkpoint(checkpoint, {**state, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                                     "scheduler": scheduler.state_dict()})
+        log.info("%s: epoch %d/%d loss %.4f val top-1 %.3f (%.1f s)", spec.stage, epoch + 1, spec.epochs, loss,
+                 score, seconds)
+        if logger is not None:
+            logger.log(f"{spec.stage}.loss", loss, step=epoch)
+            logger.log(f"{spec.stage}.val_top1", score, step=epoch)
+            logger.log(f"{spec.stage}.epoch_seconds", seconds, step=epoch)
+
+    if state["best_model"] is not None:
+        model.load_state_dict(state["best_model"])
+    return {"best_score": state["best_score"], "best_epoch": state["best_epoch"], "epochs_run": state["epoch"],
+            "resumed_from": resumed_from, "history": state["history"]}
+
+
+def _train_one_epoch(model, loss_fn, batches, optimizer, stage: str, epoch: int) -> float:
+    model.train()
+    total, count, last_report = 0.0, 0, time.monotonic()
+    for i, batch in enumerate(batches):
+        loss = loss_fn(model, batch)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        total, count = total + float(loss), count + 1
+        if time.monotonic() - last_report > 30:  # long epochs still show they are alive
+            log.info("%s: epoch %d batch %d loss %.4f", stage, epoch + 1, i + 1, total / count)
+            last_report = time.monotonic()
+    return total / max(count, 1)
+
+
+@torch.no_grad()
+def predict(model: nn.Module, batches: Iterable) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Logits [N, classes], labels [N] and video indices [N] over (clip [B, C, T, H, W], label, video) batches."""
+    model.eval()
+    logits, labels, videos = [], [], []
+    for x, y, v in batches:
+        logits.append(model(x).float().numpy())
+        labels.append(np.asarray(y))
+        videos.append(np.asarray(v))
+    return np.concatenate(logits), np.concatenate(labels), np.concatenate(videos)
+
+
+def evaluate(model: nn.Module, batches: Iterable) -> dict[str, float]:
+    logits, labels, videos = predict(model, batches)
+    return {"top1_clip": top1(logits, labels), "top1_video": top1_per_video(logits, labels, videos)}
+
+
+def frozen_copy(model: nn.Module) -> nn.Module:
+    """An eval-mode copy with no gradients (a teacher next to a student being trained)."""
+    teacher = copy.deepcopy(model).eval()
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    return teacher
