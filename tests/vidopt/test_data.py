@@ -49,3 +49,32 @@ def test_short_video_shrinks_stride_and_too_short_fails():
     assert sample_clip_indices(10, 8, 4, train=False) == list(range(1, 9))
     with pytest.raises(ValueError, match="7 frames, a clip needs 8"):
         sample_clip_indices(7, 8, 1, train=False)
+
+
+def test_clip_loader_yields_normalised_batches_from_real_videos(sample_dir, tiny_cfg):
+    from pathlib import Path
+
+    import torch
+
+    from tasks.ingest import run as ingest
+    from vidopt.data import ClipDataset, make_loader
+    from vidopt.storage import read_jsonl
+
+    cfg = tiny_cfg(f"data.source={sample_dir}", "clips.loader_workers=2", "clips.eval_clips_per_video=2")
+    dataset = ingest(cfg)
+    rows = read_jsonl(Path(dataset.manifest_uri))
+    x, y, v = next(iter(make_loader(rows, dataset.classes, cfg.clips, train=True)))
+    c = cfg.clips
+    assert x.shape == (c.batch_size, 3, c.frames, c.height, c.width) and x.dtype == torch.float32
+    assert -3 < float(x.mean()) < 3 and 0.2 < float(x.std()) < 3  # standardised, not raw 0..255
+    assert all(dataset.classes[int(label)] == rows[int(video)]["label"] for label, video in zip(y, v))
+
+    train = ClipDataset(rows, dataset.classes, c, train=True)
+    firsts = []
+    for epoch in range(4):
+        train.epoch = epoch
+        firsts.append(train[0][0])
+    assert any(not torch.equal(firsts[0], f) for f in firsts[1:])  # a new random window each epoch
+    evaluation = ClipDataset(rows, dataset.classes, c, train=False)
+    assert len(evaluation) == 2 * len(rows) and torch.equal(evaluation[1][0], evaluation[1][0])
+    assert not torch.equal(evaluation[0][0], evaluation[1][0])  # two windows of one video differ
