@@ -97,6 +97,26 @@ class QuantizeConfig(Section):
     threads: list[int] = Field(default_factory=lambda: [1, 2])  # onnxruntime intra-op threads to measure latency with
 
 
+Target = Literal["cpu", "gpu", "tpu", "fpga"]
+
+
+class ExportConfig(Section):
+    targets: list[Target] = Field(default_factory=lambda: ["cpu", "gpu", "tpu", "fpga"])
+    cpu_threads: int = Field(1, ge=1)        # onnxruntime intra-op threads the CPU artifact is tuned and shipped with
+    tpu_bf16: bool = True                    # also export and verify a bf16 StableHLO variant
+    fpga_fixed_width: int = Field(16, ge=8)  # total bits of each ap_fixed<W, I>; I comes from calibration ranges
+    fpga_calibration_clips: int = Field(32, ge=1)
+
+
+class RayConfig(Section):
+    address: str | None = None               # join this cluster ("auto", "ray://host:10001"); None: start a local Ray
+    emulate: list[Literal["gpu", "tpu", "fpga"]] = Field(default_factory=lambda: ["gpu", "tpu", "fpga"])
+    #                                          ^ accelerator resources a *local* node declares, so every pool exists
+    num_cpus: int | None = None              # CPUs of the local node; None: all of this machine's
+    job_timeout_s: float = Field(900, gt=0)  # a job (or an actor waiting for its resource) past this fails
+    retries: int = Field(1, ge=0)            # fresh actors after a worker process dies mid-job
+
+
 class TrackingConfig(Section):
     uri: str | None = None               # MLflow tracking URI; None: sqlite file in the project dir
     experiment: str = "vidopt"
@@ -116,6 +136,8 @@ class PipelineConfig(Section):
     distill: DistillConfig = Field(default_factory=DistillConfig)
     prune: PruneConfig = Field(default_factory=PruneConfig)
     quantize: QuantizeConfig = Field(default_factory=QuantizeConfig)
+    export: ExportConfig = Field(default_factory=ExportConfig)
+    ray: RayConfig = Field(default_factory=RayConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
 
     def section_hash(self, name: str) -> str:
@@ -219,5 +241,6 @@ def run_stage_standalone(stage_run, argv: list[str] | None = None) -> None:
     parser.add_argument("--profile", default="tiny")
     parser.add_argument("overrides", nargs="*", help="key.sub=value")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    # force: importing Prefect (the stage's @task) already put a WARNING-level handler on the root logger.
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", force=True)
     print(stage_run(load_config(args.profile, args.overrides)).model_dump_json(indent=2))

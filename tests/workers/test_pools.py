@@ -1,0 +1,72 @@
+"""Pool behaviour on a real local Ray: resources honoured, missing pools skipped fast, crashes retried, hangs timed out."""
+import time
+from pathlib import Path
+
+import pytest
+import ray
+
+from vidopt.artifacts import ExportJob
+from vidopt.config import RayConfig
+from workers.pools import run_jobs
+
+FAKE = "tests.workers.fake_backends"
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    # A node with a GPU and a TPU but no FPGA; 1 CPU, so a CPU job and three accelerator jobs fit only because
+    # accelerator actors hold no CPU (num_cpus=0).
+    ray.init(num_cpus=1, num_gpus=1, resources={"TPU": 1}, include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}})
+    yield
+    ray.shutdown()
+
+
+def _job(target, tmp_path, **options):
+    return ExportJob(target=target, model_dir="unused", eval_clips="unused", out_dir=str(tmp_path), options=options)
+
+
+def test_targets_run_concurrently_on_their_pools_and_missing_pool_is_skipped(local_ray, tmp_path):
+    cfg = RayConfig(job_timeout_s=60)
+    started = time.monotonic()
+    results = run_jobs([_job(t, tmp_path, seconds=3) for t in ("cpu", "gpu", "tpu", "fpga")], cfg, FAKE)
+    wall = time.monotonic() - started
+    by_target = {r.target: r for r in results}
+    assert [r.target for r in results] == ["cpu", "gpu", "tpu", "fpga"]
+    assert {t: by_target[t].status for t in by_target} == {"cpu": "ok", "gpu": "ok", "tpu": "ok", "fpga": "skipped"}
+    assert "FPGA" in by_target["fpga"].reason
+    assert by_target["gpu"].extra["gpu_ids"] != ""  # Ray assigned the (declared) GPU to the GPU actor
+    assert len({r.runtime for r in results if r.status == "ok"}) == 3  # three separate worker processes
+    assert wall < 3 * 3  # concurrent, not one after another
+
+
+def test_missing_pool_is_skipped_within_seconds(local_ray, tmp_path):
+    started = time.monotonic()
+    [result] = run_jobs([_job("fpga", tmp_path)], RayConfig(job_timeout_s=600), FAKE)
+    assert result.status == "skipped" and time.monotonic() - started < 5
+
+
+def test_crashed_worker_is_replaced_and_job_retried(local_ray, tmp_path):
+    [result] = run_jobs([_job("tpu", tmp_path, behaviour="crash_once")], RayConfig(job_timeout_s=60, retries=1), FAKE)
+    assert result.status == "ok" and result.extra["attempts"] == 2
+
+
+def test_crash_beyond_retries_fails_with_reason(local_ray, tmp_path):
+    [result] = run_jobs([_job("tpu", tmp_path, behaviour="crash_once")], RayConfig(job_timeout_s=60, retries=0), FAKE)
+    assert result.status == "failed" and "worker died" in result.reason
+
+
+def test_hung_job_times_out_and_frees_its_pool(local_ray, tmp_path):
+    started = time.monotonic()
+    [result] = run_jobs([_job("gpu", tmp_path, behaviour="hang")], RayConfig(job_timeout_s=3), FAKE)
+    assert result.status == "failed" and "timed out after 3 s" in result.reason
+    assert time.monotonic() - started < 15
+    [after] = run_jobs([_job("gpu", tmp_path / "b")], RayConfig(job_timeout_s=30), FAKE)  # the GPU was released
+    assert after.status == "ok"
+
+
+def test_backend_error_fails_without_retry_and_names_the_problem(local_ray, tmp_path):
+    [result] = run_jobs([_job("cpu", tmp_path, behaviour="raise")], RayConfig(job_timeout_s=30, retries=2), FAKE)
+    assert result.status == "failed" and "has no arch.json" in result.reason
+    assert (tmp_path / "cpu.attempts").read_text() == "1"

@@ -1,0 +1,153 @@
+"""Ray worker pools, one per hardware family, that run export jobs concurrently and never hang.
+
+    python -m workers.pools          # start the local emulated pools and print what each offers
+
+Each family asks Ray for its own resource (CPU: CPUs; GPU: `num_gpus`; TPU: the `TPU` resource; FPGA: a custom `FPGA`
+resource). With `ray.address` set the run joins that cluster; otherwise it starts a local Ray whose single node
+*declares* the accelerator resources (emulated pools), so the same code path runs on a laptop — the back-ends then
+report honestly which runtime really ran. Jobs are records of URIs, never live modules. A target whose resource no node
+offers is skipped at once; every job has a deadline; a crashed actor is replaced and its job retried.
+"""
+from __future__ import annotations
+
+import importlib
+import logging
+import time
+from dataclasses import dataclass, field
+
+import ray  # [Ray] the only module that imports Ray
+from ray.exceptions import RayActorError
+
+from vidopt.artifacts import ExportJob, TargetResult
+from vidopt.config import RayConfig
+
+log = logging.getLogger("vidopt.pools")
+
+# [Ray] what an actor of each family holds. Accelerator actors take num_cpus=0: Ray would otherwise make each hold a
+# CPU too, and on a 2-core node the third actor would pend forever.
+POOL_RESOURCES: dict[str, dict] = {
+    "cpu": {"num_cpus": 1},
+    "gpu": {"num_gpus": 1, "num_cpus": 0},
+    "tpu": {"resources": {"TPU": 1}, "num_cpus": 0},
+    "fpga": {"resources": {"FPGA": 1}, "num_cpus": 0},
+}
+RESOURCE_NAMES = {"cpu": "CPU", "gpu": "GPU", "tpu": "TPU", "fpga": "FPGA"}
+
+
+def connect(cfg: RayConfig) -> dict[str, float]:
+    """[Ray] join `cfg.address`, or start a local Ray declaring the emulated pools; returns the cluster's resources."""
+    if not ray.is_initialized():
+        if cfg.address:
+            ray.init(address=cfg.address, log_to_driver=False)
+        else:
+            emulated = set(cfg.emulate)
+            ray.init(
+                num_cpus=cfg.num_cpus,
+                num_gpus=1 if "gpu" in emulated else 0,
+                resources={RESOURCE_NAMES[t]: 1 for t in ("tpu", "fpga") if t in emulated},
+                include_dashboard=False,
+                _node_ip_address="127.0.0.1",  # a local run listens on loopback only
+                log_to_driver=False,
+            )
+    return ray.cluster_resources()
+
+
+def missing_resource(target: str, available: dict[str, float]) -> str | None:
+    """The resource `target` needs that no node of the cluster offers, or None."""
+    name = RESOURCE_NAMES[target]
+    return None if available.get(name, 0) >= 1 else name
+
+
+BACKEND_MODULE = "workers.{target}"  # each back-end module offers run_target(ExportJob) -> TargetResult
+
+
+@ray.remote(max_restarts=0)
+class TargetWorker:
+    """[Ray] one actor per job attempt; it imports the target's back-end module by name."""
+
+    def run(self, job: dict, backend_module: str) -> dict:
+        backend = importlib.import_module(backend_module.format(target=job["target"]))
+        return backend.run_target(ExportJob.model_validate(job)).model_dump()
+
+
+@dataclass
+class _Attempt:
+    job: ExportJob
+    backend_module: str
+    tries: int = 0
+    actor: object = None
+    ref: object = None
+    started: float = field(default_factory=time.monotonic)
+
+
+def run_jobs(jobs: list[ExportJob], cfg: RayConfig, backend_module: str = BACKEND_MODULE) -> list[TargetResult]:
+    """Run every job on its family's pool concurrently; results come back in the jobs' order."""
+    available = connect(cfg)
+    results: dict[str, TargetResult] = {}
+    attempts: list[_Attempt] = []
+    for job in jobs:
+        missing = missing_resource(job.target, available)
+        if missing:
+            reason = f"no node in the Ray cluster offers the {missing} resource"
+            log.warning("export: %s skipped: %s", job.target, reason)
+            results[job.target] = TargetResult(target=job.target, status="skipped", reason=reason)
+        else:
+            attempts.append(_start(_Attempt(job, backend_module), cfg))
+    while attempts:
+        done, _ = ray.wait([a.ref for a in attempts], num_returns=1, timeout=1.0)
+        for attempt in list(attempts):
+            outcome = _collect(attempt, done, cfg)
+            if outcome is None:
+                continue
+            attempts.remove(attempt)
+            if outcome == "retry":
+                attempts.append(_start(attempt, cfg))
+            else:
+                results[attempt.job.target] = outcome
+    return [results[job.target] for job in jobs]
+
+
+def _start(attempt: _Attempt, cfg: RayConfig) -> _Attempt:
+    attempt.tries += 1
+    attempt.started = time.monotonic()
+    attempt.actor = TargetWorker.options(**POOL_RESOURCES[attempt.job.target]).remote()
+    attempt.ref = attempt.actor.run.remote(attempt.job.model_dump(), attempt.backend_module)
+    log.info("export: %s started on its pool (try %d)", attempt.job.target, attempt.tries)
+    return attempt
+
+
+def _collect(attempt: _Attempt, done: list, cfg: RayConfig) -> TargetResult | str | None:
+    """The attempt's result, "retry", or None while it is still running within its deadline."""
+    target, elapsed = attempt.job.target, time.monotonic() - attempt.started
+    if attempt.ref in done:
+        try:
+            result = TargetResult.model_validate(ray.get(attempt.ref))
+        except RayActorError as err:  # the worker process died (OOM, segfault, killed)
+            ray.kill(attempt.actor)
+            if attempt.tries <= cfg.retries:
+                log.warning("export: %s worker died (%s); retrying on a fresh actor", target, type(err).__name__)
+                return "retry"
+            return _failed(target, f"worker died {attempt.tries} times: {err}", elapsed)
+        except Exception as err:  # the back-end raised: a real failure, not retried
+            ray.kill(attempt.actor)
+            lines = [line for line in str(err).strip().splitlines() if line.strip()]
+            return _failed(target, lines[-1] if lines else type(err).__name__, elapsed)
+        ray.kill(attempt.actor)
+        log.info("export: %s %s in %.1f s", target, result.status, elapsed)
+        return result
+    if elapsed > cfg.job_timeout_s:
+        ray.kill(attempt.actor)  # also frees an actor that never got its resources
+        return _failed(target, f"timed out after {cfg.job_timeout_s:.0f} s (pool busy or job hung)", elapsed)
+    return None
+
+
+def _failed(target: str, reason: str, seconds: float) -> TargetResult:
+    log.error("export: %s failed: %s", target, reason)
+    return TargetResult(target=target, status="failed", reason=reason, seconds=seconds)
+
+
+if __name__ == "__main__":
+    from vidopt.config import load_config
+
+    logging.basicConfig(level=logging.INFO)
+    print(connect(load_config("tiny").ray))
