@@ -243,4 +243,6 @@ def run_stage_standalone(stage_run, argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     # force: importing Prefect (the stage's @task) already put a WARNING-level handler on the root logger.
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", force=True)
-    print(stage_run(load_config(args.profile, args.overrides)).model_dump_json(indent=2))
+    result = stage_run(load_config(args.profile, args.overrides))
+    records = result if isinstance(result, list) else [result]
+    print(json.dumps([r.model_dump(mode="json") for r in records], indent=2))

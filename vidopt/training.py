@@ -98,7 +98,7 @@ def _train_one_epoch(model, loss_fn, batches, optimizer, stage: str, epoch: int)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        total, count = total + float(loss), count + 1
+        total, count = total + loss.item(), count + 1
         if time.monotonic() - last_report > 30:  # long epochs still show they are alive
             log.info("%s: epoch %d batch %d loss %.4f", stage, epoch + 1, i + 1, total / count)
             last_report = time.monotonic()

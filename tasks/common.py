@@ -1,0 +1,112 @@
+"""What the model-training stages (train_teacher, distill, and later prune / quantize) share: the stage's model
+directory and its skip-if-done check, the final metrics measured the same way for every model, reloading an upstream
+model artifact, and the MLflow logging of a finished model stage. Not runnable alone; see tasks/train_teacher.py.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Callable
+
+from safetensors.torch import save as safetensors_bytes
+from torch import nn
+
+from vidopt.artifacts import DatasetArtifact, ModelArtifact
+from vidopt.checkpoint import ARCH, METRICS, WEIGHTS, load_model_dir, save_model_dir
+from vidopt.config import PipelineConfig, flatten
+from vidopt.data import make_loader
+from vidopt.metrics import count_macs, count_params
+from vidopt.models import StudentArch, TeacherArch
+from vidopt.stages import split_rows
+from vidopt.storage import sha256_file
+from vidopt.training import evaluate
+
+log = logging.getLogger("vidopt.tasks")
+
+MODEL_DIR, CHECKPOINT = "model", "last.pt"   # inside a stage dir: the finished model, the training checkpoint
+NOTES = "notes.json"                         # in the model dir: the artifact's notes, so a skipped re-run returns them
+EVAL_SPLITS = ("val", "test")
+
+
+def finished_artifact(work: Path, kind: str, dataset: DatasetArtifact, stage: str) -> ModelArtifact | None:
+    """The artifact of an earlier run with the same inputs, or None. The model dir is renamed into place whole, so a
+    metrics.json in it means the stage finished."""
+    model_dir = work / MODEL_DIR
+    if not (model_dir / METRICS).exists():
+        return None
+    log.info("%s: %s already holds a finished model for these inputs; not training again", stage, model_dir)
+    return ModelArtifact(uri=str(model_dir), kind=kind, arch=json.loads((model_dir / ARCH).read_text()),
+                         weights_sha256=sha256_file(model_dir / WEIGHTS),
+                         metrics=json.loads((model_dir / METRICS).read_text()), data_version=dataset.data_version,
+                         notes=json.loads((model_dir / NOTES).read_text()) if (model_dir / NOTES).exists() else {})
+
+
+def train_val_rows(dataset: DatasetArtifact, stage: str) -> tuple[list[dict], list[dict]]:
+    train, val = split_rows(dataset, "train"), split_rows(dataset, "val")
+    if not train:
+        raise ValueError(f"{stage}: dataset {dataset.uri} has no train videos; add videos or change "
+                         "data.split_fractions")
+    return train, val
+
+
+def score_fn_with_fallback(stage: str, has_val: bool, val_score: Callable[[nn.Module], float],
+                           train_score: Callable[[nn.Module], float]) -> Callable[[nn.Module], float]:
+    """Early stopping and best-epoch choice need a score; with no val videos (tiny datasets) train top-1 stands in."""
+    if has_val:
+        return val_score
+    log.warning("%s: the val split is empty; choosing the best epoch by train top-1 instead (it will overfit)", stage)
+    return train_score
+
+
+def model_metrics(model: nn.Module, cfg: PipelineConfig, dataset: DatasetArtifact, fit_result: dict) -> dict:
+    """Top-1 per clip and per video on val and test (clips.eval_clips_per_video uniformly spaced clips per video),
+    MACs and parameters of one [3, T, H, W] clip, the safetensors weights' size, epochs run and best epoch."""
+    metrics: dict[str, float] = {}
+    for split in EVAL_SPLITS:
+        rows = split_rows(dataset, split)
+        if not rows:
+            log.warning("metrics: the %s split is empty; no %s top-1 recorded", split, split)
+            continue
+        scores = evaluate(model, make_loader(rows, dataset.classes, cfg.clips, train=False, seed=cfg.run.seed))
+        metrics.update({f"{split}_{name}": value for name, value in scores.items()})  # val_top1_clip, ...
+    clip = cfg.clips
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    metrics.update(
+        macs=count_macs(model, (3, clip.frames, clip.height, clip.width)),
+        params=count_params(model),
+        size_bytes=len(safetensors_bytes(state)),  # exactly the weights.safetensors file about to be written
+        epochs_run=fit_result["epochs_run"],
+        best_epoch=fit_result["best_epoch"],
+    )
+    return metrics
+
+
+def save_artifact(work: Path, model: nn.Module, arch: TeacherArch | StudentArch, metrics: dict,
+                  cfg: PipelineConfig, kind: str, dataset: DatasetArtifact,
+                  notes: dict[str, str] | None = None) -> ModelArtifact:
+    model_dir, notes = work / MODEL_DIR, notes or {}
+    (work / NOTES).write_text(json.dumps(notes, indent=2, sort_keys=True))
+    sha = save_model_dir(model_dir, model, arch, metrics, cfg.model_dump(mode="json"), {NOTES: work / NOTES})
+    return ModelArtifact(uri=str(model_dir), kind=kind, arch=arch.model_dump(mode="json"), weights_sha256=sha,
+                         metrics=metrics, data_version=dataset.data_version, notes=notes)
+
+
+def load_artifact_model(artifact: ModelArtifact) -> nn.Module:
+    """The module of an upstream stage's model directory, in eval mode (rebuilt from arch.json, no pickle)."""
+    model, _ = load_model_dir(artifact.uri)
+    return model
+
+
+def log_model_stage(stage, cfg: PipelineConfig, sections: list[str], artifact: ModelArtifact) -> None:
+    """[MLflow] the config sections the stage read as params, final metrics, the model directory as artifacts."""
+    import mlflow
+
+    params = flatten({s: getattr(cfg, s).model_dump(mode="json") for s in sections})
+    mlflow.log_params({k: json.dumps(v) if isinstance(v, (list, dict)) else v for k, v in params.items()})
+    stage.set_tags({"data_version": artifact.data_version, "weights_sha256": artifact.weights_sha256})
+    for name, value in artifact.metrics.items():
+        stage.log(name, value)
+    for path in sorted(Path(artifact.uri).iterdir()):
+        stage.log_artifact(path, "model")
+    stage.log_dict(artifact.model_dump(), "artifact.json")
