@@ -1,0 +1,52 @@
+"""What every back-end needs: the eval clips of a job, the PyTorch reference logits, parity and top-1, archiving.
+
+Kept free of Ray, Prefect and accelerator libraries so each back-end stays importable on its own machine.
+"""
+from __future__ import annotations
+
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from vidopt.artifacts import ExportJob
+from vidopt.checkpoint import load_model_dir
+from vidopt.data import normalise_clips
+
+EVAL_BATCH = 8
+
+
+def load_eval_clips(job: ExportJob) -> tuple[torch.Tensor, np.ndarray]:
+    """-> (clips [N, C, T, H, W] float normalised, labels [N]) from the job's uint8 clip file."""
+    saved = torch.load(job.eval_clips, map_location="cpu", weights_only=True)
+    return normalise_clips(saved["clips"]), saved["labels"].numpy()
+
+
+def batches(x: torch.Tensor, size: int = EVAL_BATCH):
+    return [x[i:i + size] for i in range(0, len(x), size)]
+
+
+@torch.no_grad()
+def reference_logits(job: ExportJob, x: torch.Tensor) -> np.ndarray:
+    """The fp32 PyTorch model's logits: what every target must reproduce."""
+    model, _ = load_model_dir(job.model_dir)
+    return np.concatenate([model(b).numpy() for b in batches(x)])
+
+
+def parity(logits: np.ndarray, reference: np.ndarray) -> dict[str, float]:
+    return {"max_abs_diff": float(np.abs(logits - reference).max()),
+            "argmax_agreement": float((logits.argmax(1) == reference.argmax(1)).mean())}
+
+
+def top1(logits: np.ndarray, labels: np.ndarray) -> float:
+    return float((logits.argmax(1) == labels).mean())
+
+
+def archive(src: Path, dest: Path) -> Path:
+    """tar.gz of a directory, written beside and renamed into place (whole or absent)."""
+    tmp = dest.with_name(f".{dest.name}.tmp")
+    with tarfile.open(tmp, "w:gz") as tar:
+        tar.add(src, arcname=src.name)
+    tmp.replace(dest)
+    return dest

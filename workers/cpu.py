@@ -1,0 +1,58 @@
+"""CPU target: the int8 onnxruntime model from the ladder, packaged with the thread settings it was measured with.
+
+    python -m workers.cpu JOB.json      # run one export job (see vidopt.artifacts.ExportJob) and print its result
+
+This is what most video-analytics servers run. Verified on onnxruntime's CPU execution provider: argmax agreement with
+the fp32 PyTorch reference, top-1 on the test clips, batch-1 latency at the shipped thread count.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+
+import onnxruntime as ort
+
+from vidopt.artifacts import ExportJob, TargetResult
+from vidopt.onnx_utils import INPUT_NAME, OUTPUT_NAME, measure_latency, ort_predict, ort_session
+from workers.common import archive, batches, load_eval_clips, parity, reference_logits, top1
+
+INT8_FILE = "model_int8.onnx"
+
+
+def run_target(job: ExportJob) -> TargetResult:
+    started = time.monotonic()
+    threads = int(job.options.get("threads", 1))
+    source = Path(job.int8_dir or "") / INT8_FILE
+    if not source.exists():
+        return TargetResult(target="cpu", status="failed", reason=f"{source}: no int8 model (run the quantize stage)")
+    package = Path(job.out_dir) / "cpu_int8"
+    package.mkdir(parents=True, exist_ok=True)
+    shutil.copy2(source, package / "student_int8.onnx")
+    x, labels = load_eval_clips(job)
+    (package / "runtime.json").write_text(json.dumps({
+        "runtime": f"onnxruntime>={ort.__version__}", "provider": "CPUExecutionProvider",
+        "intra_op_num_threads": threads, "inter_op_num_threads": 1, "execution_mode": "ORT_SEQUENTIAL",
+        "input": {"name": INPUT_NAME, "layout": "[B, 3, T, H, W] float32, RGB scaled to [0, 1] then standardised "
+                  "with Kinetics mean/std (vidopt.data.normalise_clips)", "shape": list(x.shape[1:])},
+        "output": {"name": OUTPUT_NAME, "layout": "[B, classes] logits"},
+    }, indent=2))
+    session = ort_session(package / "student_int8.onnx", threads)
+    logits = ort_predict(session, batches(x))
+    latency = measure_latency(package / "student_int8.onnx", tuple(x.shape[1:]), batch=1, threads=threads)
+    artifact = archive(package, Path(job.out_dir) / "cpu_int8.tar.gz")
+    return TargetResult(
+        target="cpu", status="ok",
+        runtime=f"onnxruntime {ort.__version__} {session.get_providers()[0]} ({threads} thread(s))",
+        artifact_uri=str(artifact), artifact_bytes=artifact.stat().st_size,
+        parity=parity(logits, reference_logits(job, x)), top1=top1(logits, labels),
+        latency_ms=latency["p50_ms"], seconds=time.monotonic() - started,
+        extra={"latency": latency, "threads": threads},
+    )
+
+
+if __name__ == "__main__":
+    import sys
+
+    print(run_target(ExportJob.model_validate_json(Path(sys.argv[1]).read_text())).model_dump_json(indent=2))
