@@ -1,0 +1,236 @@
+"""Pruning stage: the distilled student -> a smaller student, fine-tuned by distillation from the teacher.
+
+    python -m tasks.prune --profile tiny prune.target_macs_ratio=0.45      (or prune.method=l1_unstructured)
+
+structured (default): whole channels go, found with Torch-Pruning's dependency graph, so a conv's BN and the next
+layer's inputs shrink with it; arch.json records the new widths and the model rebuilds anywhere. Latency falls.
+l1_unstructured: the smallest weights become zeros. Dense kernels still multiply the zeros: a baseline that shows it.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import torch
+import torch_pruning as tp
+from prefect import task
+from torch import nn
+from torch.nn.utils import prune as torch_prune
+
+from tasks.common import (
+    CHECKPOINT,
+    finished_artifact,
+    load_artifact_model,
+    log_model_stage,
+    model_metrics,
+    save_artifact,
+    score_fn_with_fallback,
+    train_val_rows,
+)
+from tasks.distill import EpochBatches
+from tasks.retry import IO_RETRY_DELAYS, only_io_errors
+from vidopt.artifacts import DatasetArtifact, ModelArtifact
+from vidopt.checkpoint import load_model_dir
+from vidopt.config import PipelineConfig
+from vidopt.distillation import ClipSet, attach_teacher_logits, clip_set_top1, decode_clip_set, distillation_loss
+from vidopt.metrics import count_macs
+from vidopt.models import Student, StudentArch, build_model, student_arch_of
+from vidopt.stages import artifact_hash, stage_dir
+from vidopt.tracking import stage_run
+from vidopt.training import EpochLogger, FitSpec, fit
+
+log = logging.getLogger("vidopt.prune")
+STAGE, SECTIONS = "prune", ["prune", "distill", "clips"]  # distill: alpha, temperature, cached clips, weight decay
+
+# Kept widths are multiples of this: onnxruntime's CPU convs work on blocks of channels and pad the rest. Measured at
+# 16x64x64, fp32, 1 thread: 0.44 of the MACs as widths [10, 21, 42, 83] ran 0.9-1.0x the speed of the full
+# [16, 32, 64, 128] student; as [8, 24, 40, 88], 1.2-1.3x.
+CHANNEL_MULTIPLE = 8
+L1_NOTE = "unstructured sparsity gives no speedup on dense kernels: MACs and latency are unchanged"
+
+
+class PruneError(ValueError):
+    """A target that cannot be met or a pruned model that does not rebuild; the message says what to change."""
+
+
+def clip_shape(arch: StudentArch) -> tuple[int, int, int, int]:
+    return 3, arch.frames, arch.height, arch.width  # [C, T, H, W]
+
+
+def _trace_forward(model: Student, clip: torch.Tensor) -> torch.Tensor:
+    """Student.forward for batch 1, written so Torch-Pruning traces the encoder -> head coupling right.
+
+    Student.forward reshapes [B*T, D] -> [B, T, D]; Torch-Pruning reads that reshape as a second flatten (x grid^2
+    again), maps each encoder channel to grid^4 head inputs and indexes past D (IndexError in the importance). transpose
+    and unsqueeze keep the channel index, so here only the real flatten [T, c, g, g] -> [T, c*g*g] expands: channel c
+    -> head inputs c*g*g .. c*g*g + g*g - 1, which is right (tests/tasks/test_prune.py prunes a dead channel to check).
+    """
+    frames = clip[0].transpose(0, 1)                  # [1, C, T, H, W] -> [T, C, H, W]
+    features = model.encoder(frames)                  # [T, D], D = width * grid^2, channel-major
+    return model.head(features.t().unsqueeze(0))      # [T, D] -> [1, D, T]
+
+
+def _kept_width(width: int, keep: float) -> int:
+    if width <= CHANNEL_MULTIPLE:
+        return max(1, round(width * keep))
+    return min(width, max(CHANNEL_MULTIPLE, round(width * keep / CHANNEL_MULTIPLE) * CHANNEL_MULTIPLE))
+
+
+def plan_widths(arch: StudentArch, target_macs_ratio: float) -> StudentArch:
+    """The widest student that fits the MAC budget: every conv keeps the same percentage of its channels (rounded to
+    CHANNEL_MULTIPLE), the largest percentage whose count_macs <= target x the input's MACs (MACs only grow with it,
+    so a bisection finds it)."""
+    def plan(percent: int) -> StudentArch:
+        keep = percent / 100
+        return arch.model_copy(update={"conv_widths": [_kept_width(w, keep) for w in arch.conv_widths],
+                                       "temporal_widths": [_kept_width(w, keep) for w in arch.temporal_widths]})
+
+    budget = target_macs_ratio * count_macs(build_model(arch), clip_shape(arch))
+    fits = lambda percent: count_macs(build_model(plan(percent)), clip_shape(arch)) <= budget  # noqa: E731
+    if not fits(1):
+        narrowest = plan(1)
+        raise PruneError(f"prune: even the narrowest plan, widths {narrowest.conv_widths} / "
+                         f"{narrowest.temporal_widths}, has more than target_macs_ratio={target_macs_ratio} of the "
+                         "student's MACs; raise prune.target_macs_ratio")
+    low, high = 1, 100  # fits(low) holds throughout
+    while low < high:
+        mid = (low + high + 1) // 2
+        low, high = (mid, high) if fits(mid) else (low, mid - 1)
+    return plan(low)
+
+
+def prune_structured(model: Student, arch: StudentArch, target_macs_ratio: float) -> StudentArch:
+    return prune_to_widths(model, arch, plan_widths(arch, target_macs_ratio))
+
+
+def prune_to_widths(model: Student, arch: StudentArch, plan: StudentArch) -> StudentArch:
+    """Remove the weakest output channels of every encoder / temporal conv (group L2 magnitude over the conv, its BN
+    and the next layer's inputs) down to the plan's widths. The classifier's outputs are never a root: classes stay."""
+    graph = tp.DependencyGraph().build_dependency(model, example_inputs=torch.zeros(1, *clip_shape(arch)),
+                                                  forward_fn=_trace_forward)
+    importance = tp.importance.GroupMagnitudeImportance(p=2)
+    convs = [m for m in model.modules() if isinstance(m, (nn.Conv1d, nn.Conv2d))]  # encoder, then head: forward order
+    for conv, keep in zip(convs, plan.conv_widths + plan.temporal_widths, strict=True):
+        group = graph.get_pruning_group(conv, tp.prune_conv_out_channels, idxs=list(range(conv.out_channels)))
+        weakest = importance(group).argsort()[: conv.out_channels - keep].tolist()
+        if weakest:
+            graph.get_pruning_group(conv, tp.prune_conv_out_channels, idxs=weakest).prune()
+    return student_arch_of(model, arch)
+
+
+def _masked_weights(model: nn.Module) -> list[tuple[nn.Module, str]]:
+    return [(m, "weight") for m in model.modules() if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Linear))]
+
+
+def weight_sparsity(model: nn.Module) -> float:
+    """Fraction of zeros over conv / linear weights (with a pruning mask attached, `.weight` is the masked tensor)."""
+    weights = [getattr(m, name) for m, name in _masked_weights(model)]
+    return sum(int((w == 0).sum()) for w in weights) / sum(w.numel() for w in weights)
+
+
+def _clip_set(cfg: PipelineConfig, dataset: DatasetArtifact, rows: list[dict], split: str, per_video: int) -> ClipSet:
+    """Decoded clips of one split, cached in <project>/cache/clip_sets by data content and clip settings (the same
+    names as tasks/quantize.py uses, so the two stages decode once)."""
+    name = f"{dataset.manifest_sha256[:16]}-{cfg.section_hash('clips')}-{split}-{per_video}.pt"
+    cache = Path(cfg.run.project_dir).resolve() / "cache" / "clip_sets" / name
+    return decode_clip_set(rows, dataset.classes, cfg.clips, per_video, cache)
+
+
+def run(cfg: PipelineConfig, dataset: DatasetArtifact, student: ModelArtifact, teacher: ModelArtifact,
+        logger: EpochLogger | None = None) -> ModelArtifact:
+    work = stage_dir(cfg, STAGE, SECTIONS, [artifact_hash(dataset), artifact_hash(student), artifact_hash(teacher)])
+    done = finished_artifact(work, "pruned", dataset, STAGE)
+    if done is not None:
+        return done
+
+    model, arch = load_model_dir(student.uri)
+    if not isinstance(arch, StudentArch):
+        raise PruneError(f"prune: {student.uri} holds a {arch.kind}, not a student; pass the distilled student")
+    p, d, batch = cfg.prune, cfg.distill, cfg.clips.batch_size
+    train_rows, val_rows = train_val_rows(dataset, STAGE)
+    train_set = _clip_set(cfg, dataset, train_rows, "train", d.cached_clips_per_video)
+    val_set = _clip_set(cfg, dataset, val_rows, "val", cfg.clips.eval_clips_per_video) if val_rows else None
+    score = score_fn_with_fallback(STAGE, val_set is not None, lambda m: clip_set_top1(m, val_set, batch),
+                                   lambda m: clip_set_top1(m, train_set, batch))
+    logits_cache = work / "teacher_logits.pt"  # the teacher runs once; a resumed run never loads it
+    teacher_model = None if logits_cache.exists() else load_artifact_model(teacher)
+    train_set = attach_teacher_logits(train_set, teacher_model, batch, cache=logits_cache)
+
+    before = model_metrics(model, cfg, dataset, {"epochs_run": 0, "best_epoch": -1})  # same clips as after
+    notes, masked = {"method": p.method, "widths_before": _widths(arch)}, []
+    if p.method == "structured":
+        arch = prune_structured(model, arch, p.target_macs_ratio)
+    else:  # the mask stays attached while fine-tuning, else the optimizer would grow the zeros back
+        masked = _masked_weights(model)
+        torch_prune.global_unstructured(masked, pruning_method=torch_prune.L1Unstructured, amount=p.sparsity)
+        notes["speed"] = L1_NOTE
+    pruned_score = score(model)  # right after pruning, before any fine-tuning
+
+    result = {"epochs_run": 0, "best_epoch": -1}
+    if p.finetune_epochs > 0:
+        batches = EpochBatches(train_set, batch, cfg.run.seed)
+        result = fit(model, lambda m, b: distillation_loss(m(b[0]), b[2], b[1], d.alpha, d.temperature), batches,
+                     score, FitSpec(epochs=p.finetune_epochs, lr=p.lr, weight_decay=d.weight_decay,
+                                    patience=d.patience, stage=STAGE),
+                     checkpoint=work / CHECKPOINT, logger=logger, on_epoch_start=batches.start_epoch)
+    for module, name in masked:
+        torch_prune.remove(module, name)  # weight_orig * weight_mask -> a plain weight with the zeros in it
+
+    metrics = model_metrics(model, cfg, dataset, result)
+    metrics.update({f"{k}_before": before[k] for k in ("macs", "params", "size_bytes")},
+                   macs_ratio=metrics["macs"] / before["macs"],
+                   rebuild_max_abs_diff=_rebuild_diff(model, arch))
+    metrics.update({f"{k}_change": metrics[k] - before[k] for k in before if "top1" in k and k in metrics})
+    before_finetune = f"{'val' if val_set else 'train'}_top1_clip_before_finetune"  # train: no val videos
+    metrics[before_finetune] = pruned_score
+    if masked:
+        metrics["sparsity"] = weight_sparsity(model)
+    notes.update(widths_after=_widths(arch),
+                 finetune=f"{result['epochs_run']} epochs; {before_finetune} {pruned_score:.3f}; after: "
+                          + ", ".join(f"{k} {metrics[k]:.3f} (unpruned {before[k]:.3f})" for k in before
+                                      if "top1_clip" in k and k in metrics))
+    log.info("%s: %s, MACs x%.3f; %s", STAGE, p.method, metrics["macs_ratio"], notes["finetune"])
+    return save_artifact(work, model, arch, metrics, cfg, "pruned", dataset, notes)
+
+
+def _widths(arch: StudentArch) -> str:
+    return json.dumps({"conv_widths": arch.conv_widths, "temporal_widths": arch.temporal_widths})
+
+
+def _rebuild_diff(model: nn.Module, arch: StudentArch) -> float:
+    """Max |logits| difference between the pruned module and one rebuilt from its arch record; refuses > 1e-5."""
+    rebuilt = build_model(arch).eval()
+    rebuilt.load_state_dict(model.state_dict())
+    x = torch.randn(2, *clip_shape(arch), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        diff = float((rebuilt(x) - model.eval()(x)).abs().max())
+    if diff > 1e-5:
+        raise PruneError(f"prune: the model rebuilt from arch.json differs from the pruned one by {diff:.2e}")
+    return diff
+
+
+# [Prefect] retries cover flaky I/O only; `run` above is the plain function tests call.
+@task(name="prune", retries=len(IO_RETRY_DELAYS), retry_delay_seconds=IO_RETRY_DELAYS,
+      retry_condition_fn=only_io_errors)
+def prune_task(cfg: PipelineConfig, dataset: DatasetArtifact, student: ModelArtifact, teacher: ModelArtifact,
+               parent_run_id: str) -> ModelArtifact:
+    with stage_run(STAGE, parent_run_id) as stage:  # [MLflow] nested run; per-epoch metrics go through `fit`
+        pruned = run(cfg, dataset, student, teacher, logger=stage)
+        log_model_stage(stage, cfg, SECTIONS, pruned)
+    return pruned
+
+
+def _standalone(cfg: PipelineConfig) -> ModelArtifact:
+    """The upstream stages first: each is cached in the project dir, so a re-run (or a resumed one) reuses them."""
+    from tasks import distill, ingest, train_teacher
+
+    dataset = ingest.run(cfg)
+    teacher = train_teacher.run(cfg, dataset)
+    return run(cfg, dataset, distill.run(cfg, dataset, teacher), teacher)
+
+
+if __name__ == "__main__":
+    from vidopt.config import run_stage_standalone
+
+    run_stage_standalone(_standalone)
