@@ -1,0 +1,304 @@
+"""GPU target: fp16 and int8 ONNX for TensorRT, and an AOTInductor package, each verified on what really runs here.
+
+    python -m workers.gpu JOB.json        # run one export job (see vidopt.artifacts.ExportJob), print its result
+    python -m workers.gpu --demo DIR      # build a tiny trained student + clips + int8 ONNX in DIR and run on them
+
+TensorRT engines are built and timed only where `tensorrt` imports and CUDA works; otherwise the ONNX files are run
+with onnxruntime (CUDA provider if present, else CPU) and the runtime string names the provider that ran. Heavy or
+optional libraries (onnxruntime, onnx, tensorrt) are imported inside the functions that need them, so this module
+imports on a GPU host that has only torch.
+"""
+from __future__ import annotations
+
+import copy
+import shutil
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from vidopt.artifacts import ExportJob, TargetResult
+from vidopt.checkpoint import load_model_dir
+from workers.common import archive, batches, load_eval_clips, parity, reference_logits, top1
+
+FP32_TOL = 1e-4           # max |logit| difference allowed for fp32 back-ends
+FP16_REL_TOL = 1e-2       # fp16 keeps 11 mantissa bits; max |diff| against max |logit|, reported (not gated)
+MAX_BATCH = 64            # dynamic batch range of the AOTInductor package and the TensorRT profile
+LATENCY_WARMUP, LATENCY_ITERS = 5, 30
+# First present and successful variant gives the headline numbers: int8 is what a GPU serves, TensorRT when it ran.
+PRIMARY_ORDER = ("tensorrt_int8", "ort_int8", "tensorrt_fp16", "ort_fp16", "aoti")
+
+
+def run_target(job: ExportJob) -> TargetResult:
+    started = time.monotonic()
+    package = Path(job.out_dir) / "package"     # everything deployable; archived as a whole
+    package.mkdir(parents=True, exist_ok=True)
+    x, labels = load_eval_clips(job)             # [N, C, T, H, W] float
+    reference = reference_logits(job, x)
+    model, _ = load_model_dir(job.model_dir)
+    threads = int(job.options.get("threads", 1))
+    cuda = torch.cuda.is_available()
+
+    variants: dict[str, dict] = {}
+    onnx_files = _guarded(lambda: _onnx_files(job, model, tuple(x.shape[1:]), package))
+    if "error" in onnx_files:
+        variants["onnx_export"], onnx_files = onnx_files, {}
+    if job.int8_dir and "int8" not in onnx_files and "onnx_export" not in variants:
+        variants["ort_int8"] = {"error": f"{job.int8_dir}/model_int8.onnx: not found (run the quantize stage)"}
+    for name, path in onnx_files.items():
+        precision = "fp16" if name == "fp16" else "int8"
+        variants[f"ort_{name}"] = _guarded(lambda: _ort_variant(path, x, labels, reference, threads, precision))
+    if _tensorrt_usable(cuda):
+        for precision, source in (("fp16", onnx_files.get("fp16")), ("int8", onnx_files.get("int8_symmetric"))):
+            if source:
+                variants[f"tensorrt_{precision}"] = _guarded(
+                    lambda: _tensorrt_variant(source, x, labels, reference, precision))
+    variants["aoti"] = _guarded(lambda: _aoti_variant(model, x, labels, reference, package, cuda, threads))
+
+    problems = [f"{k}: {v['error']}" if "error" in v else f"{k}: parity {v['parity']} outside {v['tolerance']}"
+                for k, v in variants.items() if "error" in v or (v.get("gated") and not v["within_tolerance"])]
+    primary = next((variants[k] for k in PRIMARY_ORDER if k in variants and "error" not in variants[k]), None)
+    artifact = archive(package, Path(job.out_dir) / "gpu_package.tar.gz")
+    common = dict(target="gpu", artifact_uri=str(artifact), artifact_bytes=artifact.stat().st_size,
+                  seconds=time.monotonic() - started, extra={"variants": variants, "cuda": cuda})
+    if primary is None:
+        return TargetResult(status="failed", reason="; ".join(problems) or "no variant ran", **common)
+    return TargetResult(status="failed" if problems else "ok", reason="; ".join(problems)[:2000],
+                        runtime=primary["runtime"], parity=primary["parity"], top1=primary["top1"],
+                        latency_ms=primary["latency_ms"], **common)
+
+
+def _guarded(make: Callable[[], dict]) -> dict:
+    """Run one variant now; a failure becomes its record (the exception) instead of stopping the others."""
+    try:
+        return make()
+    except Exception as error:  # noqa: BLE001 - every back-end raises its own types; the message is what matters
+        return {"error": f"{type(error).__name__}: {error}"[:1500], "trace": traceback.format_exc()[-3000:]}
+
+
+def _score(logits: np.ndarray, reference: np.ndarray, labels: np.ndarray, precision: str) -> dict:
+    """Parity against the fp32 PyTorch logits, top-1, and the bar for this precision (int8: argmax agreement only;
+    its accuracy is gated by the quantize stage against the test split)."""
+    check = parity(logits, reference)
+    scale = max(float(np.abs(reference).max()), 1e-12)
+    result = {"parity": check, "top1": top1(logits, labels), "rel_max_abs_diff": check["max_abs_diff"] / scale}
+    if precision == "fp32":
+        result |= {"within_tolerance": check["max_abs_diff"] <= FP32_TOL, "tolerance": f"{FP32_TOL} abs", "gated": True}
+    elif precision == "fp16":
+        result |= {"within_tolerance": result["rel_max_abs_diff"] <= FP16_REL_TOL, "gated": False,
+                   "tolerance": f"{FP16_REL_TOL} * max|logit| (reported, not gated)"}
+    else:
+        result |= {"tolerance": "none (argmax agreement reported; quantize stage gates int8 accuracy)", "gated": False}
+    return result
+
+
+def _p50_ms(call: Callable[[], object], sync: Callable[[], None] = lambda: None) -> float:
+    for _ in range(LATENCY_WARMUP):
+        call()
+    sync()
+    times = []
+    for _ in range(LATENCY_ITERS):
+        started = time.perf_counter()
+        call()
+        sync()   # CUDA launches are asynchronous: time until the result exists
+        times.append(time.perf_counter() - started)
+    return float(np.median(times) * 1e3)
+
+
+# ---- (a) ONNX: fp16 and int8 for TensorRT, verified with onnxruntime -----------------------------------------------
+
+def _onnx_files(job: ExportJob, model, input_shape: tuple, package: Path) -> dict[str, Path]:
+    """fp16: the fp32 export with every float weight and activation cast to fp16 (fp32 input/output kept);
+    int8: the quantize stage's QDQ model as is (onnxruntime CPU's uint8-activation flavour) and rewritten with
+    symmetric int8 activations, the only kind TensorRT accepts."""
+    from vidopt.onnx_utils import export_onnx
+    from workers.onnx_passes import to_fp16, to_tensorrt_int8
+
+    with tempfile.TemporaryDirectory(prefix="vidopt-gpu-") as work:  # fp32 is only the fp16 file's source
+        files = {"fp16": to_fp16(export_onnx(model, input_shape, Path(work) / "fp32.onnx"), package / "student_fp16.onnx")}
+    source = Path(job.int8_dir or "") / "model_int8.onnx"
+    if job.int8_dir and source.exists():
+        files["int8"] = Path(shutil.copy2(source, package / "student_int8.onnx"))
+        files["int8_symmetric"] = to_tensorrt_int8(source, package / "student_int8_trt.onnx")
+    return files
+
+
+def _ort_variant(path: Path, x, labels, reference, threads: int, precision: str) -> dict:
+    import onnxruntime as ort
+
+    from vidopt.onnx_utils import INPUT_NAME, measure_latency, ort_predict, ort_session
+
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        session = ort.InferenceSession(str(path), providers=["CUDAExecutionProvider", "CPUExecutionProvider"])
+    else:
+        session = ort_session(path, threads)
+    providers = session.get_providers()   # what onnxruntime registered, not what we asked for
+    logits = ort_predict(session, batches(x))
+    if providers[0] == "CPUExecutionProvider":
+        latency = measure_latency(path, tuple(x.shape[1:]), batch=1, threads=threads)["p50_ms"]
+        runtime = f"onnxruntime {ort.__version__} CPUExecutionProvider ({threads} thread(s))"
+    else:
+        feed = {INPUT_NAME: x[:1].numpy()}
+        latency = _p50_ms(lambda: session.run(None, feed))
+        runtime = f"onnxruntime {ort.__version__} {providers[0]}"
+    result = {"runtime": runtime, "providers": providers, "latency_ms": latency, "file": path.name,
+              "bytes": path.stat().st_size}
+    if precision == "fp16" and providers[0] == "CPUExecutionProvider":
+        result["note"] = ("onnxruntime's CPU provider has no x86 fp16 kernels for these ops and inserts Casts so they "
+                          "run in fp32: this checks fp16 rounding of the weights, not fp16 arithmetic or speed")
+    return result | _score(logits, reference, labels, "fp16" if precision == "fp16" else "int8")
+
+
+def _tensorrt_usable(cuda: bool) -> bool:
+    if not cuda:
+        return False
+    try:
+        import tensorrt  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _tensorrt_variant(onnx_path: Path, x, labels, reference, precision: str) -> dict:
+    """Build a TensorRT engine from the ONNX file and run it on CUDA tensors. The files carry their precision (fp16
+    tensors; int8 Q/DQ), so the network is strongly typed and TensorRT builds exactly that: no FP16/INT8 builder flags
+    (weak typing is deprecated since TensorRT 10.12 and removed in 11)."""
+    import tensorrt as trt
+
+    from vidopt.onnx_utils import INPUT_NAME, OUTPUT_NAME
+
+    logger = trt.Logger(trt.Logger.WARNING)
+    builder = trt.Builder(logger)
+    strongly_typed = getattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED", None)  # 11.x: always, no flag
+    network = builder.create_network(0 if strongly_typed is None else 1 << int(strongly_typed))
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse(onnx_path.read_bytes()):
+        raise RuntimeError("; ".join(str(parser.get_error(i)) for i in range(parser.num_errors)))
+    config = builder.create_builder_config()
+    shape = tuple(x.shape[1:])
+    profile = builder.create_optimization_profile()
+    profile.set_shape(INPUT_NAME, (1, *shape), (1, *shape), (MAX_BATCH, *shape))
+    config.add_optimization_profile(profile)
+    started = time.monotonic()
+    serialized = builder.build_serialized_network(network, config)
+    if serialized is None:
+        raise RuntimeError(f"TensorRT could not build an engine from {onnx_path.name} (see the TensorRT log)")
+    build_s = time.monotonic() - started
+    engine_path = onnx_path.with_suffix(".engine")
+    engine_path.write_bytes(bytes(serialized))
+    engine = trt.Runtime(logger).deserialize_cuda_engine(serialized)
+    context = engine.create_execution_context()
+    stream = torch.cuda.current_stream()
+
+    def infer(batch: torch.Tensor) -> torch.Tensor:
+        batch = batch.cuda().float().contiguous()
+        context.set_input_shape(INPUT_NAME, tuple(batch.shape))
+        out = torch.empty(tuple(context.get_tensor_shape(OUTPUT_NAME)), device="cuda", dtype=torch.float32)
+        context.set_tensor_address(INPUT_NAME, batch.data_ptr())
+        context.set_tensor_address(OUTPUT_NAME, out.data_ptr())
+        context.execute_async_v3(stream.cuda_stream)
+        return out
+
+    logits = np.concatenate([infer(b).cpu().numpy() for b in batches(x)])
+    first = x[:1].cuda()
+    return {"runtime": f"TensorRT {trt.__version__} {precision} on {torch.cuda.get_device_name()}",
+            "latency_ms": _p50_ms(lambda: infer(first), torch.cuda.synchronize), "build_s": build_s,
+            "file": engine_path.name, "bytes": engine_path.stat().st_size} | _score(logits, reference, labels,
+                                                                                     precision)
+
+
+# ---- (b) AOTInductor -------------------------------------------------------------------------------------------------
+
+def _aoti_variant(model, x, labels, reference, package: Path, cuda: bool, threads: int) -> dict:
+    """torch.export -> AOTInductor package (a .pt2 holding the compiled .so and weights) -> load -> run.
+    fp16 on CUDA (what a GPU server would run), fp32 on CPU (the C++ compile is done by the host's g++). On CPU the
+    generated kernels bake in the OpenMP thread count at compile time, so compile and run at the job's `threads`,
+    like the onnxruntime sessions."""
+    device, dtype = ("cuda", torch.float16) if cuda else ("cpu", torch.float32)
+    saved_threads = torch.get_num_threads()
+    if not cuda:
+        torch.set_num_threads(threads)
+    try:
+        module = copy.deepcopy(model).to(device, dtype).eval()
+        example = torch.cat([x[:1]] * 2).to(device, dtype)  # batch 2: torch.export turns a size-1 dim into a constant
+        started = time.monotonic()
+        with torch.no_grad():
+            program = torch.export.export(module, (example,),
+                                          dynamic_shapes=({0: torch.export.Dim("batch", max=MAX_BATCH)},))
+        export_s = time.monotonic() - started
+        path = torch._inductor.aoti_compile_and_package(program, package_path=str(package / "student.pt2"))
+        compile_s = time.monotonic() - started - export_s
+        runner = torch._inductor.aoti_load_package(path)
+        with torch.no_grad():
+            logits = np.concatenate([runner(b.to(device, dtype)).float().cpu().numpy() for b in batches(x)])
+            first = x[:1].to(device, dtype)
+            latency = _p50_ms(lambda: runner(first), torch.cuda.synchronize if cuda else lambda: None)
+    finally:
+        torch.set_num_threads(saved_threads)
+    where = torch.cuda.get_device_name() if cuda else f"CPU ({threads} thread(s))"
+    return {"runtime": f"torch {torch.__version__} AOTInductor {str(dtype).removeprefix('torch.')} on {where}",
+            "latency_ms": latency, "export_s": export_s, "compile_s": compile_s, "file": Path(path).name,
+            "bytes": Path(path).stat().st_size} | _score(logits, reference, labels, "fp16" if cuda else "fp32")
+
+
+# ---- a tiny job to try this module on any machine ---------------------------------------------------------------------
+
+def make_demo_job(root: Path, with_int8: bool = True, target: str = "gpu") -> ExportJob:
+    """A tiny student trained for a few steps on clips whose label is their brightest colour channel (so logits are
+    decisive and argmax agreement means something), 24 eval clips, and, if asked, its int8 QDQ ONNX."""
+    import torch.nn.functional as F
+
+    from vidopt.checkpoint import save_model_dir
+    from vidopt.data import normalise_clips
+    from vidopt.models import Student, StudentArch
+
+    arch = StudentArch(frames=4, height=32, width=32, conv_widths=[8, 16], conv_strides=[2, 2], temporal_widths=[16],
+                       pool_grid=2, num_classes=5)
+
+    def clips(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:   # uint8 [n, T, H, W, C], labels [n]
+        g = torch.Generator().manual_seed(seed)
+        video = torch.randint(0, 160, (n, arch.frames, arch.height, arch.width, 3), generator=g)
+        labels = torch.randint(0, arch.num_classes, (n,), generator=g)
+        video[torch.arange(n), ..., labels % 3] += 60 + 30 * (labels // 3)[:, None, None, None]
+        return video.to(torch.uint8), labels
+
+    torch.manual_seed(0)
+    model = Student(arch)
+    train_x, train_y = clips(64, seed=1)
+    optimiser = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for _ in range(30):   # train mode also moves the BatchNorm statistics away from (0, 1)
+        loss = F.cross_entropy(model(normalise_clips(train_x)), train_y)
+        optimiser.zero_grad()
+        loss.backward()
+        optimiser.step()
+    root.mkdir(parents=True, exist_ok=True)
+    save_model_dir(root / "student", model.eval(), arch, {}, {})
+    eval_x, eval_y = clips(24, seed=2)
+    torch.save({"clips": eval_x, "labels": eval_y, "videos": torch.arange(24)}, root / "eval.pt")
+    int8_dir = None
+    if with_int8:
+        try:   # the ONNX exporter needs onnxscript, the quantizer onnxruntime: a bare GPU host may lack them
+            from vidopt.onnx_utils import export_onnx, quantize_int8
+            fp32 = export_onnx(model, (3, arch.frames, arch.height, arch.width), root / "int8" / "model_fp32.onnx")
+            calibration = [normalise_clips(b) for b in batches(train_x[:32])]
+            quantize_int8(fp32, root / "int8" / "model_int8.onnx", calibration)
+            int8_dir = root / "int8"
+        except ImportError as error:
+            print(f"demo: no int8 model, {type(error).__name__}: {error}", file=sys.stderr)
+    return ExportJob(target=target, model_dir=str(root / "student"), int8_dir=str(int8_dir) if int8_dir else None,
+                     eval_clips=str(root / "eval.pt"), out_dir=str(root / "out"), options={})
+
+
+if __name__ == "__main__":
+    if len(sys.argv) < 2:
+        sys.exit(__doc__)
+    if sys.argv[1] == "--demo":
+        demo = make_demo_job(Path(sys.argv[2]))
+        print(run_target(demo).model_dump_json(indent=2, exclude={"extra": {"variants": {"__all__": {"trace"}}}}))
+    else:
+        print(run_target(ExportJob.model_validate_json(Path(sys.argv[1]).read_text())).model_dump_json(indent=2))

@@ -1,0 +1,231 @@
+"""TPU target: the fp32 student as a StableHLO bundle (torch-xla), reloaded in a fresh process and run on PJRT.
+
+    python -m workers.tpu JOB.json      # run one export job (see vidopt.artifacts.ExportJob) and print its result
+
+The Ray worker that calls `run_target` never imports torch_xla: export and verification each run in a child process.
+The verifying child is the proof that the saved files alone reproduce the model (nothing shared with the exporter),
+and keeping PJRT out of the parent means a TPU is never held by a long-lived worker when the verifier needs it.
+Export traces on PJRT CPU: StableHLO is device independent, so tracing never needs the accelerator.
+
+Latency note (torch-xla 2.9): every `StableHLOGraphModule` call converts the StableHLO to HLO and compiles it again
+with no cache (`XLAGraphExecutor::ExecuteStablehlo`; ~1 s per call here, the `CompileTime` metric). `latency_ms` is
+the wall time of a call minus that compile, i.e. what a server that keeps the compiled executable pays; the raw call
+time and the compile time are in `extra`. Verifying every eval clip at batch 1 therefore costs ~1 s per clip on CPU.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from vidopt.artifacts import ExportJob, TargetResult
+from workers.common import archive, load_eval_clips, parity, reference_logits, top1
+
+FP32_TOL = 1e-4          # max |logit| difference allowed between the reloaded fp32 StableHLO and PyTorch
+BF16_REL_TOL = 5e-2      # bf16 keeps 8 mantissa bits (~4e-3 per rounding); reported against max |logit|, not gated
+LATENCY_WARMUP, LATENCY_ITERS = 1, 10   # each call recompiles (~1 s on CPU): few iterations; `latency_iters` option
+CHILD_TIMEOUT_S = 1800
+NO_TORCH_XLA = 3         # exit code of a child that cannot import torch_xla
+
+
+def pjrt_device(options: dict, tpu_chips: int) -> str:
+    """The job's `pjrt_device` option, else 'TPU' when the exporting child counted TPU chips on this host, else 'CPU'."""
+    if options.get("pjrt_device"):
+        return str(options["pjrt_device"]).upper()
+    return "TPU" if tpu_chips > 0 else "CPU"
+
+
+def run_target(job: ExportJob) -> TargetResult:
+    started = time.monotonic()
+    if importlib.util.find_spec("torch_xla") is None:
+        return TargetResult(target="tpu", status="skipped",
+                            reason="torch_xla is not installed here (pip install torch-xla==<torch version>)")
+    out = Path(job.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    bf16 = bool(job.options.get("bf16", False))
+    programs = {"fp32": out / "stablehlo"} | ({"bf16": out / "stablehlo_bf16"} if bf16 else {})
+    work = out / "verify"
+    work.mkdir(exist_ok=True)
+
+    export_cmd = ["--export", job.model_dir, str(out)] + (["--bf16"] if bf16 else [])
+    exported = _child(export_cmd, "CPU", job)
+    if exported.returncode:
+        return _child_failure("export", exported, started)
+    report = json.loads(exported.stdout.strip().splitlines()[-1])
+    device = pjrt_device(job.options, report["tpu_chips"])
+    iters = str(int(job.options.get("latency_iters", LATENCY_ITERS)))
+    verified = _child(["--verify", *map(str, programs.values()), "--clips", job.eval_clips, "--work", str(work),
+                       "--iters", iters], device, job)
+    if verified.returncode:
+        return _child_failure("verify", verified, started)
+
+    x, labels = load_eval_clips(job)
+    reference = reference_logits(job, x)
+    variants = {}
+    for name, program in programs.items():
+        logits = np.load(work / f"{program.name}.npy")
+        timing = json.loads((work / f"{program.name}.json").read_text())
+        check = parity(logits, reference)
+        scale = float(np.abs(reference).max())
+        variants[name] = {
+            "runtime": timing["runtime"], "parity": check, "top1": top1(logits, labels),
+            "latency_ms": timing["latency_ms"], "call_wall_ms": timing["call_wall_ms"],
+            "compile_ms": timing["compile_ms"], "export_s": report[name]["export_s"],
+            "rel_max_abs_diff": check["max_abs_diff"] / max(scale, 1e-12),
+            "artifact": str(archive(program, out / f"{program.name}.tar.gz")),
+        }
+    fp32 = variants["fp32"]
+    if bf16:
+        variants["bf16"]["within_tolerance"] = variants["bf16"]["rel_max_abs_diff"] <= BF16_REL_TOL
+        variants["bf16"]["tolerance"] = f"max_abs_diff <= {BF16_REL_TOL} * max|logit| (reported, not gated)"
+    ok = fp32["parity"]["max_abs_diff"] <= FP32_TOL
+    artifact = Path(fp32["artifact"])
+    return TargetResult(
+        target="tpu", status="ok" if ok else "failed",
+        reason="" if ok else f"reloaded StableHLO differs from PyTorch by {fp32['parity']['max_abs_diff']:.2e} "
+                             f"(> {FP32_TOL})",
+        runtime=fp32["runtime"], artifact_uri=str(artifact), artifact_bytes=artifact.stat().st_size,
+        parity=fp32["parity"], top1=fp32["top1"], latency_ms=fp32["latency_ms"],
+        seconds=time.monotonic() - started, extra={"variants": variants, "pjrt_device": device},
+    )
+
+
+def _child(args: list[str], device: str, job: ExportJob) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PJRT_DEVICE": device}
+    # The child imports `workers` and `vidopt` from wherever this process found them.
+    root = str(Path(__file__).resolve().parents[1])
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
+    command = [sys.executable, "-m", "workers.tpu", *args]
+    limit = float(job.options.get("timeout_s", CHILD_TIMEOUT_S))
+    try:
+        return subprocess.run(command, env=env, capture_output=True, text=True, timeout=limit)
+    except subprocess.TimeoutExpired:   # a hung compile or a device that never answers: a failed job, not a crash
+        return subprocess.CompletedProcess(command, -9, "", f"no answer after {limit:.0f} s (option timeout_s)")
+
+
+def _child_failure(step: str, proc: subprocess.CompletedProcess, started: float) -> TargetResult:
+    tail = (proc.stderr or proc.stdout).strip()[-1500:]
+    status = "skipped" if proc.returncode == NO_TORCH_XLA else "failed"
+    return TargetResult(target="tpu", status=status, reason=f"tpu {step} (child exit {proc.returncode}): {tail}",
+                        seconds=time.monotonic() - started)
+
+
+# ---- child process: export ------------------------------------------------------------------------------------------
+
+def _bf16_compute(model):
+    """The student computing in bf16 end to end (weights, activations, BN) with fp32 input and output. Weights are
+    stored as fp32 holding bf16-rounded values and cast in the graph: torch-xla 2.9 saves weights through numpy, which
+    has no bfloat16 ("Got unsupported ScalarType BFloat16")."""
+    import torch
+    from torch.func import functional_call
+
+    class Bf16Compute(torch.nn.Module):
+        def __init__(self, inner: torch.nn.Module):
+            super().__init__()
+            self.inner = inner.to(torch.bfloat16).float()   # round once; the in-graph cast back is then exact
+
+        def forward(self, x):
+            state = {**dict(self.inner.named_parameters()), **dict(self.inner.named_buffers())}
+            state = {k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in state.items()}
+            return functional_call(self.inner, state, (x.to(torch.bfloat16),)).float()
+
+    return Bf16Compute(model).eval()
+
+
+def export_stablehlo(model_dir: str, out: Path, bf16: bool) -> dict:
+    """torch.export (batch 1, static: torch-xla's dynamic-batch export needs EXPERIMENTAL_XLA_UNBOUNDED_DYNAMISM) ->
+    StableHLO -> out/stablehlo (and out/stablehlo_bf16)."""
+    import shutil
+
+    import torch
+    from torch_xla._internal import tpu  # a PCI scan: starts no PJRT client
+    from torch_xla.stablehlo import exported_program_to_stablehlo
+
+    from vidopt.checkpoint import load_model_dir
+
+    model, arch = load_model_dir(model_dir)
+    example = (torch.randn(1, 3, arch.frames, arch.height, arch.width),)  # [1, C, T, H, W]
+    report: dict = {"tpu_chips": tpu.num_available_chips()}
+    for name, module in [("fp32", model)] + ([("bf16", _bf16_compute(load_model_dir(model_dir)[0]))] if bf16 else []):
+        started = time.monotonic()
+        with torch.no_grad():
+            program = exported_program_to_stablehlo(torch.export.export(module, example))
+        target = out / ("stablehlo" if name == "fp32" else "stablehlo_bf16")
+        shutil.rmtree(target, ignore_errors=True)
+        program.save(str(target))
+        (target / "signature.json").write_text(json.dumps({
+            "input": {"layout": "[1, 3, T, H, W] float32, RGB scaled to [0, 1] then standardised with Kinetics "
+                      "mean/std (vidopt.data.normalise_clips)", "shape": list(example[0].shape)},
+            "output": {"layout": "[1, classes] float32 logits"}, "compute_dtype": name}, indent=2))
+        report[name] = {"export_s": time.monotonic() - started}
+    return report
+
+
+# ---- child process: verify ------------------------------------------------------------------------------------------
+
+def verify_stablehlo(program_dirs: list[str], clips_file: str, work: Path, iters: int) -> None:
+    """Reload each program with StableHLOGraphModule.load, run every eval clip (batch 1) on the PJRT device, time it;
+    writes work/<name>.npy (logits [N, classes]) and work/<name>.json (runtime, latency)."""
+    import torch
+    import torch_xla
+    import torch_xla.debug.metrics as met
+    import torch_xla.runtime as xr
+    from torch_xla.stablehlo import StableHLOGraphModule
+
+    from vidopt.data import normalise_clips
+
+    device = torch_xla.device()
+    clips = normalise_clips(torch.load(clips_file, map_location="cpu", weights_only=True)["clips"])  # [N, C, T, H, W]
+    runtime = f"torch-xla {torch_xla.__version__} StableHLO on PJRT {xr.device_type()}"
+
+    def compile_ns() -> float:
+        data = met.metric_data("CompileTime")   # (samples, accumulated ns, recent samples)
+        return float(data[1]) if data else 0.0
+
+    def call(x: torch.Tensor) -> tuple[np.ndarray, float, float]:
+        before, started = compile_ns(), time.perf_counter()
+        out = program(x.to(device))               # one output: a tensor; torch-xla returns a list for several
+        logits = (out[0] if isinstance(out, (list, tuple)) else out).cpu()  # .cpu() waits for the device
+        wall = (time.perf_counter() - started) * 1e3
+        return logits.numpy(), wall, (compile_ns() - before) / 1e6
+
+    for program_dir in map(Path, program_dirs):
+        program = StableHLOGraphModule.load(str(program_dir))
+        logits = np.concatenate([call(clips[i:i + 1])[0] for i in range(len(clips))])
+        timed = [call(clips[:1])[1:] for _ in range(LATENCY_WARMUP + iters)][LATENCY_WARMUP:]
+        walls, compiles = np.array(timed).T
+        np.save(work / f"{program_dir.name}.npy", logits.astype(np.float32))
+        (work / f"{program_dir.name}.json").write_text(json.dumps({
+            "runtime": runtime, "call_wall_ms": float(np.median(walls)), "compile_ms": float(np.median(compiles)),
+            "latency_ms": float(np.median(walls - compiles))}))
+
+
+def _main(argv: list[str]) -> int:
+    if not argv:
+        print(__doc__, file=sys.stderr)
+        return 2
+    if argv[0] in ("--export", "--verify"):
+        try:
+            import torch_xla  # noqa: F401
+        except ImportError as error:
+            print(f"torch_xla does not import here: {error}", file=sys.stderr)
+            return NO_TORCH_XLA
+    if argv[0] == "--export":
+        print(json.dumps(export_stablehlo(argv[1], Path(argv[2]), "--bf16" in argv)))
+    elif argv[0] == "--verify":
+        dirs = argv[1:argv.index("--clips")]
+        verify_stablehlo(dirs, argv[argv.index("--clips") + 1], Path(argv[argv.index("--work") + 1]),
+                         int(argv[argv.index("--iters") + 1]))
+    else:
+        print(run_target(ExportJob.model_validate_json(Path(argv[0]).read_text())).model_dump_json(indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_main(sys.argv[1:]))
