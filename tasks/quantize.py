@@ -1,0 +1,289 @@
+"""Quantization stage: a (pruned) student -> fp32 ONNX + static int8 ONNX (QDQ), verified and timed on onnxruntime CPU.
+
+    python -m tasks.quantize --profile tiny
+
+Post-training quantization (PTQ) first. If int8 loses more than `quantize.max_top1_drop` test top-1 against fp32,
+quantization-aware fine-tuning (QAT) with distillation from the teacher, then export and quantize again. The model dir
+holds model_fp32.onnx, model_int8.onnx, the fp32 weights they came from, arch.json, metrics.json and config.json.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+from prefect import task
+from torch import nn
+
+from tasks.common import log_model_stage, score_fn_with_fallback
+from tasks.retry import IO_RETRY_DELAYS, only_io_errors
+from vidopt.artifacts import DatasetArtifact, ModelArtifact
+from vidopt.checkpoint import load_model_dir, save_model_dir
+from vidopt.config import PipelineConfig
+from vidopt.data import normalise_clips
+from vidopt.distillation import ClipSet, attach_teacher_logits, clip_set_top1, decode_clip_set, distillation_loss
+from vidopt.metrics import count_macs, count_params, top1, top1_per_video
+from vidopt.models import StudentArch
+from vidopt.onnx_utils import compare_latency, export_onnx, file_mb, ort_predict, ort_session, quantize_int8
+from vidopt.stages import artifact_hash, split_rows, stage_dir
+from vidopt.storage import atomic_write_text, sha256_file
+from vidopt.tracking import stage_run
+from vidopt.training import FitSpec, fit, predict
+
+log = logging.getLogger("vidopt.quantize")
+
+FP32_FILE, INT8_FILE, NOTES = "model_fp32.onnx", "model_int8.onnx", "notes.json"
+SECTIONS = ["clips", "distill", "quantize"]  # distill: the QAT loss (alpha, temperature) and the cached training clips
+PARITY_TOL = 1e-4            # max |logit| difference allowed between PyTorch and fp32 onnxruntime
+LATENCY_BATCHES = (1, 8)     # batch 1: one camera, lowest latency; batch 8: throughput of a server batching requests
+LATENCY_ROUNDS, LATENCY_ITERS = 5, 10  # interleaved fp32/int8 rounds, median over rounds: the machine is shared
+
+
+class QuantizeError(RuntimeError):
+    """The exported model does not match PyTorch, or the input is not a student."""
+
+
+def run(cfg: PipelineConfig, dataset: DatasetArtifact, model: ModelArtifact, teacher: ModelArtifact,
+        logger=None) -> ModelArtifact:
+    work = stage_dir(cfg, "quantize", SECTIONS, [artifact_hash(dataset), artifact_hash(model), artifact_hash(teacher)])
+    record = work / "artifact.json"
+    if record.exists():  # written last: same inputs and config, the finished result is returned, not redone
+        log.info("quantize: %s already holds the int8 model for these inputs", work / "model")
+        return ModelArtifact.model_validate_json(record.read_text())
+    student, arch = load_model_dir(model.uri)
+    if arch.kind != "student":
+        raise QuantizeError(f"quantize: {model.uri} holds a {arch.kind}; int8 export is for the 2D+1D student")
+    shape = (3, arch.frames, arch.height, arch.width)  # [C, T, H, W]
+    student, metrics, notes = quantize_student(cfg, dataset, student, arch, teacher, work, logger)
+    fp32_path, int8_path = work / "onnx" / FP32_FILE, work / "onnx" / INT8_FILE
+    metrics.update({"params": count_params(student), "macs": count_macs(student, shape),
+                    "size_fp32_mb": file_mb(fp32_path), "size_int8_mb": file_mb(int8_path)})
+    metrics["size_ratio"] = metrics["size_fp32_mb"] / metrics["size_int8_mb"]
+    metrics.update(latency_metrics(fp32_path, int8_path, shape, cfg.quantize.threads))
+    log.info("quantize: %s int8 test top-1 %.3f (fp32 %.3f); %.2fx faster at batch 1 / 1 thread, %.1fx smaller",
+             notes["quantization"], metrics["test_top1_clip"], metrics["fp32.test_top1_clip"],
+             metrics.get("speedup.b1.t1", float("nan")), metrics["size_ratio"])
+
+    out = work / "model"
+    atomic_write_text(work / NOTES, json.dumps(notes, indent=2, sort_keys=True))
+    save_model_dir(out, student, arch, metrics, cfg.model_dump(mode="json"),
+                   extra_files={FP32_FILE: fp32_path, INT8_FILE: int8_path, NOTES: work / NOTES})
+    artifact = ModelArtifact(uri=str(out.resolve()), kind="int8", arch=arch.model_dump(mode="json"),
+                             weights_sha256=sha256_file(out / INT8_FILE), metrics=metrics,
+                             data_version=dataset.data_version, notes=notes)
+    atomic_write_text(record, artifact.model_dump_json(indent=2))
+    return artifact
+
+
+def quantize_student(cfg: PipelineConfig, dataset: DatasetArtifact, student: nn.Module, arch: StudentArch,
+                     teacher: ModelArtifact, work: Path, logger=None) -> tuple[nn.Module, dict, dict[str, str]]:
+    """PTQ, then QAT if PTQ loses more than the budget. Leaves <work>/onnx/model_{fp32,int8}.onnx for the returned
+    student (the input one, or its QAT fine-tuned weights) and returns (student, metrics, notes)."""
+    shape = (3, arch.frames, arch.height, arch.width)
+    train, test = _clip_sets(cfg, dataset, ("train", "test"))
+    calibration = _calibration_batches(train, cfg)
+    fp32_path, int8_path = work / "onnx" / FP32_FILE, work / "onnx" / INT8_FILE
+    metrics = _export_quantize_evaluate(student, shape, calibration, test, fp32_path, int8_path, cfg, "ptq")
+    baseline, ptq = metrics["fp32.test_top1_clip"], metrics["ptq.test_top1_clip"]
+    notes = {"quantization": "ptq", "fp32_test_top1": f"{baseline:.4f}", "ptq_test_top1": f"{ptq:.4f}"}
+    final, drop = "ptq", baseline - ptq
+    if drop > cfg.quantize.max_top1_drop:
+        log.info("quantize: PTQ lost %.3f test top-1 (> %.3f allowed); quantization-aware fine-tuning",
+                 drop, cfg.quantize.max_top1_drop)
+        teacher_model, _ = load_model_dir(teacher.uri)
+        attach_teacher_logits(train, teacher_model, cfg.clips.batch_size, cache=work / "teacher_logits.pt")
+        val = _clip_sets(cfg, dataset, ("val",))[0] if split_rows(dataset, "val") else None
+        student = qat_finetune(student, arch, train, val, cfg, work / "qat_last.pt", logger)
+        metrics.update(_export_quantize_evaluate(student, shape, calibration, test, fp32_path, int8_path, cfg, "qat"))
+        final, qat = "qat", metrics["qat.test_top1_clip"]
+        notes.update(quantization="qat", qat_test_top1=f"{qat:.4f}",
+                     reason=f"ptq lost {drop:.4f} test top-1 > max_top1_drop {cfg.quantize.max_top1_drop}")
+        if qat < ptq:
+            log.warning("quantize: QAT did not recover accuracy (test top-1 %.3f < PTQ %.3f); shipping QAT as "
+                        "configured; more quantize.qat_epochs or a higher qat_lr may help", qat, ptq)
+    metrics.update({"test_top1_clip": metrics[f"{final}.test_top1_clip"],
+                    "test_top1_video": metrics[f"{final}.test_top1_video"],
+                    "top1_drop": baseline - metrics[f"{final}.test_top1_clip"]})
+    return student, metrics, notes
+
+
+def _clip_sets(cfg: PipelineConfig, dataset: DatasetArtifact, splits: tuple[str, ...]) -> list[ClipSet]:
+    """Decoded clips per split: training clips as distillation caches them, eval clips as evaluation samples them.
+    Cached under <project>/cache/clip_sets by data content and clip settings, so the stages share one decode."""
+    sets = []
+    for split in splits:
+        per_video = cfg.distill.cached_clips_per_video if split == "train" else cfg.clips.eval_clips_per_video
+        rows = split_rows(dataset, split)
+        if not rows:
+            raise QuantizeError(f"quantize: the {split} split of dataset {dataset.data_version} is empty; "
+                                "add videos or change data.split_fractions")
+        name = f"{dataset.manifest_sha256[:16]}-{cfg.section_hash('clips')}-{split}-{per_video}.pt"
+        cache = Path(cfg.run.project_dir).resolve() / "cache" / "clip_sets" / name
+        sets.append(decode_clip_set(rows, dataset.classes, cfg.clips, per_video, cache))
+    return sets
+
+
+def _calibration_batches(train: ClipSet, cfg: PipelineConfig) -> list[torch.Tensor]:
+    """`calibration_clips` training clips drawn at random (seeded): activation ranges must cover every class."""
+    order = torch.randperm(len(train.labels), generator=torch.Generator().manual_seed(cfg.run.seed))
+    chosen = order[: cfg.quantize.calibration_clips]
+    step = cfg.clips.batch_size
+    return [normalise_clips(train.clips[chosen[i:i + step]]) for i in range(0, len(chosen), step)]
+
+
+def _export_quantize_evaluate(student: nn.Module, shape, calibration, test: ClipSet, fp32_path: Path, int8_path: Path,
+                              cfg: PipelineConfig, tag: str) -> dict[str, float]:
+    """Export, check fp32 parity with PyTorch, quantize, and score both on the test clips. Keys: fp32.* (PyTorch; only
+    in the PTQ pass, the baseline), fp32_ort.* (the exported fp32 model of this pass), `tag`.* (its int8 model)."""
+    export_onnx(student, shape, fp32_path)
+    quantize_int8(fp32_path, int8_path, calibration, per_channel=cfg.quantize.per_channel)
+    batch = cfg.clips.batch_size
+    torch_logits, labels, videos = predict(student, test.batches(batch, shuffle=False))
+    clips = [x for x, _, _ in test.batches(batch, shuffle=False)]
+    fp32_logits = ort_predict(ort_session(fp32_path), clips)
+    int8_logits = ort_predict(ort_session(int8_path), clips)
+    parity = float(np.abs(fp32_logits - torch_logits).max())
+    if parity > PARITY_TOL:
+        raise QuantizeError(f"quantize: fp32 onnxruntime differs from PyTorch by {parity:.2e} (> {PARITY_TOL}); "
+                            f"the export of {fp32_path} is wrong, do not ship it")
+    metrics = {"fp32_ort.max_abs_diff": parity}
+    for name, logits in (("fp32", torch_logits), ("fp32_ort", fp32_logits), (tag, int8_logits)):
+        metrics[f"{name}.test_top1_clip"] = top1(logits, labels)
+        metrics[f"{name}.test_top1_video"] = top1_per_video(logits, labels, videos)
+    metrics[f"{tag}.test_argmax_agreement"] = float((int8_logits.argmax(1) == fp32_logits.argmax(1)).mean())
+    if tag != "ptq":  # fp32.* stays the input model's accuracy: the baseline every int8 result is compared with
+        metrics = {k: v for k, v in metrics.items() if not k.startswith("fp32.")}
+    log.info("quantize: %s int8 test top-1 %.3f vs fp32 %.3f; argmax agreement %.3f; fp32 parity %.1e", tag,
+             metrics[f"{tag}.test_top1_clip"], metrics["fp32_ort.test_top1_clip"],
+             metrics[f"{tag}.test_argmax_agreement"], parity)
+    return metrics
+
+
+def latency_metrics(fp32_path: Path, int8_path: Path, shape, threads: list[int]) -> dict[str, float]:
+    """latency.{fp32,int8}.b{batch}.t{threads}.{p50_ms,p95_ms,throughput_clips_s} and speedup.b{batch}.t{threads}."""
+    metrics = {}
+    for n in threads:
+        for batch in LATENCY_BATCHES:
+            timed = compare_latency({"fp32": fp32_path, "int8": int8_path}, shape, batch, n, LATENCY_ROUNDS,
+                                    iters=LATENCY_ITERS)
+            for name, stats in timed.items():
+                metrics.update({f"latency.{name}.b{batch}.t{n}.{k}": v for k, v in stats.items()})
+            metrics[f"speedup.b{batch}.t{n}"] = timed["fp32"]["p50_ms"] / timed["int8"]["p50_ms"]
+    return metrics
+
+
+# --- quantization-aware fine-tuning -------------------------------------------------------------------------------
+
+def _qconfig_mapping():
+    """Fake-quantization that simulates what onnxruntime's static QDQ quantization does to this model: uint8
+    asymmetric activations (full range: the VNNI kernels need no reduce_range), int8 symmetric per-channel weights."""
+    from torch.ao.quantization import (FakeQuantize, MovingAverageMinMaxObserver,
+                                       MovingAveragePerChannelMinMaxObserver, QConfig, QConfigMapping)
+
+    activation = FakeQuantize.with_args(observer=MovingAverageMinMaxObserver, quant_min=0, quant_max=255,
+                                        dtype=torch.quint8, qscheme=torch.per_tensor_affine)
+    weight = FakeQuantize.with_args(observer=MovingAveragePerChannelMinMaxObserver, quant_min=-127, quant_max=127,
+                                    dtype=torch.qint8, qscheme=torch.per_channel_symmetric, ch_axis=0)
+    return QConfigMapping().set_global(QConfig(activation=activation, weight=weight))
+
+
+def prepare_qat(student: nn.Module, arch: StudentArch) -> nn.Module:
+    """A copy of the student whose encoder and head are FX-prepared for QAT: Conv+BN+ReLU fused with fake-quantized
+    folded weights, fake-quant on every activation onnxruntime quantizes (and on the RGB stem, which onnxruntime keeps
+    in fp32, see convs_without_fast_int8_kernel: simulating noise that will not come costs nothing but a little
+    fidelity, and keeps the weight mapping below uniform). The two parts are traced separately because
+    the student's [B, C, T, H, W] -> [B*T, C, H, W] reshape unpacks x.shape, which FX cannot trace; the reshapes move
+    data only, and int8 tensors pass through them unchanged in onnxruntime as well."""
+    from torch.ao.nn.intrinsic.qat import freeze_bn_stats
+    from torch.ao.quantization.quantize_fx import prepare_qat_fx
+
+    qat = copy.deepcopy(student).train()
+    qat.encoder = prepare_qat_fx(qat.encoder, _qconfig_mapping(), (torch.randn(2, 3, arch.height, arch.width),))
+    qat.head = prepare_qat_fx(qat.head, _qconfig_mapping(), (torch.randn(2, arch.feature_dim(), arch.frames),))
+    # The student arrives trained: its BN statistics are right, and freezing them makes the fake-quantized folded
+    # weights the ones onnxruntime will fold and quantize.
+    return qat.apply(freeze_bn_stats)
+
+
+def student_state_from_qat(qat: nn.Module) -> dict[str, torch.Tensor]:
+    """The plain student's state dict from a QAT model: fake-quant state dropped; a fused Conv+BN(+ReLU) module at
+    index k of its Sequential holds the conv weight, and its `.bn` was the student's module k + 1."""
+    state = {}
+    for key, value in qat.state_dict().items():
+        if "fake_quant" in key or "activation_post_process" in key:
+            continue
+        prefix, sep, rest = key.partition(".bn.")
+        if sep:
+            parent, index = prefix.rsplit(".", 1)
+            key = f"{parent}.{int(index) + 1}.{rest}"
+        state[key] = value
+    return state
+
+
+class _ShuffledBatches:
+    """Training batches (x, labels, teacher logits), reshuffled each epoch (fit sets `epoch`)."""
+
+    def __init__(self, clips: ClipSet, batch_size: int, seed: int):
+        self.clips, self.batch_size, self.seed, self.epoch = clips, batch_size, seed, 0
+
+    def __iter__(self):
+        return self.clips.batches(self.batch_size, shuffle=True, seed=self.seed * 1000 + self.epoch)
+
+
+def qat_finetune(student: nn.Module, arch: StudentArch, train: ClipSet, val: ClipSet | None, cfg: PipelineConfig,
+                 checkpoint: Path, logger=None) -> nn.Module:
+    """Fine-tune with fake-quantization and distillation for `qat_epochs` (the one loop, `fit`); returns the plain
+    student holding the fine-tuned weights, ready to export and quantize again."""
+    from torch.ao.quantization import disable_observer
+
+    qat = prepare_qat(student, arch)
+    batches = _ShuffledBatches(train, cfg.clips.batch_size, cfg.run.seed)
+    d = cfg.distill
+
+    def loss_fn(model: nn.Module, batch) -> torch.Tensor:
+        x, labels, teacher_logits = batch
+        return distillation_loss(model(x), teacher_logits, labels, d.alpha, d.temperature)
+
+    def on_epoch_start(epoch: int) -> None:
+        batches.epoch = epoch
+        if epoch >= 1:  # ranges settle in the first epoch; later epochs train weights against fixed scales
+            qat.apply(disable_observer)
+
+    bs = cfg.clips.batch_size
+    score = score_fn_with_fallback("quantize", val is not None, lambda m: clip_set_top1(m, val, bs),
+                                   lambda m: clip_set_top1(m, train, bs))
+    spec = FitSpec(epochs=cfg.quantize.qat_epochs, lr=cfg.quantize.qat_lr, weight_decay=d.weight_decay, stage="qat")
+    fit(qat, loss_fn, batches, score, spec, checkpoint, logger, on_epoch_start)
+    tuned = copy.deepcopy(student)
+    tuned.load_state_dict(student_state_from_qat(qat))  # strict: every student weight must come back
+    return tuned.eval()
+
+
+# [Prefect] retries cover object-store reads only; `run` above is the plain function tests call.
+@task(name="quantize", retries=len(IO_RETRY_DELAYS), retry_delay_seconds=IO_RETRY_DELAYS,
+      retry_condition_fn=only_io_errors)
+def quantize_task(cfg: PipelineConfig, dataset: DatasetArtifact, model: ModelArtifact, teacher: ModelArtifact,
+                  parent_run_id: str) -> ModelArtifact:
+    with stage_run("quantize", parent_run_id) as stage:  # [MLflow] nested run: QAT epochs (if any), then the result
+        artifact = run(cfg, dataset, model, teacher, logger=stage)
+        log_model_stage(stage, cfg, SECTIONS, artifact)  # params, metrics, the model dir (ONNX files, notes.json)
+    return artifact
+
+
+def _standalone(cfg: PipelineConfig) -> ModelArtifact:
+    """The upstream stages first: each is cached in the project dir, so a re-run (or a resumed one) reuses them."""
+    from tasks import distill, ingest, prune, train_teacher
+
+    dataset = ingest.run(cfg)
+    teacher = train_teacher.run(cfg, dataset)
+    pruned = prune.run(cfg, dataset, distill.run(cfg, dataset, teacher), teacher)
+    return run(cfg, dataset, pruned, teacher)
+
+
+if __name__ == "__main__":
+    from vidopt.config import run_stage_standalone
+
+    run_stage_standalone(_standalone)

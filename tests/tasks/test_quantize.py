@@ -1,0 +1,113 @@
+"""Quantization stage on the tiny profile: a briefly trained student -> fp32 + int8 ONNX, by PTQ and by forced QAT."""
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from tasks import ingest, quantize
+from vidopt.artifacts import ModelArtifact
+from vidopt.checkpoint import load_model_dir, save_model_dir
+from vidopt.config import load_config
+from vidopt.distillation import clip_set_top1
+from vidopt.models import StudentArch, build_model
+from vidopt.onnx_utils import op_counts, ort_predict, ort_session
+from vidopt.storage import sha256_file
+from vidopt.training import FitSpec, fit
+
+
+def _config(project: Path, source: Path, *overrides: str):
+    return load_config("tiny", [f"run.project_dir={project}", f"data.source={source}", "quantize.threads=[1]",
+                                "quantize.calibration_clips=32", *overrides])
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, sample_dir):
+    """Dataset, and a student trained a few epochs on it (decisive logits, so argmax agreement means something).
+    The student doubles as the teacher: QAT then distils the fp32 model into its fake-quantized self, and the test
+    needs no teacher training."""
+    root = tmp_path_factory.mktemp("quantize")
+    cfg = _config(root / "project", sample_dir)
+    dataset = ingest.run(cfg)
+    train, val = quantize._clip_sets(cfg, dataset, ("train", "val"))
+    torch.manual_seed(0)
+    arch = StudentArch(frames=cfg.clips.frames, height=cfg.clips.height, width=cfg.clips.width,
+                       conv_widths=[16, 32, 32], conv_strides=[2, 2, 2], temporal_widths=[32],
+                       num_classes=len(dataset.classes))
+    model = build_model(arch)
+    fit(model, lambda m, b: F.cross_entropy(m(b[0]), b[1]), list(train.batches(8, shuffle=True)),
+        lambda m: clip_set_top1(m, val, 8), FitSpec(epochs=3, lr=3e-3), root / "student_last.pt")
+    sha = save_model_dir(root / "student", model, arch, {}, cfg.model_dump(mode="json"))
+    student = ModelArtifact(uri=str(root / "student"), kind="student", arch=arch.model_dump(), weights_sha256=sha,
+                            metrics={}, data_version=dataset.data_version)
+    return {"root": root, "source": sample_dir, "dataset": dataset, "student": student}
+
+
+def _test_clip_logits(model_dir: Path, cfg, dataset, name: str) -> tuple[np.ndarray, np.ndarray]:
+    (test,) = quantize._clip_sets(cfg, dataset, ("test",))
+    clips = [x for x, _, _ in test.batches(8, shuffle=False)]
+    return ort_predict(ort_session(model_dir / name), clips), test.labels.numpy()
+
+
+def test_ptq_writes_a_verified_int8_model(trained):
+    cfg = _config(trained["root"] / "project", trained["source"], "quantize.max_top1_drop=1.0")  # never QAT here
+    art = quantize.run(cfg, trained["dataset"], trained["student"], trained["student"])
+    out, m = Path(art.uri), art.metrics
+
+    assert art.kind == "int8" and art.notes["quantization"] == "ptq"
+    for name in ("model_fp32.onnx", "model_int8.onnx", "arch.json", "metrics.json", "config.json"):
+        assert (out / name).is_file(), name
+    assert art.weights_sha256 == sha256_file(out / "model_int8.onnx")
+    assert json.loads((out / "metrics.json").read_text()) == pytest.approx(m)
+    ops = op_counts(out / "model_int8.onnx")
+    assert ops["QuantizeLinear"] >= 4 and ops["DequantizeLinear"] >= 4 and "BatchNormalization" not in ops
+
+    assert m["fp32_ort.max_abs_diff"] <= 1e-4
+    assert m["ptq.test_argmax_agreement"] >= 0.9
+    assert m["size_int8_mb"] < m["size_fp32_mb"]
+    for model in ("fp32", "int8"):
+        for batch in (1, 8):
+            assert m[f"latency.{model}.b{batch}.t1.p95_ms"] >= m[f"latency.{model}.b{batch}.t1.p50_ms"] > 0
+    assert m["speedup.b1.t1"] == pytest.approx(m["latency.fp32.b1.t1.p50_ms"] / m["latency.int8.b1.t1.p50_ms"])
+
+    # The shipped file is the one that was scored: recompute its test top-1 from disk.
+    logits, labels = _test_clip_logits(out, cfg, trained["dataset"], "model_int8.onnx")
+    assert float((logits.argmax(1) == labels).mean()) == pytest.approx(m["test_top1_clip"])
+    # Same inputs and config: the finished stage is returned, not redone.
+    assert quantize.run(cfg, trained["dataset"], trained["student"], trained["student"]) == art
+
+
+def test_qat_weights_map_back_to_the_plain_student_exactly(trained):
+    student, arch = load_model_dir(trained["student"].uri)
+    qat = quantize.prepare_qat(student, arch)
+    fake_quant = sum("fake_quant" in k or "activation_post_process" in k for k in qat.state_dict())
+    assert fake_quant > 0
+    state = quantize.student_state_from_qat(qat)
+    rebuilt = build_model(arch)
+    rebuilt.load_state_dict(state)  # strict: no key missing, none left over
+    for key, value in student.state_dict().items():
+        assert torch.equal(rebuilt.state_dict()[key], value), key
+
+
+def test_qat_runs_when_ptq_misses_the_budget(trained):
+    cfg = _config(trained["root"] / "project", trained["source"], "quantize.qat_epochs=1", "quantize.qat_lr=3e-4")
+    # A budget below zero forces QAT whatever PTQ scores (the config refuses it; tests bypass validation).
+    cfg = cfg.model_copy(update={"quantize": cfg.quantize.model_copy(update={"max_top1_drop": -1.0})})
+    art = quantize.run(cfg, trained["dataset"], trained["student"], trained["student"])
+    out, m = Path(art.uri), art.metrics
+
+    assert art.notes["quantization"] == "qat"
+    assert {"ptq_test_top1", "qat_test_top1", "fp32_test_top1", "reason"} <= set(art.notes)
+    assert m["test_top1_clip"] == m["qat.test_top1_clip"] and "ptq.test_top1_clip" in m
+    assert m["qat.test_argmax_agreement"] >= 0.9 and m["fp32_ort.max_abs_diff"] <= 1e-4
+    # The model dir holds the fine-tuned weights, and model_fp32.onnx is exactly their export.
+    assert sha256_file(out / "weights.safetensors") != trained["student"].weights_sha256
+    tuned, _ = load_model_dir(out)
+    (test,) = quantize._clip_sets(cfg, trained["dataset"], ("test",))
+    x = next(test.batches(8, shuffle=False))[0]
+    with torch.no_grad():
+        expected = tuned(x).numpy()
+    assert np.abs(ort_predict(ort_session(out / "model_fp32.onnx"), [x]) - expected).max() <= 1e-4
+    assert op_counts(out / "model_int8.onnx")["QuantizeLinear"] >= 4

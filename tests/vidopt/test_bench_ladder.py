@@ -1,0 +1,87 @@
+"""The speed/size ladder: MAC counts against torchvision's published numbers, and the report on small models."""
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from vidopt.bench import ladder
+from vidopt.checkpoint import save_model_dir
+from vidopt.metrics import count_macs
+from vidopt.models import StudentArch, TeacherArch, build_model
+from vidopt.onnx_utils import export_onnx, quantize_int8
+
+
+@pytest.mark.parametrize("arch, published_gflops", [("r3d_18", 40.70), ("r2plus1d_18", 40.52)])
+def test_count_macs_matches_torchvision_published_gflops(arch, published_gflops):
+    model = build_model(TeacherArch(arch=arch, width=1.0, num_classes=400))
+    assert count_macs(model, (3, 16, 112, 112)) / 1e9 == pytest.approx(published_gflops, rel=0.02)
+
+
+SHAPE = (3, 4, 32, 32)
+STUDENT = StudentArch(frames=4, height=32, width=32, conv_widths=[16, 32, 32], conv_strides=[2, 2, 2],
+                      temporal_widths=[32], num_classes=5)
+PRUNED = STUDENT.model_copy(update={"conv_widths": [8, 16, 16], "temporal_widths": [16]})
+
+
+def _fake_project(root: Path) -> Path:
+    """A finished run's layout, <project>/stages/<stage>/<key>/model, with small random models and known metrics."""
+    config = {"clips": {"frames": SHAPE[1], "height": SHAPE[2], "width": SHAPE[3]}}
+    torch.manual_seed(0)
+    # The "teacher" here is a wide student: the ladder reads any model dir the same way, and the (2+1)D teacher's
+    # export (the slow part of this test) is already covered by the full-size part.
+    wide = STUDENT.model_copy(update={"conv_widths": [64, 64, 64], "temporal_widths": [64]})
+    models = {"train_teacher": wide, "distill": STUDENT, "prune": PRUNED, "quantize": PRUNED}
+    for i, (stage, arch) in enumerate(models.items()):
+        out = root / "stages" / stage / "key" / "model"
+        model = build_model(arch).eval()
+        extra = {}
+        if stage == "quantize":
+            fp32 = export_onnx(model, SHAPE, root / "pruned_fp32.onnx")
+            extra["model_int8.onnx"] = quantize_int8(fp32, root / "pruned_int8.onnx", [torch.randn(4, *SHAPE)])
+        save_model_dir(out, model, arch, {"test_top1_clip": 0.5 + i / 10, "test_top1_video": 0.6}, config, extra)
+    return root
+
+
+def test_ladder_reports_full_size_and_trained_rows(tmp_path):
+    project = _fake_project(tmp_path / "project")
+    (tmp_path / "arch.json").write_text(STUDENT.model_dump_json())
+    out = tmp_path / "report"
+    report = ladder.main(["--arch", str(tmp_path / "arch.json"), "--teacher-width", "0.125",
+                          "--shape", *map(str, SHAPE[1:]), "--project-dir", str(project), "--out", str(out),
+                          "--threads", "1", "--rounds", "1", "--iters", "2"])
+
+    assert json.loads((out / "ladder.json").read_text()) == report
+    table = (out / "ladder.md").read_text()
+    full = report["full_size"]
+    assert "random weights" in full["note"] and "random weights" in table
+    assert set(full["rows"]) == {"teacher fp32", "student fp32", "student int8"}
+    assert full["input"] == list(SHAPE) and full["teacher"]["arch"] == "r2plus1d_18"
+    # The given arch's widths, with Kinetics-400's classes like the teacher it is compared with.
+    assert full["student"]["conv_widths"] == STUDENT.conv_widths and full["student"]["num_classes"] == 400
+    rows = full["rows"]
+    assert rows["student int8"]["size_mb"] < rows["student fp32"]["size_mb"] < rows["teacher fp32"]["size_mb"]
+    assert rows["teacher fp32"]["gmacs"] > 3 * rows["student fp32"]["gmacs"]
+    assert full["speedup"] == pytest.approx(rows["teacher fp32"]["p50_ms"] / rows["student int8"]["p50_ms"])
+    assert full["size_ratio"] == pytest.approx(rows["teacher fp32"]["size_mb"] / rows["student int8"]["size_mb"])
+    assert full["meets_bars"]["size_ratio"] == (full["size_ratio"] >= 100)
+
+    trained = report["trained"]
+    assert list(trained["rows"]) == ["teacher fp32", "student fp32", "pruned fp32", "pruned int8"]
+    assert trained["missing"] == [] and trained["input"] == list(SHAPE)
+    t = trained["rows"]
+    assert [r["test_top1_clip"] for r in t.values()] == pytest.approx([0.5, 0.6, 0.7, 0.8])
+    assert t["pruned int8"]["size_mb"] < t["pruned fp32"]["size_mb"] < t["student fp32"]["size_mb"]
+    assert t["pruned fp32"]["gmacs"] < t["student fp32"]["gmacs"]
+    assert t["pruned int8"]["params"] == t["pruned fp32"]["params"]
+    for r in t.values():
+        assert 0 < r["p50_ms.t1"] <= r["p95_ms.t1"] and r["b8_clips_s.t1"] > 0
+        assert r["vs_teacher"]["speedup"] == pytest.approx(t["teacher fp32"]["p50_ms.t1"] / r["p50_ms.t1"])
+    assert t["teacher fp32"]["vs_teacher"] == {"speedup": 1.0, "size_ratio": 1.0}
+    for name in t:
+        assert f"| {name} |" in table
+
+
+def test_ladder_without_models_says_what_to_do(tmp_path):
+    with pytest.raises(SystemExit, match="run the pipeline first"):
+        ladder.trained_ladder(tmp_path, tmp_path, threads=[1])

@@ -1,0 +1,175 @@
+"""The speed/size ladder on onnxruntime CPU: teacher fp32 -> student fp32 -> pruned fp32 -> pruned int8.
+
+    python -m vidopt.bench.ladder [--arch student/arch.json] [--project-dir .vidopt] [--out DIR]
+
+(a) Full size, always: torchvision's r2plus1d_18 (width 1.0) fp32 against the student architecture int8, both at
+    16x112x112, batch 1, 1 thread. Random weights: latency and file size depend on shapes, not on weight values, so this
+    needs no training, and it says nothing about accuracy. The project's bars: >= 100x faster, >= 100x smaller.
+(b) With --project-dir of a finished run: the trained models side by side (params, size, GMACs, p50/p95 at batch 1 and
+    throughput at batch 8 with 1 and 2 threads, test top-1 from each model dir's metrics.json).
+Every latency is measured interleaved across the models compared and is the median over rounds: the machine is noisy.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+from pathlib import Path
+
+import torch
+
+from vidopt.checkpoint import load_model_dir
+from vidopt.metrics import count_macs, count_params
+from vidopt.models import StudentArch, TeacherArch, arch_from_dict, build_model
+from vidopt.onnx_utils import compare_latency, export_onnx, file_mb, quantize_int8
+from vidopt.storage import atomic_write_text
+
+FULL_SIZE_INPUT, FULL_SIZE_CLASSES = (16, 112, 112), 400  # T, H, W and classes of the published r2plus1d_18
+BARS = {"speedup": 100.0, "size_ratio": 100.0}  # the project's goal: teacher fp32 vs deployed student int8
+FULL_SIZE_NOTE = ("full-size architectures with random weights: latency and size only (they do not depend on weight "
+                  "values); int8 calibrated on random clips; no accuracy")
+STAGES = [  # (row name, stage folder, file run by onnxruntime: exported from the weights, or the stage's own int8)
+    ("teacher fp32", "train_teacher", None),
+    ("student fp32", "distill", None),
+    ("pruned fp32", "prune", None),
+    ("pruned int8", "quantize", "model_int8.onnx"),
+]
+
+
+def _random_clips(shape, batches: int, batch: int = 4) -> list[torch.Tensor]:
+    generator = torch.Generator().manual_seed(0)
+    return [torch.randn(batch, *shape, generator=generator) for _ in range(batches)]
+
+
+def full_size_ladder(student: StudentArch, teacher: TeacherArch, work: Path, rounds: int = 3,
+                     iters: int = 3) -> dict:
+    """(a): teacher fp32, student fp32 and student int8 at the student's input size, batch 1, 1 thread."""
+    shape = (3, student.frames, student.height, student.width)  # [C, T, H, W]
+    torch.manual_seed(0)
+    models = {"teacher fp32": build_model(teacher), "student fp32": build_model(student)}
+    paths = {name: export_onnx(m, shape, work / f"full_{name.replace(' ', '_')}.onnx") for name, m in models.items()}
+    paths["student int8"] = quantize_int8(paths["student fp32"], work / "full_student_int8.onnx",
+                                          _random_clips(shape, batches=2))
+    latency = compare_latency(paths, shape, batch=1, threads=1, rounds=rounds, warmup=1, iters=iters)
+    rows = {name: {"params": count_params(models[name.replace("int8", "fp32")]),
+                   "gmacs": count_macs(models[name.replace("int8", "fp32")], shape) / 1e9,
+                   "size_mb": file_mb(path), **latency[name]} for name, path in paths.items()}
+    teacher_row, int8_row = rows["teacher fp32"], rows["student int8"]
+    speedup = teacher_row["p50_ms"] / int8_row["p50_ms"]
+    size_ratio = teacher_row["size_mb"] / int8_row["size_mb"]
+    return {"note": FULL_SIZE_NOTE, "input": list(shape), "batch": 1, "threads": 1,
+            "teacher": teacher.model_dump(), "student": student.model_dump(), "rows": rows,
+            "speedup": speedup, "size_ratio": size_ratio,
+            "meets_bars": {"speedup": speedup >= BARS["speedup"], "size_ratio": size_ratio >= BARS["size_ratio"]}}
+
+
+def find_model_dir(project: Path, stage: str) -> Path | None:
+    """The newest finished model dir of a stage (a model dir is written whole by a rename, arch.json inside). A project
+    dir holding several runs mixes their newest models: each row records the model dir it used."""
+    found = sorted((project / "stages" / stage).glob("*/model/arch.json"), key=lambda p: p.stat().st_mtime)
+    return found[-1].parent if found else None
+
+
+def trained_ladder(project: Path, work: Path, threads: list[int], rounds: int = 5, iters: int = 10) -> dict:
+    """(b): every stage's model of a finished run, at the clip size the run used."""
+    found = {name: (stage, file, find_model_dir(project, stage)) for name, stage, file in STAGES}
+    missing = [f"{name} ({stage})" for name, (stage, _, d) in found.items() if d is None]
+    present = {name: (file, d) for name, (_, file, d) in found.items() if d is not None}
+    if not present:
+        raise SystemExit(f"bench.ladder: no model dirs under {project}/stages/*/*/model; run the pipeline first")
+    clips = json.loads((next(iter(present.values()))[1] / "config.json").read_text())["clips"]
+    shape = (3, clips["frames"], clips["height"], clips["width"])  # every stage of one run sees the same clips
+    rows, paths = {}, {}
+    for name, (file, model_dir) in present.items():
+        model, _ = load_model_dir(model_dir)
+        paths[name] = model_dir / file if file else export_onnx(model, shape, work / f"{name.replace(' ', '_')}.onnx")
+        metrics = json.loads((model_dir / "metrics.json").read_text())
+        rows[name] = {"model_dir": str(model_dir), "params": count_params(model),
+                      "gmacs": count_macs(model, shape) / 1e9, "size_mb": file_mb(paths[name]),
+                      **{k: metrics.get(k) for k in ("test_top1_clip", "test_top1_video")}}
+    for n in threads:
+        single = compare_latency(paths, shape, batch=1, threads=n, rounds=rounds, iters=iters)
+        batched = compare_latency(paths, shape, batch=8, threads=n, rounds=rounds, iters=max(2, iters // 2))
+        for name in rows:
+            rows[name].update({f"p50_ms.t{n}": single[name]["p50_ms"], f"p95_ms.t{n}": single[name]["p95_ms"],
+                               f"b8_clips_s.t{n}": batched[name]["throughput_clips_s"]})
+    teacher = rows.get("teacher fp32")
+    for row in rows.values():  # how far each rung is from the teacher (batch 1, first thread count)
+        row["vs_teacher"] = None if teacher is None else {
+            "speedup": teacher[f"p50_ms.t{threads[0]}"] / row[f"p50_ms.t{threads[0]}"],
+            "size_ratio": teacher["size_mb"] / row["size_mb"]}
+    return {"project": str(project), "input": list(shape), "threads": threads, "rows": rows, "missing": missing}
+
+
+def markdown(report: dict) -> str:
+    lines = []
+    full = report.get("full_size")
+    if full:
+        lines += [f"## (a) Full size at {'x'.join(map(str, full['input'][1:]))}, batch 1, 1 thread",
+                  f"_{full['note']}._", "", "| model | params | GMACs | size MB | p50 ms | p95 ms |",
+                  "|---|---:|---:|---:|---:|---:|"]
+        lines += [f"| {name} | {r['params']:,} | {r['gmacs']:.3f} | {r['size_mb']:.2f} | {r['p50_ms']:.2f} | "
+                  f"{r['p95_ms']:.2f} |" for name, r in full["rows"].items()]
+        bars = full["meets_bars"]
+        lines += ["", f"teacher fp32 / student int8: **{full['speedup']:.0f}x faster** "
+                      f"({'meets' if bars['speedup'] else 'misses'} the {BARS['speedup']:.0f}x bar), "
+                      f"**{full['size_ratio']:.0f}x smaller** "
+                      f"({'meets' if bars['size_ratio'] else 'misses'} the {BARS['size_ratio']:.0f}x bar)", ""]
+    trained = report.get("trained")
+    if trained:
+        t = trained["threads"]
+        head = ["model", "params", "GMACs", "size MB", "test top-1 clip / video", f"vs teacher ({t[0]} thr)"]
+        head += [f"{k} ({n} thr)" for n in t for k in ("p50 ms", "p95 ms", "b8 clips/s")]
+        lines += [f"## (b) Trained ladder: {trained['project']}, input {'x'.join(map(str, trained['input'][1:]))}",
+                  "", "| " + " | ".join(head) + " |", "|---" + "|---:" * (len(head) - 1) + "|"]
+        for name, r in trained["rows"].items():
+            acc = " / ".join("n/a" if r[k] is None else f"{r[k]:.3f}" for k in ("test_top1_clip", "test_top1_video"))
+            vs = r["vs_teacher"]
+            ratio = "n/a" if vs is None else f"{vs['speedup']:.1f}x faster, {vs['size_ratio']:.1f}x smaller"
+            cells = [name, f"{r['params']:,}", f"{r['gmacs']:.4f}", f"{r['size_mb']:.3f}", acc, ratio]
+            cells += [f"{r[f'{k}.t{n}']:.2f}" for n in t for k in ("p50_ms", "p95_ms", "b8_clips_s")]
+            lines.append("| " + " | ".join(cells) + " |")
+        if trained["missing"]:
+            lines += ["", f"not found: {', '.join(trained['missing'])}"]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(prog="vidopt bench ladder", description=__doc__.split("\n")[0])
+    parser.add_argument("--arch", type=Path, help="student arch.json for (a), e.g. a run's final model dir; its widths "
+                        "are used at 16x112x112 with 400 classes (default: StudentArch's widths)")
+    parser.add_argument("--project-dir", type=Path, help="a finished run's project dir: adds the trained ladder (b)")
+    parser.add_argument("--out", type=Path, default=Path(".vidopt/bench/ladder"), help="writes ladder.json, ladder.md")
+    parser.add_argument("--threads", type=int, nargs="+", default=[1, 2], help="(b) onnxruntime intra-op threads")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds; medians over rounds")
+    parser.add_argument("--iters", type=int, default=3, help="timed runs per model per round")
+    parser.add_argument("--no-full-size", action="store_true", help="skip (a)")
+    # Smoke-test knobs: (a) only means something at the defaults (width 1.0, 16x112x112).
+    parser.add_argument("--teacher-width", type=float, default=1.0)
+    parser.add_argument("--shape", type=int, nargs=3, metavar=("T", "H", "W"), help="override the student's T H W")
+    args = parser.parse_args(argv)
+
+    report: dict = {}
+    with tempfile.TemporaryDirectory(prefix="vidopt-ladder-") as tmp:
+        work = Path(tmp)
+        if not args.no_full_size:
+            student = arch_from_dict(json.loads(args.arch.read_text())) if args.arch else StudentArch()
+            if student.kind != "student":
+                raise SystemExit(f"bench.ladder: {args.arch} describes a {student.kind}, not a student")
+            # A trained arch.json keeps its widths; input and classes become Kinetics-400's, like the teacher's.
+            size = dict(zip(("frames", "height", "width"), args.shape or FULL_SIZE_INPUT))
+            student = student.model_copy(update={**size, "num_classes": FULL_SIZE_CLASSES})
+            teacher = TeacherArch(arch="r2plus1d_18", width=args.teacher_width, num_classes=student.num_classes)
+            report["full_size"] = full_size_ladder(student, teacher, work, args.rounds, args.iters)
+        if args.project_dir:
+            report["trained"] = trained_ladder(args.project_dir.resolve(), work, args.threads, args.rounds,
+                                               max(args.iters, 5))
+    table = markdown(report)
+    atomic_write_text(args.out / "ladder.json", json.dumps(report, indent=2))
+    atomic_write_text(args.out / "ladder.md", table)
+    print(table, end="")
+    return report
+
+
+if __name__ == "__main__":
+    main()
