@@ -3,6 +3,7 @@
     vidopt run [--profile demo] [key.sub=value ...]      run the pipeline flow (local Prefect, MLflow in the project dir)
     vidopt data sample --out DIR [--profile demo] [...]  write the labeled sample dataset as H.264 mp4 files
     vidopt bench decode DIR [...]                        clip-sampling throughput of decord vs PyAV
+    vidopt bench ladder [--project-dir .vidopt] [...]    latency / size / top-1 of teacher, student, pruned, int8
     vidopt config [--profile demo] [...]                 print the resolved config
 """
 from __future__ import annotations
@@ -54,10 +55,10 @@ def cmd_sample(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_bench_decode(args: argparse.Namespace) -> int:
-    from vidopt.bench.decode import main as bench_decode
+def cmd_bench(args: argparse.Namespace) -> int:
+    from vidopt.bench import decode, ladder
 
-    bench_decode(args.rest)
+    {"decode": decode.main, "ladder": ladder.main}[args.bench_command](args.rest)
     return 0
 
 
@@ -81,9 +82,10 @@ def build_parser() -> argparse.ArgumentParser:
     sample.set_defaults(func=cmd_sample)
 
     bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bench_command", required=True)
-    decode = bench.add_parser("decode", help="decord vs PyAV clip sampling", add_help=False)
-    decode.add_argument("rest", nargs=argparse.REMAINDER)
-    decode.set_defaults(func=cmd_bench_decode)
+    for name, what in (("decode", "decord vs PyAV clip sampling"), ("ladder", "teacher -> int8 student, side by side")):
+        one = bench.add_parser(name, help=what, add_help=False)
+        one.add_argument("rest", nargs=argparse.REMAINDER)
+        one.set_defaults(func=cmd_bench)
 
     show = sub.add_parser("config", help="print the resolved config")
     _add_config_args(show)

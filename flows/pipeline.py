@@ -6,7 +6,12 @@ from __future__ import annotations
 
 from prefect import flow
 
+from tasks.distill import distill_task
+from tasks.export import export_task
 from tasks.ingest import ingest_task
+from tasks.prune import prune_task
+from tasks.quantize import quantize_task
+from tasks.train_teacher import train_teacher_task
 from vidopt.config import PipelineConfig
 from vidopt.tracking import pipeline_run
 
@@ -15,6 +20,14 @@ from vidopt.tracking import pipeline_run
 @flow(name="vidopt-pipeline", log_prints=True)
 def pipeline(config: PipelineConfig) -> dict:
     with pipeline_run(config) as parent:  # [MLflow] parent run; each stage opens a nested run under it
-        parent_id = parent.run.info.run_id
-        dataset = ingest_task(config, parent_id)
-    return {"mlflow_run_id": parent_id, "dataset": dataset.model_dump()}
+        run_id = parent.run.info.run_id
+        dataset = ingest_task(config, run_id)
+        teacher = train_teacher_task(config, dataset, run_id)
+        student = distill_task(config, dataset, teacher, run_id)
+        pruned = prune_task(config, dataset, student, teacher, run_id)
+        int8 = quantize_task(config, dataset, pruned, teacher, run_id)
+        targets = export_task(config, dataset, int8, run_id)
+    ladder = {"teacher": teacher, "student": student, "pruned": pruned, "int8": int8}
+    return {"mlflow_run_id": run_id, "dataset": dataset.model_dump(),
+            "ladder": {name: artifact.model_dump() for name, artifact in ladder.items()},
+            "targets": [t.model_dump() for t in targets]}

@@ -1,20 +1,57 @@
-"""What `vidopt run` prints at the end: the dataset per class and split, and where to look in MLflow."""
+"""What `vidopt run` prints at the end: the dataset, the compression ladder, the hardware targets, and where to look."""
 from __future__ import annotations
 
 from vidopt.config import PipelineConfig
 from vidopt.tracking import default_tracking_uri
 
 
-def print_summary(cfg: PipelineConfig, result: dict) -> None:
-    dataset = result["dataset"]
+def _pct(value) -> str:
+    return f"{100 * value:5.1f}" if isinstance(value, (int, float)) else "    -"
+
+
+def dataset_lines(dataset: dict) -> list[str]:
     counts = dataset["class_counts"]
     width = max(len("class"), *(len(c) for c in counts))
-    print(f"\ndata version {dataset['data_version']}: {dataset['num_videos']} videos, "
-          f"{dataset['num_quarantined']} quarantined, {dataset['downloaded']} downloaded")
-    print(f"{'class':<{width}}  train    val   test  total")
-    for label, c in counts.items():
-        print(f"{label:<{width}}  {c['train']:5d}  {c['val']:5d}  {c['test']:5d}  {c['total']:5d}")
-    print(f"manifest:   {dataset['manifest_uri']}")
-    print(f"quarantine: {dataset['quarantine_uri']}")
+    lines = [f"data version {dataset['data_version']}: {dataset['num_videos']} videos, "
+             f"{dataset['num_quarantined']} quarantined, {dataset['downloaded']} downloaded",
+             f"{'class':<{width}}  train    val   test  total"]
+    lines += [f"{label:<{width}}  {c['train']:5d}  {c['val']:5d}  {c['test']:5d}  {c['total']:5d}"
+              for label, c in counts.items()]
+    return lines + [f"manifest:   {dataset['manifest_uri']}", f"quarantine: {dataset['quarantine_uri']}"]
+
+
+def ladder_lines(ladder: dict) -> list[str]:
+    """One row per rung; the int8 rung's latency is measured side by side with its fp32 input in the quantize stage."""
+    lines = ["", "model          test top-1 clip/video    GMACs     params    size MB   notes"]
+    for name, artifact in ladder.items():
+        m = artifact["metrics"]
+        size = m.get("size_int8_mb") if name == "int8" else m.get("size_bytes", 0) / 1e6
+        notes = artifact.get("notes", {})
+        note = notes.get("quantization", "") if name == "int8" else ""
+        if name == "int8" and "speedup.b1.t1" in m:
+            note += f"; {m['speedup.b1.t1']:.2f}x vs fp32 (batch 1, 1 thread: " \
+                    f"{m['latency.fp32.b1.t1.p50_ms']:.2f} -> {m['latency.int8.b1.t1.p50_ms']:.2f} ms)"
+        lines.append(f"{name:<14} {_pct(m.get('test_top1_clip'))} / {_pct(m.get('test_top1_video'))}        "
+                     f"{m.get('macs', 0) / 1e9:7.3f}  {m.get('params', 0):9,.0f}  {size:9.3f}   {note}")
+    return lines
+
+
+def target_lines(targets: list[dict]) -> list[str]:
+    lines = ["", "target  status    top-1   parity                         latency ms  runtime / reason"]
+    for t in targets:
+        parity = ", ".join(f"{k} {v:.3g}" for k, v in t["parity"].items())
+        latency = f"{t['latency_ms']:10.2f}" if t.get("latency_ms") is not None else "         -"
+        detail = t["runtime"] if t["status"] == "ok" else t["reason"]
+        lines.append(f"{t['target']:<7} {t['status']:<8} {_pct(t.get('top1'))}   {parity:<30} {latency}  {detail}")
+    return lines
+
+
+def print_summary(cfg: PipelineConfig, result: dict) -> None:
+    lines = [""] + dataset_lines(result["dataset"])
+    if result.get("ladder"):
+        lines += ladder_lines(result["ladder"])
+    if result.get("targets"):
+        lines += target_lines(result["targets"])
     uri = cfg.tracking.uri or default_tracking_uri(cfg.run.project_dir)
-    print(f"MLflow run {result['mlflow_run_id']} in {uri}  (browse: mlflow ui --backend-store-uri {uri})")
+    lines += ["", f"MLflow run {result['mlflow_run_id']} in {uri}  (browse: mlflow ui --backend-store-uri {uri})"]
+    print("\n".join(lines))

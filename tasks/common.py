@@ -16,6 +16,7 @@ from vidopt.artifacts import DatasetArtifact, ModelArtifact
 from vidopt.checkpoint import ARCH, METRICS, WEIGHTS, load_model_dir, save_model_dir
 from vidopt.config import PipelineConfig, flatten
 from vidopt.data import make_loader
+from vidopt.distillation import ClipSet, decode_clip_set
 from vidopt.metrics import count_macs, count_params
 from vidopt.models import StudentArch, TeacherArch
 from vidopt.stages import split_rows
@@ -90,6 +91,28 @@ def save_artifact(work: Path, model: nn.Module, arch: TeacherArch | StudentArch,
     sha = save_model_dir(model_dir, model, arch, metrics, cfg.model_dump(mode="json"), {NOTES: work / NOTES})
     return ModelArtifact(uri=str(model_dir), kind=kind, arch=arch.model_dump(mode="json"), weights_sha256=sha,
                          metrics=metrics, data_version=dataset.data_version, notes=notes)
+
+
+def cached_clip_set(cfg: PipelineConfig, dataset: DatasetArtifact, rows: list[dict], split: str,
+                    per_video: int) -> ClipSet:
+    """Decoded clips of one split, cached in <project>/cache/clip_sets by data content and clip settings, so the
+    stages after distillation (prune, quantize) decode each split once."""
+    name = f"{dataset.manifest_sha256[:16]}-{cfg.section_hash('clips')}-{split}-{per_video}.pt"
+    cache = Path(cfg.run.project_dir).resolve() / "cache" / "clip_sets" / name
+    return decode_clip_set(rows, dataset.classes, cfg.clips, per_video, cache)
+
+
+class EpochBatches:
+    """The fixed clips in a new order each epoch (seed + epoch), so a resumed run sees the order it would have seen."""
+
+    def __init__(self, clip_set: ClipSet, batch_size: int, seed: int):
+        self.clip_set, self.batch_size, self.seed, self.epoch = clip_set, batch_size, seed, 0
+
+    def __iter__(self):
+        return self.clip_set.batches(self.batch_size, shuffle=True, seed=self.seed + self.epoch)
+
+    def start_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
 
 
 def load_artifact_model(artifact: ModelArtifact) -> nn.Module:

@@ -17,6 +17,7 @@ from prefect import task
 
 from tasks.common import (
     CHECKPOINT,
+    EpochBatches,
     finished_artifact,
     load_artifact_model,
     log_model_stage,
@@ -28,7 +29,7 @@ from tasks.common import (
 from tasks.retry import IO_RETRY_DELAYS, only_io_errors
 from vidopt.artifacts import DatasetArtifact, ModelArtifact
 from vidopt.config import PipelineConfig
-from vidopt.distillation import ClipSet, attach_teacher_logits, clip_set_top1, decode_clip_set, distillation_loss
+from vidopt.distillation import attach_teacher_logits, clip_set_top1, decode_clip_set, distillation_loss
 from vidopt.models import StudentArch, build_model
 from vidopt.stages import artifact_hash, stage_dir
 from vidopt.tracking import stage_run
@@ -43,19 +44,6 @@ def student_arch(cfg: PipelineConfig, num_classes: int) -> StudentArch:
     return StudentArch(frames=c.frames, height=c.height, width=c.width, conv_widths=d.conv_widths,
                        conv_strides=d.conv_strides, temporal_widths=d.temporal_widths, pool_grid=d.pool_grid,
                        num_classes=num_classes)
-
-
-class EpochBatches:
-    """The fixed clips in a new order each epoch (seed + epoch), so a resumed run sees the order it would have seen."""
-
-    def __init__(self, clip_set: ClipSet, batch_size: int, seed: int):
-        self.clip_set, self.batch_size, self.seed, self.epoch = clip_set, batch_size, seed, 0
-
-    def __iter__(self):
-        return self.clip_set.batches(self.batch_size, shuffle=True, seed=self.seed + self.epoch)
-
-    def start_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
 
 
 def run(cfg: PipelineConfig, dataset: DatasetArtifact, teacher: ModelArtifact, logger=None) -> ModelArtifact:

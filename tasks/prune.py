@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-from pathlib import Path
 
 import torch
 import torch_pruning as tp
@@ -20,6 +19,8 @@ from torch.nn.utils import prune as torch_prune
 
 from tasks.common import (
     CHECKPOINT,
+    EpochBatches,
+    cached_clip_set,
     finished_artifact,
     load_artifact_model,
     log_model_stage,
@@ -28,12 +29,11 @@ from tasks.common import (
     score_fn_with_fallback,
     train_val_rows,
 )
-from tasks.distill import EpochBatches
 from tasks.retry import IO_RETRY_DELAYS, only_io_errors
 from vidopt.artifacts import DatasetArtifact, ModelArtifact
 from vidopt.checkpoint import load_model_dir
 from vidopt.config import PipelineConfig
-from vidopt.distillation import ClipSet, attach_teacher_logits, clip_set_top1, decode_clip_set, distillation_loss
+from vidopt.distillation import attach_teacher_logits, clip_set_top1, distillation_loss
 from vidopt.metrics import count_macs
 from vidopt.models import Student, StudentArch, build_model, student_arch_of
 from vidopt.stages import artifact_hash, stage_dir
@@ -129,14 +129,6 @@ def weight_sparsity(model: nn.Module) -> float:
     return sum(int((w == 0).sum()) for w in weights) / sum(w.numel() for w in weights)
 
 
-def _clip_set(cfg: PipelineConfig, dataset: DatasetArtifact, rows: list[dict], split: str, per_video: int) -> ClipSet:
-    """Decoded clips of one split, cached in <project>/cache/clip_sets by data content and clip settings (the same
-    names as tasks/quantize.py uses, so the two stages decode once)."""
-    name = f"{dataset.manifest_sha256[:16]}-{cfg.section_hash('clips')}-{split}-{per_video}.pt"
-    cache = Path(cfg.run.project_dir).resolve() / "cache" / "clip_sets" / name
-    return decode_clip_set(rows, dataset.classes, cfg.clips, per_video, cache)
-
-
 def run(cfg: PipelineConfig, dataset: DatasetArtifact, student: ModelArtifact, teacher: ModelArtifact,
         logger: EpochLogger | None = None) -> ModelArtifact:
     work = stage_dir(cfg, STAGE, SECTIONS, [artifact_hash(dataset), artifact_hash(student), artifact_hash(teacher)])
@@ -149,8 +141,8 @@ def run(cfg: PipelineConfig, dataset: DatasetArtifact, student: ModelArtifact, t
         raise PruneError(f"prune: {student.uri} holds a {arch.kind}, not a student; pass the distilled student")
     p, d, batch = cfg.prune, cfg.distill, cfg.clips.batch_size
     train_rows, val_rows = train_val_rows(dataset, STAGE)
-    train_set = _clip_set(cfg, dataset, train_rows, "train", d.cached_clips_per_video)
-    val_set = _clip_set(cfg, dataset, val_rows, "val", cfg.clips.eval_clips_per_video) if val_rows else None
+    train_set = cached_clip_set(cfg, dataset, train_rows, "train", d.cached_clips_per_video)
+    val_set = cached_clip_set(cfg, dataset, val_rows, "val", cfg.clips.eval_clips_per_video) if val_rows else None
     score = score_fn_with_fallback(STAGE, val_set is not None, lambda m: clip_set_top1(m, val_set, batch),
                                    lambda m: clip_set_top1(m, train_set, batch))
     logits_cache = work / "teacher_logits.pt"  # the teacher runs once; a resumed run never loads it

@@ -18,13 +18,13 @@ import torch
 from prefect import task
 from torch import nn
 
-from tasks.common import log_model_stage, score_fn_with_fallback
+from tasks.common import EpochBatches, cached_clip_set, log_model_stage, score_fn_with_fallback
 from tasks.retry import IO_RETRY_DELAYS, only_io_errors
 from vidopt.artifacts import DatasetArtifact, ModelArtifact
 from vidopt.checkpoint import load_model_dir, save_model_dir
 from vidopt.config import PipelineConfig
 from vidopt.data import normalise_clips
-from vidopt.distillation import ClipSet, attach_teacher_logits, clip_set_top1, decode_clip_set, distillation_loss
+from vidopt.distillation import ClipSet, attach_teacher_logits, clip_set_top1, distillation_loss
 from vidopt.metrics import count_macs, count_params, top1, top1_per_video
 from vidopt.models import StudentArch
 from vidopt.onnx_utils import compare_latency, export_onnx, file_mb, ort_predict, ort_session, quantize_int8
@@ -120,9 +120,7 @@ def _clip_sets(cfg: PipelineConfig, dataset: DatasetArtifact, splits: tuple[str,
         if not rows:
             raise QuantizeError(f"quantize: the {split} split of dataset {dataset.data_version} is empty; "
                                 "add videos or change data.split_fractions")
-        name = f"{dataset.manifest_sha256[:16]}-{cfg.section_hash('clips')}-{split}-{per_video}.pt"
-        cache = Path(cfg.run.project_dir).resolve() / "cache" / "clip_sets" / name
-        sets.append(decode_clip_set(rows, dataset.classes, cfg.clips, per_video, cache))
+        sets.append(cached_clip_set(cfg, dataset, rows, split, per_video))
     return sets
 
 
@@ -223,16 +221,6 @@ def student_state_from_qat(qat: nn.Module) -> dict[str, torch.Tensor]:
     return state
 
 
-class _ShuffledBatches:
-    """Training batches (x, labels, teacher logits), reshuffled each epoch (fit sets `epoch`)."""
-
-    def __init__(self, clips: ClipSet, batch_size: int, seed: int):
-        self.clips, self.batch_size, self.seed, self.epoch = clips, batch_size, seed, 0
-
-    def __iter__(self):
-        return self.clips.batches(self.batch_size, shuffle=True, seed=self.seed * 1000 + self.epoch)
-
-
 def qat_finetune(student: nn.Module, arch: StudentArch, train: ClipSet, val: ClipSet | None, cfg: PipelineConfig,
                  checkpoint: Path, logger=None) -> nn.Module:
     """Fine-tune with fake-quantization and distillation for `qat_epochs` (the one loop, `fit`); returns the plain
@@ -240,7 +228,7 @@ def qat_finetune(student: nn.Module, arch: StudentArch, train: ClipSet, val: Cli
     from torch.ao.quantization import disable_observer
 
     qat = prepare_qat(student, arch)
-    batches = _ShuffledBatches(train, cfg.clips.batch_size, cfg.run.seed)
+    batches = EpochBatches(train, cfg.clips.batch_size, cfg.run.seed)
     d = cfg.distill
 
     def loss_fn(model: nn.Module, batch) -> torch.Tensor:
@@ -248,7 +236,7 @@ def qat_finetune(student: nn.Module, arch: StudentArch, train: ClipSet, val: Cli
         return distillation_loss(model(x), teacher_logits, labels, d.alpha, d.temperature)
 
     def on_epoch_start(epoch: int) -> None:
-        batches.epoch = epoch
+        batches.start_epoch(epoch)
         if epoch >= 1:  # ranges settle in the first epoch; later epochs train weights against fixed scales
             qat.apply(disable_observer)
 

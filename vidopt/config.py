@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from vidopt.sample_data import SampleSpec
 
@@ -78,6 +78,13 @@ class DistillConfig(Section):
     temperature: float = Field(4.0, gt=0)
     cached_clips_per_video: int = Field(4, ge=1)  # fixed training clips per video whose teacher logits are cached
     patience: int = Field(6, ge=1)
+
+    @model_validator(mode="after")
+    def _one_stride_per_conv(self) -> "DistillConfig":
+        if len(self.conv_widths) != len(self.conv_strides):
+            raise ValueError(f"conv_widths ({len(self.conv_widths)} convs) and conv_strides "
+                             f"({len(self.conv_strides)}) must have one entry per conv")
+        return self
 
 
 class PruneConfig(Section):

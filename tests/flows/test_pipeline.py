@@ -12,12 +12,21 @@ def prefect_server():
         yield
 
 
-def test_pipeline_ingests_and_tracks_everything_in_mlflow(prefect_server, sample_dir, tiny_cfg, tmp_path):
+def test_pipeline_runs_every_stage_and_tracks_it_in_mlflow(prefect_server, tiny_ladder, capsys):
     from flows.pipeline import pipeline
+    from flows.summary import print_summary
 
-    cfg = tiny_cfg(f"data.source={sample_dir}", "run.name=flow-test", "tracking.experiment=flow-test")
+    cfg, stages = tiny_ladder
+    cfg = cfg.model_copy(update={
+        "run": cfg.run.model_copy(update={"name": "flow-test"}),
+        "tracking": cfg.tracking.model_copy(update={"experiment": "flow-test"}),
+        "export": cfg.export.model_copy(update={"targets": ["cpu"]}),  # all targets: tests/tasks/test_export.py
+    })
     result = pipeline(cfg)
 
+    # Unchanged inputs: every model stage found its finished directory instead of training again.
+    for name in ("teacher", "student", "pruned", "int8"):
+        assert result["ladder"][name]["weights_sha256"] == stages[name].weights_sha256
     client = MlflowClient(tracking_uri=f"sqlite:///{Path(cfg.run.project_dir).resolve() / 'mlflow.db'}")
     parent = client.get_run(result["mlflow_run_id"])
     dataset = result["dataset"]
@@ -27,16 +36,26 @@ def test_pipeline_ingests_and_tracks_everything_in_mlflow(prefect_server, sample
     assert parent.data.tags["code_version"]
     assert parent.data.params["clips.frames"] == str(cfg.clips.frames)
 
-    children = client.search_runs([parent.info.experiment_id],
-                                  filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
-    assert [c.info.run_name for c in children] == ["ingest"]
-    stage = children[0]
-    assert stage.data.metrics["videos"] == dataset["num_videos"] > 0
-    assert stage.data.tags["data_version"] == dataset["data_version"]
-    artifacts = {a.path for a in client.list_artifacts(stage.info.run_id, "dataset")}
+    def children(run_id):
+        return {c.info.run_name: c for c in client.search_runs(
+            [parent.info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{run_id}'")}
+
+    stage_runs = children(parent.info.run_id)
+    assert set(stage_runs) == {"ingest", "train_teacher", "distill", "prune", "quantize", "export"}
+    ingest = stage_runs["ingest"]
+    assert ingest.data.metrics["videos"] == dataset["num_videos"] > 0
+    artifacts = {a.path for a in client.list_artifacts(ingest.info.run_id, "dataset")}
     assert artifacts == {"dataset/manifest.jsonl", "dataset/quarantine.jsonl"}
+    [cpu] = children(stage_runs["export"].info.run_id).values()
+    assert cpu.info.run_name == "export-cpu" and cpu.data.tags["status"] == "ok"
+    assert client.search_model_versions("name='vidopt-cpu'")  # a registered model version for the target
     # Artifacts live beside mlflow.db in the project dir, not in the current directory.
     assert Path(cfg.run.project_dir, "mlartifacts").is_dir() and not Path("mlruns").exists()
+
+    print_summary(cfg, result)
+    table = capsys.readouterr().out
+    for row in ("teacher", "student", "pruned", "int8", "cpu"):
+        assert f"\n{row} " in table
 
 
 def test_pipeline_fails_cleanly_when_nothing_is_usable(prefect_server, tiny_cfg, tmp_path):

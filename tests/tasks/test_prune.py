@@ -37,7 +37,10 @@ def upstream(sample_dir, tmp_path_factory):
     the training videos again: val top-1 then measures what fine-tuning is for, getting back the function that pruning
     damaged. The test split stays the real held-out one."""
     root = tmp_path_factory.mktemp("prune")
-    cfg = load_config("tiny", [f"run.project_dir={root / 'project'}", f"data.source={sample_dir}"])
+    # Widths above CHANNEL_MULTIPLE, so that rounding to it is exercised (the tiny profile's own are narrower).
+    cfg = load_config("tiny", [f"run.project_dir={root / 'project'}", f"data.source={sample_dir}",
+                               "distill.conv_widths=[16, 32, 64, 128]", "distill.temporal_widths=[128]",
+                               "prune.target_macs_ratio=0.45"])
     dataset = ingest.run(cfg)
     rows = split_rows(dataset, "train")
     manifest = root / "manifest.jsonl"

@@ -1,0 +1,120 @@
+"""Export stage: fan the final student out to every hardware target's Ray pool at once; each target exports, then
+verifies its artifact on its own runtime (parity with PyTorch, top-1 on the test split, latency, size).
+
+    python -m tasks.export --profile tiny      # runs the upstream stages first (cached in the project dir)
+
+Each target becomes a nested MLflow run and a version of its own registered model `vidopt-<target>`.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+
+from prefect import task
+
+from tasks.retry import IO_RETRY_DELAYS, only_io_errors
+from vidopt.artifacts import DatasetArtifact, ExportJob, ModelArtifact, TargetResult
+from vidopt.config import PipelineConfig
+from vidopt.distillation import decode_clip_set
+from vidopt.stages import artifact_hash, split_rows, stage_dir
+from vidopt.storage import atomic_write_text
+from workers.pools import run_jobs
+
+log = logging.getLogger("vidopt.export")
+SECTIONS = ["clips", "export"]
+
+
+def target_options(cfg: PipelineConfig, target: str) -> dict:
+    e = cfg.export
+    return {"cpu": {"threads": e.cpu_threads},
+            "gpu": {},
+            "tpu": {"bf16": e.tpu_bf16},
+            "fpga": {"fixed_width": e.fpga_fixed_width, "calibration_clips": e.fpga_calibration_clips}}[target]
+
+
+def run(cfg: PipelineConfig, dataset: DatasetArtifact, final: ModelArtifact) -> list[TargetResult]:
+    """`final` is the quantize stage's artifact: its dir holds the student's fp32 weights and model_int8.onnx."""
+    work = stage_dir(cfg, "export", SECTIONS, [artifact_hash(dataset), artifact_hash(final)])
+    test_rows = split_rows(dataset, "test") or split_rows(dataset, "val")
+    if not test_rows:
+        raise ValueError(f"export: dataset {dataset.uri} has no test or val videos to verify targets on")
+    eval_clips = work / "eval_clips.pt"
+    decode_clip_set(test_rows, dataset.classes, cfg.clips, cfg.clips.eval_clips_per_video, cache=eval_clips)
+    jobs = [ExportJob(target=t, model_dir=final.uri, int8_dir=final.uri, eval_clips=str(eval_clips),
+                      out_dir=str(work / t), options=target_options(cfg, t)) for t in cfg.export.targets]
+    started = time.monotonic()
+    results = run_jobs(jobs, cfg.ray)
+    wall = time.monotonic() - started
+    log.info("export: %d targets in %.1f s wall (%s)", len(results), wall,
+             ", ".join(f"{r.target} {r.status} {r.seconds:.1f} s" for r in results))
+    atomic_write_text(work / "results.json", json.dumps({"wall_seconds": wall,
+                                                         "results": [r.model_dump() for r in results]}, indent=2))
+    return results
+
+
+def log_target(result: TargetResult, parent_run_id: str, data_version: str) -> None:
+    """[MLflow] a nested run per target with its verification metrics; a registered model version when it passed."""
+    import mlflow
+
+    with mlflow.start_run(run_name=f"export-{result.target}", parent_run_id=parent_run_id, nested=True) as run:
+        mlflow.set_tags({"stage": "export", "target": result.target, "status": result.status,
+                         "runtime": result.runtime, "reason": result.reason[:5000], "data_version": data_version})
+        metrics = {f"parity.{k}": v for k, v in result.parity.items()}
+        metrics.update({k: v for k, v in {"top1": result.top1, "latency_ms": result.latency_ms,
+                                           "artifact_bytes": result.artifact_bytes,
+                                           "seconds": result.seconds}.items() if v is not None})
+        mlflow.log_metrics(metrics)
+        mlflow.log_dict(result.model_dump(), "result.json")
+        if result.status == "ok" and result.artifact_uri:
+            mlflow.log_artifact(result.artifact_uri, "artifact")
+            register_version(f"vidopt-{result.target}", f"{run.info.artifact_uri}/artifact/"
+                             f"{Path(result.artifact_uri).name}", run.info.run_id,
+                             {"runtime": result.runtime, "data_version": data_version})
+
+
+def register_version(name: str, source: str, run_id: str, tags: dict[str, str]) -> str:
+    """[MLflow] a new version of registered model `name` pointing at a logged artifact file. The artifact is a
+    target's own format (ONNX, StableHLO, an HLS project), not an MLflow-flavoured model, so the version is created
+    from its source URI rather than through mlflow.register_model (which, in MLflow 3, expects a logged model)."""
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    client = MlflowClient()
+    try:
+        client.create_registered_model(name)
+    except MlflowException as err:
+        if "already exists" not in str(err).lower():
+            raise
+    return client.create_model_version(name, source, run_id=run_id, tags=tags).version
+
+
+# [Prefect] retries cover object-store reads only; `run` above is the plain function tests call.
+@task(name="export", retries=len(IO_RETRY_DELAYS), retry_delay_seconds=IO_RETRY_DELAYS,
+      retry_condition_fn=only_io_errors)
+def export_task(cfg: PipelineConfig, dataset: DatasetArtifact, final: ModelArtifact,
+                parent_run_id: str) -> list[TargetResult]:
+    from vidopt.tracking import stage_run
+
+    with stage_run("export", parent_run_id) as stage:  # [MLflow] nested run; one more level per target
+        results = run(cfg, dataset, final)
+        for result in results:
+            log_target(result, stage.run.info.run_id, dataset.data_version)
+            stage.log(f"{result.target}.ok", float(result.status == "ok"))
+    return results
+
+
+def _standalone(cfg: PipelineConfig) -> list[TargetResult]:
+    from tasks import distill, ingest, prune, quantize, train_teacher
+
+    dataset = ingest.run(cfg)
+    teacher = train_teacher.run(cfg, dataset)
+    pruned = prune.run(cfg, dataset, distill.run(cfg, dataset, teacher), teacher)
+    return run(cfg, dataset, quantize.run(cfg, dataset, pruned, teacher))
+
+
+if __name__ == "__main__":
+    from vidopt.config import run_stage_standalone
+
+    run_stage_standalone(_standalone)
