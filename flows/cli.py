@@ -4,6 +4,7 @@
     vidopt data sample --out DIR [--profile demo] [...]  write the labeled sample dataset as H.264 mp4 files
     vidopt bench decode DIR [...]                        clip-sampling throughput of decord vs PyAV
     vidopt bench ladder [--project-dir .vidopt] [...]    latency / size / top-1 of teacher, student, pruned, int8
+    vidopt bench export --stage-dir DIR                  each export target alone vs all at once on the pools
     vidopt config [--profile demo] [...]                 print the resolved config
 """
 from __future__ import annotations
@@ -57,8 +58,9 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
 def cmd_bench(args: argparse.Namespace) -> int:
     from vidopt.bench import decode, ladder
+    from workers import bench as export
 
-    {"decode": decode.main, "ladder": ladder.main}[args.bench_command](args.rest)
+    {"decode": decode.main, "ladder": ladder.main, "export": export.main}[args.bench_command](args.rest)
     return 0
 
 
@@ -82,7 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
     sample.set_defaults(func=cmd_sample)
 
     bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bench_command", required=True)
-    for name, what in (("decode", "decord vs PyAV clip sampling"), ("ladder", "teacher -> int8 student, side by side")):
+    for name, what in (("decode", "decord vs PyAV clip sampling"), ("ladder", "teacher -> int8 student, side by side"),
+                       ("export", "export targets alone vs all together on the Ray pools")):
         one = bench.add_parser(name, help=what, add_help=False)
         one.add_argument("rest", nargs=argparse.REMAINDER)
         one.set_defaults(func=cmd_bench)

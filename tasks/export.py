@@ -44,6 +44,8 @@ def run(cfg: PipelineConfig, dataset: DatasetArtifact, final: ModelArtifact) -> 
     decode_clip_set(test_rows, dataset.classes, cfg.clips, cfg.clips.eval_clips_per_video, cache=eval_clips)
     jobs = [ExportJob(target=t, model_dir=final.uri, int8_dir=final.uri, eval_clips=str(eval_clips),
                       out_dir=str(work / t), options=target_options(cfg, t)) for t in cfg.export.targets]
+    # The jobs as sent, so `vidopt bench export` can time each target alone against this stage.
+    atomic_write_text(work / "jobs.json", json.dumps([j.model_dump() for j in jobs], indent=2))
     started = time.monotonic()
     results = run_jobs(jobs, cfg.ray)
     wall = time.monotonic() - started
