@@ -56,11 +56,15 @@ def cmd_sample(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_bench(args: argparse.Namespace) -> int:
+BENCHES = ("decode", "ladder", "export")
+
+
+def run_bench(name: str, argv: list[str]) -> int:
+    """Each benchmark parses its own arguments (argparse's REMAINDER would drop a leading --option)."""
     from vidopt.bench import decode, ladder
     from workers import bench as export
 
-    {"decode": decode.main, "ladder": ladder.main, "export": export.main}[args.bench_command](args.rest)
+    {"decode": decode.main, "ladder": ladder.main, "export": export.main}[name](argv)
     return 0
 
 
@@ -88,7 +92,6 @@ def build_parser() -> argparse.ArgumentParser:
                        ("export", "export targets alone vs all together on the Ray pools")):
         one = bench.add_parser(name, help=what, add_help=False)
         one.add_argument("rest", nargs=argparse.REMAINDER)
-        one.set_defaults(func=cmd_bench)
 
     show = sub.add_parser("config", help="print the resolved config")
     _add_config_args(show)
@@ -97,6 +100,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) >= 2 and argv[0] == "bench" and argv[1] in BENCHES:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+        return run_bench(argv[1], argv[2:])
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per Prefect API call otherwise

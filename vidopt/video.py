@@ -180,7 +180,7 @@ def _read_with_pyav(path: str | Path, indices: list[int], size: tuple[int, int] 
     return np.stack([frames[i] for i in indices])  # [T, H, W, 3]
 
 
-def _decord_reader(path: str | Path, size: tuple[int, int] | None = None):
+def decord_reader(path: str | Path, size: tuple[int, int] | None = None):
     import decord  # lazy: a native library that only the decord path needs
 
     decord.bridge.set_bridge("native")
@@ -189,10 +189,10 @@ def _decord_reader(path: str | Path, size: tuple[int, int] | None = None):
     try:
         return decord.VideoReader(str(path), ctx=decord.cpu(0), width=width, height=height)
     except (decord.DECORDError, RuntimeError) as err:  # RuntimeError: files FFmpeg cannot open at all
-        raise DecodeError(f"decord cannot open it: {_decord_message(err)}") from None
+        raise DecodeError(f"decord cannot open it: {decord_message(err)}") from None
 
 
-def _decord_message(err: Exception) -> str:
+def decord_message(err: Exception) -> str:
     """decord's errors read "[time] src/file.cc:151: [Check failed: ... ERROR ]<what>"; keep <what>."""
     line = (str(err).strip().splitlines() or [type(err).__name__])[0]
     line = re.sub(r"^\[[\d:]+\] \S+:\d+: ", "", line)
@@ -204,7 +204,7 @@ def _read_with_decord(path: str | Path, indices: list[int], size: tuple[int, int
 
     if size in _DECORD_CANNOT_RESIZE_TO:
         return _read_with_pyav(path, indices, size)
-    reader = _decord_reader(path, size)
+    reader = decord_reader(path, size)
     try:
         if max(indices) >= len(reader):
             raise DecodeError(f"frame {max(indices)} requested, but the video has only {len(reader)} frames")
@@ -212,7 +212,7 @@ def _read_with_decord(path: str | Path, indices: list[int], size: tuple[int, int
     except decord.DECORDError as err:
         if size is not None and "size must exactly match" in str(err):
             return _resize_with_pyav_instead(path, indices, size)
-        raise DecodeError(f"decord failed: {_decord_message(err)}") from None
+        raise DecodeError(f"decord failed: {decord_message(err)}") from None
     finally:
         del reader  # decord has no close(): dropping the last reference frees the FFmpeg context now
 
@@ -279,7 +279,7 @@ def choose_decoder(path: str | Path, probe: VideoProbe, max_checks: int = 24, se
 
     sample = check_indices(probe, max_checks, seed)
     try:
-        reader = _decord_reader(path)
+        reader = decord_reader(path)
     except DecodeError as err:
         return "pyav", str(err)
     try:
@@ -288,7 +288,7 @@ def choose_decoder(path: str | Path, probe: VideoProbe, max_checks: int = 24, se
         order = np.random.default_rng(seed).permutation(sample).tolist()  # random access is where decord breaks
         batch = reader.get_batch(order).asnumpy()  # [len(order), H, W, 3]
     except decord.DECORDError as err:
-        return "pyav", f"decord failed reading frames: {_decord_message(err)}"
+        return "pyav", f"decord failed reading frames: {decord_message(err)}"
     finally:
         del reader
     diffs = _decord_vs_pyav_diffs(path, dict(zip(order, batch)))

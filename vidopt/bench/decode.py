@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from vidopt.data import sample_clip_indices
-from vidopt.video import DECODERS, DecodeError, iter_frames, probe_video, read_frames
+from vidopt.video import DECODERS, DecodeError, decord_message, decord_reader, iter_frames, probe_video, read_frames
 
 SEQUENTIAL_CHUNK = 32  # decord frames per get_batch when decoding a whole file: bounds memory on long videos
 
@@ -54,12 +54,14 @@ def decode_all_pyav(path: Path) -> int:
 def decode_all_decord(path: Path) -> int:
     import decord
 
-    reader = decord.VideoReader(str(path), ctx=decord.cpu(0))
+    reader = decord_reader(path)
     try:
         count = len(reader)
         for start in range(0, count, SEQUENTIAL_CHUNK):
             reader.get_batch(list(range(start, min(start + SEQUENTIAL_CHUNK, count)))).asnumpy()
         return count
+    except decord.DECORDError as err:  # e.g. widths decord cannot copy out (48 px): reported as this decoder's failure
+        raise DecodeError(f"{path}: decord failed: {decord_message(err)}") from None
     finally:
         del reader
 
