@@ -6,7 +6,7 @@ from vidopt.config import ConfigError, PipelineConfig, flatten, load_config, red
 def test_profiles_load_and_differ():
     tiny, demo = load_config("tiny"), load_config("demo")
     assert isinstance(tiny, PipelineConfig)
-    assert tiny.clips.frames < demo.clips.frames
+    assert tiny.clips.height < demo.clips.height
     assert tiny.data.sample.videos_per_class < demo.data.sample.videos_per_class
 
 
