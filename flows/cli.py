@@ -32,6 +32,9 @@ def _prefect_env(cfg: PipelineConfig) -> None:
     home.mkdir(parents=True, exist_ok=True)  # Prefect creates only the last level
     # Analytics on a fresh ephemeral server races the first migration ("database is locked").
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    # A fresh project dir means sqlite migrations first: 6-16 s measured here, more on a busy machine; Prefect's 20 s
+    # default then fails the very first `vidopt run` with "Timed out ... ephemeral Prefect API server".
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
     os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "vidopt")
 
 
