@@ -57,13 +57,18 @@ def load_state_dict_uri(uri: str) -> dict[str, torch.Tensor]:
     from vidopt.storage import is_s3, s3_client, split_s3
 
     if is_s3(uri):
-        local = Path(tempfile.mkdtemp()) / Path(uri).name
-        bucket, key = split_s3(uri)
-        s3_client().download_file(bucket, key, str(local))
-        uri = str(local)
-    if uri.endswith(".safetensors"):
-        return load_file(uri)
-    state = torch.load(uri, map_location="cpu", weights_only=True)
+        with tempfile.TemporaryDirectory(prefix="vidopt-init-") as tmp:  # removed once loaded into memory
+            local = Path(tmp) / Path(uri).name
+            bucket, key = split_s3(uri)
+            s3_client().download_file(bucket, key, str(local))
+            return _load_state_dict_file(str(local))
+    return _load_state_dict_file(uri)
+
+
+def _load_state_dict_file(path: str) -> dict[str, torch.Tensor]:
+    if path.endswith(".safetensors"):
+        return load_file(path)
+    state = torch.load(path, map_location="cpu", weights_only=True)
     return state.get("model", state) if isinstance(state, dict) else state
 
 
