@@ -126,6 +126,50 @@ class RayConfig(Section):
     retries: int = Field(1, ge=0)            # fresh actors after a worker process dies mid-job
 
 
+class BudgetConfig(Section):
+    """The user's budgets: the registry's promotion gates and the report's best variant per target both apply them."""
+    max_top1_drop: float = Field(0.02, ge=0)            # test top-1 below the teacher's (0.02 = 2 points)
+    max_latency_ms: float | None = Field(None, gt=0)    # batch-1 latency on the target's own runtime; None: no limit
+    max_artifact_mb: float | None = Field(None, gt=0)   # deployable artifact size; None: no limit
+
+
+class TargetProfile(Section):
+    """What a target's estimates assume: editable, since prices and parts differ per user. Estimates, not measured."""
+    device: str                          # the part a deployment would run on
+    watts: float = Field(gt=0)           # board power while busy
+    usd_per_hour: float = Field(ge=0)    # on-demand price of one such device
+
+
+class TargetProfiles(Section):
+    # list prices and board power as published in 2026; edit for your own fleet (report.profiles.gpu.watts=60)
+    cpu: TargetProfile = TargetProfile(device="2 vCPU x86 cloud VM (c7i.large class)", watts=25, usd_per_hour=0.089)
+    gpu: TargetProfile = TargetProfile(device="NVIDIA L4 (g6.xlarge class)", watts=72, usd_per_hour=0.805)
+    tpu: TargetProfile = TargetProfile(device="Cloud TPU v5e, 1 chip", watts=120, usd_per_hour=1.20)
+    fpga: TargetProfile = TargetProfile(device="AMD Alveo U250 (f1-class instance)", watts=75, usd_per_hour=1.65)
+
+
+class ReportConfig(Section):
+    profiles: TargetProfiles = Field(default_factory=TargetProfiles)
+
+
+class ServeConfig(Section):
+    deployment: str = "vidopt"                    # deployment names: <deployment>-scheduled, <deployment>-on-new-data
+    cron: str | None = "0 3 * * *"                # scheduled runs (daily 03:00); None: no schedule
+    timezone: str = "UTC"
+    event: str = "vidopt.data.arrived"            # what `vidopt listen` emits and the trigger expects
+    debounce_s: float = Field(30.0, gt=0)         # a burst of events within this window starts one run
+
+
+class ListenConfig(Section):
+    # Watches data.source (s3://bucket/prefix or a folder). With an SQS queue that receives the bucket's
+    # ObjectCreated notifications it reads those; otherwise it polls the listing.
+    sqs_queue_url: str | None = None
+    poll_interval_s: float = Field(2.0, gt=0)
+    quiet_s: float = Field(2.0, ge=0)             # emit once no new object arrived for this long (batches a burst)
+    max_wait_s: float = Field(6.0, gt=0)          # ... but never hold a new object back longer than this
+    extensions: list[str] = Field(default_factory=lambda: [".mp4", ".avi", ".mkv", ".mov", ".webm", ".m4v"])
+
+
 class TrackingConfig(Section):
     uri: str | None = None               # MLflow tracking URI; None: sqlite file in the project dir
     experiment: str = "vidopt"
@@ -148,6 +192,10 @@ class PipelineConfig(Section):
     export: ExportConfig = Field(default_factory=ExportConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    budgets: BudgetConfig = Field(default_factory=BudgetConfig)
+    report: ReportConfig = Field(default_factory=ReportConfig)
+    serve: ServeConfig = Field(default_factory=ServeConfig)
+    listen: ListenConfig = Field(default_factory=ListenConfig)
 
     def section_hash(self, name: str) -> str:
         """Content hash of one section: part of every stage's cache key."""
@@ -188,8 +236,9 @@ def load_config(profile: str = "demo", overrides: list[str] | tuple[str, ...] = 
 
 
 def validate_config(raw: dict[str, Any]) -> PipelineConfig:
+    """Validate `raw` laid over the defaults, so a partial section (one field of a target profile) keeps the rest."""
     try:
-        return PipelineConfig.model_validate(raw)
+        return PipelineConfig.model_validate(_merged(PipelineConfig().model_dump(mode="json"), raw))
     except ValidationError as err:
         problems = []
         for e in err.errors():
@@ -197,6 +246,14 @@ def validate_config(raw: dict[str, Any]) -> PipelineConfig:
             msg = "unknown key" if e["type"] == "extra_forbidden" else e["msg"]
             problems.append(f"config: {key}: {msg}")
         raise ConfigError("\n".join(problems)) from None
+
+
+def _merged(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in top.items():
+        both_dicts = isinstance(value, dict) and isinstance(base.get(key), dict)
+        out[key] = _merged(base[key], value) if both_dicts else value
+    return out
 
 
 def _set_path(raw: dict[str, Any], dotted: str, value: Any) -> None:
