@@ -6,6 +6,7 @@
     vidopt bench ladder [--project-dir .vidopt] [...]    latency / size / top-1 of teacher, student, pruned, int8
     vidopt bench export --stage-dir DIR                  each export target alone vs all at once on the pools
     vidopt config [--profile demo] [...]                 print the resolved config
+    vidopt listen [--profile demo] [...] [--once]        emit vidopt.data.arrived for new clips in data.source
 """
 from __future__ import annotations
 
@@ -71,6 +72,23 @@ def run_bench(name: str, argv: list[str]) -> int:
     return 0
 
 
+def cmd_listen(args: argparse.Namespace) -> int:
+    cfg = load_config(args.profile, args.overrides)
+    _prefect_env(cfg)
+    from flows.listen import listen  # after _prefect_env: Prefect reads its settings at import
+    from vidopt.listen import ListenError
+    from vidopt.storage import StorageError
+
+    try:
+        listen(cfg, once=args.once)
+    except (ListenError, StorageError) as err:
+        print(err, file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:  # the way to stop it; batches not yet sent stay in the state file's outbox
+        pass
+    return 0
+
+
 def cmd_config(args: argparse.Namespace) -> int:
     print(load_config(args.profile, args.overrides).model_dump_json(indent=2))
     return 0
@@ -95,6 +113,11 @@ def build_parser() -> argparse.ArgumentParser:
                        ("export", "export targets alone vs all together on the Ray pools")):
         one = bench.add_parser(name, help=what, add_help=False)
         one.add_argument("rest", nargs=argparse.REMAINDER)
+
+    listen = sub.add_parser("listen", help="emit vidopt.data.arrived for new clips in data.source (until Ctrl-C)")
+    _add_config_args(listen)
+    listen.add_argument("--once", action="store_true", help="one pass: emit what is new now, then exit")
+    listen.set_defaults(func=cmd_listen)
 
     show = sub.add_parser("config", help="print the resolved config")
     _add_config_args(show)
