@@ -55,3 +55,12 @@ class TargetResult(BaseModel):
     latency_ms: float | None = None        # batch 1, p50, on that runtime
     seconds: float = 0.0                   # wall time of the job
     extra: dict = {}                       # per-target details (variants such as fp16 / bf16, build logs)
+
+
+class ReportArtifact(Artifact):
+    """The run report (vidopt/report.py): files in `uri`, and the best variant per target under the budgets."""
+    html_uri: str                          # self-contained page, the Pareto plot embedded
+    plot_uri: str                          # the Pareto plot as PNG
+    rows_uri: str                          # JSON: every point, the best per target, budgets, profiles
+    table_uri: str                         # the plain-text table `vidopt run` prints
+    best: dict[str, dict] = {}             # target -> {variant: "gpu/ort_int8" or None, reason, top1, latency_ms, ...}
