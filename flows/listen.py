@@ -20,6 +20,7 @@ from vidopt.config import PipelineConfig, redact
 from vidopt.listen import Batch, EmitFailed, listener_from_config
 
 log = logging.getLogger("vidopt.listen")  # vidopt.* loggers reach Prefect's handlers (PREFECT_LOGGING_EXTRA_LOGGERS)
+FLUSH_TIMEOUT_S = 30.0  # Prefect's client retries a lost connection 10 times, about a second apart
 KEYS_IN_LOG = 3  # a burst of 500 keys would flood the log; the event itself carries them all
 
 
@@ -32,8 +33,10 @@ def emit_batch(cfg: PipelineConfig, batch: Batch) -> None:
     """Send one batch as a Prefect event whose id is the batch id, and wait until it has left this process.
 
     emit_event only queues the event for a background worker that logs (not raises) delivery errors, so: check the
-    API first (a server that is down keeps the batch in the outbox), then drain the worker before the batch is acked.
-    Re-sending after a crash is safe: the server drops an event id it has seen (see tests/flows/test_listen.py).
+    API first (a server that is down keeps the batch in the outbox), then wait for the worker before the batch is
+    acked. Re-sending after a crash is safe within minutes: Prefect's server drops an event id it has seen (a 5-min
+    cache before its triggers, a 30-min one inside them; stored events are unique by id). tests/flows/test_listen.py
+    shows one stored event and one automation firing for two sends.
     """
     api_url = PREFECT_API_URL.value()
     if api_url:
@@ -41,11 +44,18 @@ def emit_batch(cfg: PipelineConfig, batch: Batch) -> None:
             problem = client.api_healthcheck()
         if problem is not None:
             raise EmitFailed(f"Prefect API {redact(api_url)} unreachable ({type(problem).__name__}: {problem})")
+    worker = EventsWorker.instance()  # [prefect] the one emit_event queues on; taken first: a dead one is replaced
     event = emit_event(event=cfg.serve.event, resource=event_resource(batch.source),  # [prefect]
                        payload={"keys": batch.keys, "source": batch.source}, id=UUID(batch.id))
     if event is None:
         raise EmitFailed("Prefect sent nothing (events are off with PREFECT_API_KEY set but no PREFECT_API_URL)")
-    EventsWorker.instance().drain()  # [prefect] flush: returns once the websocket send is done and closed
+    # Flush: wait until the worker has sent it. Not drain(): that closes the websocket (one per batch) and logs a
+    # warning each time. A worker that died connecting never finishes its queue, hence the thread and the timeout.
+    flushed = threading.Thread(target=worker.wait_until_empty, daemon=True)
+    flushed.start()
+    flushed.join(FLUSH_TIMEOUT_S)
+    if flushed.is_alive():
+        raise EmitFailed(f"event {batch.id} not sent within {FLUSH_TIMEOUT_S:g} s")
     more = f" (+{len(batch.keys) - KEYS_IN_LOG} more)" if len(batch.keys) > KEYS_IN_LOG else ""
     log.info("listen: emitted %s id=%s: %d new clips in %s: %s%s", cfg.serve.event, batch.id, len(batch.keys),
              redact(batch.source), ", ".join(batch.keys[:KEYS_IN_LOG]), more)

@@ -13,6 +13,7 @@ import fcntl
 import hashlib
 import json
 import logging
+import os
 import re
 import threading
 import time
@@ -89,11 +90,15 @@ def _canonical_source(source: str) -> str:
     return source.rstrip("/") if is_s3(source) else str(Path(source).resolve())
 
 
+def _bucket_and_prefix(source: str) -> tuple[str, str]:
+    bucket, prefix = split_s3(source)
+    return bucket, prefix + "/" if prefix and not prefix.endswith("/") else prefix
+
+
 def list_with_times(source: str, endpoint_url: str | None = None, region: str | None = None) -> list[Arrival]:
     """Every non-hidden object under a folder or s3:// prefix with the time it arrived (see Arrival.t)."""
     if is_s3(source):
-        bucket, prefix = split_s3(source)
-        prefix = prefix + "/" if prefix and not prefix.endswith("/") else prefix
+        bucket, prefix = _bucket_and_prefix(source)
         out = []
         pages = s3_client(endpoint_url, region).get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
         for page in pages:
@@ -143,8 +148,6 @@ def parse_s3_notification(body: str) -> list[Notification]:
 def _sqs_client(queue_url: str, region: str | None):
     """Region from an AWS queue URL; any other URL (moto, LocalStack, ElasticMQ) is also its endpoint unless
     AWS_ENDPOINT_URL says otherwise (boto3 reads it when endpoint_url is None)."""
-    import os
-
     import boto3  # lazy: only SQS mode needs it
 
     aws = re.match(r"https://sqs\.([a-z0-9-]+)\.amazonaws\.com", queue_url)
@@ -253,9 +256,11 @@ class Listener:
             try:
                 batches = self.step(wait_s=wait, flush=once)
             except Exception as err:  # noqa: BLE001 -- a listener must outlive transient S3/SQS errors
+                if first and isinstance(err, _io_errors()):
+                    raise ListenError(f"listen: cannot watch {self.source}: {err}") from err
                 if first:
                     raise
-                log.warning("listen: %s: %s: %s (retrying in %.0f s)", self.source, type(err).__name__, err,
+                log.warning("listen: %s: %s: %s (retrying in %g s)", self.source, type(err).__name__, err,
                             self.poll_interval_s)
                 batches, wait = [], self.poll_interval_s
                 continue
@@ -297,8 +302,7 @@ class Listener:
     def _receive(self, wait_s: float) -> tuple[list[Arrival], list[str]]:
         if self._sqs is None:
             self._sqs = _sqs_client(self.sqs_queue_url, self.region)
-        bucket, prefix = split_s3(self.source)
-        prefix = prefix + "/" if prefix else ""
+        bucket, prefix = _bucket_and_prefix(self.source)
         if 0 < wait_s < 1:
             self._stop.wait(wait_s)  # SQS long polls in whole seconds
         arrivals, receipts = [], []
@@ -342,8 +346,7 @@ class Listener:
         st, now = self.state, self.clock()
         fresh = st.pop("fresh", False)
         baseline = polling and fresh
-        old_watermark = st["watermark"]
-        new = 0
+        old_watermark, recorded, new = st["watermark"], 0, 0
         for a in arrivals:
             key, etag = a.obj.key, a.obj.etag
             seen = st["recent"].get(key)
@@ -352,21 +355,26 @@ class Listener:
             if polling and old_watermark is not None and a.t < old_watermark - WINDOW_S:
                 continue
             st["recent"][key] = [etag, a.t]
+            recorded += 1
             if not baseline:
                 st["pending"][key] = {"key": key, "uri": a.obj.uri, "size": a.obj.size, "etag": etag}
                 new += 1
+        pruned = 0
         if arrivals:
-            st["watermark"] = max([a.t for a in arrivals] + ([old_watermark] if old_watermark is not None else []))
+            st["watermark"] = max(a.t for a in arrivals) if old_watermark is None else \
+                max(old_watermark, *(a.t for a in arrivals))
             floor = st["watermark"] - WINDOW_S
-            st["recent"] = {k: v for k, v in st["recent"].items() if v[1] >= floor}
+            kept = {k: v for k, v in st["recent"].items() if v[1] >= floor}
+            pruned = len(st["recent"]) - len(kept)
+            st["recent"] = kept
         if baseline:
             log.info("listen: %s: first start, %d videos already there are taken as seen (not reported)",
                      self.source, len(arrivals))
         if new:
             st["pending_since"] = st["pending_since"] or now
             st["last_arrival"] = now
-            log.info("listen: %s: %d new videos (%d pending)", self.source, new, len(st["pending"]))
-        return bool(arrivals) or fresh
+            log.info("listen: %s: new videos: %d (pending: %d)", self.source, new, len(st["pending"]))
+        return fresh or recorded > 0 or pruned > 0 or st["watermark"] != old_watermark
 
     def _batch_due(self, flush: bool) -> bool:
         st, now = self.state, self.clock()
@@ -390,6 +398,12 @@ class Listener:
 
     def _save(self) -> None:
         atomic_write_text(self.state_path, json.dumps(self.state, sort_keys=True))
+
+
+def _io_errors() -> tuple[type[Exception], ...]:
+    from botocore.exceptions import BotoCoreError, ClientError  # lazy, like boto3 in storage.py
+
+    return StorageError, OSError, BotoCoreError, ClientError
 
 
 def listener_from_config(cfg: PipelineConfig, clock: Callable[[], float] = time.time) -> Listener:
