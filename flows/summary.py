@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from vidopt.config import PipelineConfig
+from vidopt.report import terminal_summary
 from vidopt.tracking import default_tracking_uri
 
 
@@ -46,12 +47,26 @@ def target_lines(targets: list[dict]) -> list[str]:
     return lines
 
 
+def registry_lines(decisions: list[dict]) -> list[str]:
+    lines = ["", "registry"]
+    for d in decisions:
+        version = f"version {d['version']}" if d["version"] is not None else "-"
+        role = "champion" if d["champion"] else ("challenger" if d["version"] is not None else "")
+        lines.append(f"  {d['model']:<14} {version:<11} {role:<10}  {d['reason']}")
+    return lines
+
+
 def print_summary(cfg: PipelineConfig, result: dict) -> None:
     lines = [""] + dataset_lines(result["dataset"])
     if result.get("ladder"):
         lines += ladder_lines(result["ladder"])
     if result.get("targets"):
         lines += target_lines(result["targets"])
+    if result.get("registry"):
+        lines += registry_lines(result["registry"])
+    if result.get("report"):
+        table, path = terminal_summary(result["report"])
+        lines += ["", table.rstrip(), f"report: {path}"]
     uri = cfg.tracking.uri or default_tracking_uri(cfg.run.project_dir)
     lines += ["", f"MLflow run {result['mlflow_run_id']} in {uri}  (browse: mlflow ui --backend-store-uri {uri})"]
     print("\n".join(lines))

@@ -15,6 +15,7 @@ import logging
 import torch
 from prefect import task
 
+from tasks.caching import stage_cache
 from tasks.common import (
     CHECKPOINT,
     EpochBatches,
@@ -46,8 +47,12 @@ def student_arch(cfg: PipelineConfig, num_classes: int) -> StudentArch:
                        num_classes=num_classes)
 
 
+def work_dir(cfg: PipelineConfig, dataset: DatasetArtifact, teacher: ModelArtifact) -> Path:
+    return stage_dir(cfg, STAGE, SECTIONS, [artifact_hash(dataset), artifact_hash(teacher)])
+
+
 def run(cfg: PipelineConfig, dataset: DatasetArtifact, teacher: ModelArtifact, logger=None) -> ModelArtifact:
-    work = stage_dir(cfg, STAGE, SECTIONS, [artifact_hash(dataset), artifact_hash(teacher)])
+    work = work_dir(cfg, dataset, teacher)
     done = finished_artifact(work, "student", dataset, STAGE)
     if done is not None:
         return done
@@ -95,7 +100,7 @@ def run(cfg: PipelineConfig, dataset: DatasetArtifact, teacher: ModelArtifact, l
 
 # [Prefect] retries cover flaky I/O only; `run` above is the plain function tests call.
 @task(name="distill", retries=len(IO_RETRY_DELAYS), retry_delay_seconds=IO_RETRY_DELAYS,
-      retry_condition_fn=only_io_errors)
+      retry_condition_fn=only_io_errors, **stage_cache(work_dir))
 def distill_task(cfg: PipelineConfig, dataset: DatasetArtifact, teacher: ModelArtifact,
                  parent_run_id: str) -> ModelArtifact:
     with stage_run(STAGE, parent_run_id) as stage:  # [MLflow] nested run; per-epoch metrics go through `fit`

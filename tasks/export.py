@@ -3,7 +3,7 @@ verifies its artifact on its own runtime (parity with PyTorch, top-1 on the test
 
     python -m tasks.export --profile tiny      # runs the upstream stages first (cached in the project dir)
 
-Each target becomes a nested MLflow run and a version of its own registered model `vidopt-<target>`.
+Each target becomes a nested MLflow run holding its artifact; tasks/register.py turns those into registered versions.
 """
 from __future__ import annotations
 
@@ -14,16 +14,18 @@ from pathlib import Path
 
 from prefect import task
 
+from tasks.caching import stage_cache
 from tasks.retry import IO_RETRY_DELAYS, only_io_errors
 from vidopt.artifacts import DatasetArtifact, ExportJob, ModelArtifact, TargetResult
 from vidopt.config import PipelineConfig
 from vidopt.distillation import decode_clip_set
-from vidopt.stages import artifact_hash, split_rows, stage_dir
+from vidopt.stages import artifact_hash, forget_incarnation, split_rows, stage_dir
 from vidopt.storage import atomic_write_text
 from workers.pools import run_jobs
 
 log = logging.getLogger("vidopt.export")
-SECTIONS = ["clips", "export"]
+SECTIONS = ["clips", "export", "ray"]  # ray: which pools exist decides what is skipped
+RESULTS = "results.json"
 
 
 def target_options(cfg: PipelineConfig, target: str) -> dict:
@@ -34,9 +36,19 @@ def target_options(cfg: PipelineConfig, target: str) -> dict:
             "fpga": {"fixed_width": e.fpga_fixed_width, "calibration_clips": e.fpga_calibration_clips}}[target]
 
 
+def work_dir(cfg: PipelineConfig, dataset: DatasetArtifact, final: ModelArtifact) -> Path:
+    return stage_dir(cfg, "export", SECTIONS, [artifact_hash(dataset), artifact_hash(final)])
+
+
 def run(cfg: PipelineConfig, dataset: DatasetArtifact, final: ModelArtifact) -> list[TargetResult]:
-    """`final` is the quantize stage's artifact: its dir holds the student's fp32 weights and model_int8.onnx."""
-    work = stage_dir(cfg, "export", SECTIONS, [artifact_hash(dataset), artifact_hash(final)])
+    """`final` is the quantize stage's artifact: its dir holds the student's fp32 weights and model_int8.onnx.
+    Results where every target is ok are kept for the same inputs; a skipped or failed target makes the next run try
+    all targets again (a pool may have joined, a transient failure may have passed)."""
+    work = work_dir(cfg, dataset, final)
+    if (work / RESULTS).exists():
+        saved = json.loads((work / RESULTS).read_text())
+        log.info("export: %s already holds verified targets for these inputs", work)
+        return [TargetResult.model_validate(r) for r in saved["results"]]
     test_rows = split_rows(dataset, "test") or split_rows(dataset, "val")
     if not test_rows:
         raise ValueError(f"export: dataset {dataset.uri} has no test or val videos to verify targets on")
@@ -51,13 +63,18 @@ def run(cfg: PipelineConfig, dataset: DatasetArtifact, final: ModelArtifact) -> 
     wall = time.monotonic() - started
     log.info("export: %d targets in %.1f s wall (%s)", len(results), wall,
              ", ".join(f"{r.target} {r.status} {r.seconds:.1f} s" for r in results))
-    atomic_write_text(work / "results.json", json.dumps({"wall_seconds": wall,
-                                                         "results": [r.model_dump() for r in results]}, indent=2))
+    record = json.dumps({"wall_seconds": wall, "results": [r.model_dump() for r in results]}, indent=2)
+    if all(r.status == "ok" for r in results):
+        atomic_write_text(work / RESULTS, record)
+    else:  # not a result to reuse: a fresh incarnation makes Prefect's cache key miss next time too
+        atomic_write_text(work / "results.incomplete.json", record)
+        forget_incarnation(work)
     return results
 
 
-def log_target(result: TargetResult, parent_run_id: str, data_version: str) -> None:
-    """[MLflow] a nested run per target with its verification metrics; a registered model version when it passed."""
+def log_target(result: TargetResult, parent_run_id: str, data_version: str) -> TargetResult:
+    """[MLflow] a nested run per target with its verification metrics and its artifact. Returns the result with the
+    run id and the logged artifact's URI in `extra`, which registration points the model version at."""
     import mlflow
 
     with mlflow.start_run(run_name=f"export-{result.target}", parent_run_id=parent_run_id, nested=True) as run:
@@ -69,40 +86,23 @@ def log_target(result: TargetResult, parent_run_id: str, data_version: str) -> N
                                            "seconds": result.seconds}.items() if v is not None})
         mlflow.log_metrics(metrics)
         mlflow.log_dict(result.model_dump(), "result.json")
+        logged = {"mlflow_run_id": run.info.run_id}
         if result.status == "ok" and result.artifact_uri:
             mlflow.log_artifact(result.artifact_uri, "artifact")
-            register_version(f"vidopt-{result.target}", f"{run.info.artifact_uri}/artifact/"
-                             f"{Path(result.artifact_uri).name}", run.info.run_id,
-                             {"runtime": result.runtime, "data_version": data_version})
-
-
-def register_version(name: str, source: str, run_id: str, tags: dict[str, str]) -> str:
-    """[MLflow] a new version of registered model `name` pointing at a logged artifact file. The artifact is a
-    target's own format (ONNX, StableHLO, an HLS project), not an MLflow-flavoured model, so the version is created
-    from its source URI rather than through mlflow.register_model (which, in MLflow 3, expects a logged model)."""
-    from mlflow import MlflowClient
-    from mlflow.exceptions import MlflowException
-
-    client = MlflowClient()
-    try:
-        client.create_registered_model(name)
-    except MlflowException as err:
-        if "already exists" not in str(err).lower():
-            raise
-    return client.create_model_version(name, source, run_id=run_id, tags=tags).version
+            logged["mlflow_artifact_uri"] = f"{run.info.artifact_uri}/artifact/{Path(result.artifact_uri).name}"
+    return result.model_copy(update={"extra": {**result.extra, **logged}})
 
 
 # [Prefect] retries cover object-store reads only; `run` above is the plain function tests call.
 @task(name="export", retries=len(IO_RETRY_DELAYS), retry_delay_seconds=IO_RETRY_DELAYS,
-      retry_condition_fn=only_io_errors)
+      retry_condition_fn=only_io_errors, **stage_cache(work_dir))
 def export_task(cfg: PipelineConfig, dataset: DatasetArtifact, final: ModelArtifact,
                 parent_run_id: str) -> list[TargetResult]:
     from vidopt.tracking import stage_run
 
     with stage_run("export", parent_run_id) as stage:  # [MLflow] nested run; one more level per target
-        results = run(cfg, dataset, final)
+        results = [log_target(r, stage.run.info.run_id, dataset.data_version) for r in run(cfg, dataset, final)]
         for result in results:
-            log_target(result, stage.run.info.run_id, dataset.data_version)
             stage.log(f"{result.target}.ok", float(result.status == "ok"))
     return results
 

@@ -17,6 +17,7 @@ from prefect import task
 from torch import nn
 from torch.nn.utils import prune as torch_prune
 
+from tasks.caching import stage_cache
 from tasks.common import (
     CHECKPOINT,
     EpochBatches,
@@ -129,9 +130,13 @@ def weight_sparsity(model: nn.Module) -> float:
     return sum(int((w == 0).sum()) for w in weights) / sum(w.numel() for w in weights)
 
 
+def work_dir(cfg: PipelineConfig, dataset: DatasetArtifact, student: ModelArtifact, teacher: ModelArtifact) -> Path:
+    return stage_dir(cfg, STAGE, SECTIONS, [artifact_hash(dataset), artifact_hash(student), artifact_hash(teacher)])
+
+
 def run(cfg: PipelineConfig, dataset: DatasetArtifact, student: ModelArtifact, teacher: ModelArtifact,
         logger: EpochLogger | None = None) -> ModelArtifact:
-    work = stage_dir(cfg, STAGE, SECTIONS, [artifact_hash(dataset), artifact_hash(student), artifact_hash(teacher)])
+    work = work_dir(cfg, dataset, student, teacher)
     done = finished_artifact(work, "pruned", dataset, STAGE)
     if done is not None:
         return done
@@ -204,7 +209,7 @@ def _rebuild_diff(model: nn.Module, arch: StudentArch) -> float:
 
 # [Prefect] retries cover flaky I/O only; `run` above is the plain function tests call.
 @task(name="prune", retries=len(IO_RETRY_DELAYS), retry_delay_seconds=IO_RETRY_DELAYS,
-      retry_condition_fn=only_io_errors)
+      retry_condition_fn=only_io_errors, **stage_cache(work_dir))
 def prune_task(cfg: PipelineConfig, dataset: DatasetArtifact, student: ModelArtifact, teacher: ModelArtifact,
                parent_run_id: str) -> ModelArtifact:
     with stage_run(STAGE, parent_run_id) as stage:  # [MLflow] nested run; per-epoch metrics go through `fit`

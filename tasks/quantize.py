@@ -18,6 +18,7 @@ import torch
 from prefect import task
 from torch import nn
 
+from tasks.caching import stage_cache
 from tasks.common import EpochBatches, cached_clip_set, log_model_stage, score_fn_with_fallback
 from tasks.retry import IO_RETRY_DELAYS, only_io_errors
 from vidopt.artifacts import DatasetArtifact, ModelArtifact
@@ -46,9 +47,13 @@ class QuantizeError(RuntimeError):
     """The exported model does not match PyTorch, or the input is not a student."""
 
 
+def work_dir(cfg: PipelineConfig, dataset: DatasetArtifact, model: ModelArtifact, teacher: ModelArtifact) -> Path:
+    return stage_dir(cfg, "quantize", SECTIONS, [artifact_hash(dataset), artifact_hash(model), artifact_hash(teacher)])
+
+
 def run(cfg: PipelineConfig, dataset: DatasetArtifact, model: ModelArtifact, teacher: ModelArtifact,
         logger=None) -> ModelArtifact:
-    work = stage_dir(cfg, "quantize", SECTIONS, [artifact_hash(dataset), artifact_hash(model), artifact_hash(teacher)])
+    work = work_dir(cfg, dataset, model, teacher)
     record = work / "artifact.json"
     if record.exists():  # written last: same inputs and config, the finished result is returned, not redone
         log.info("quantize: %s already holds the int8 model for these inputs", work / "model")
@@ -252,7 +257,7 @@ def qat_finetune(student: nn.Module, arch: StudentArch, train: ClipSet, val: Cli
 
 # [Prefect] retries cover object-store reads only; `run` above is the plain function tests call.
 @task(name="quantize", retries=len(IO_RETRY_DELAYS), retry_delay_seconds=IO_RETRY_DELAYS,
-      retry_condition_fn=only_io_errors)
+      retry_condition_fn=only_io_errors, **stage_cache(work_dir))
 def quantize_task(cfg: PipelineConfig, dataset: DatasetArtifact, model: ModelArtifact, teacher: ModelArtifact,
                   parent_run_id: str) -> ModelArtifact:
     with stage_run("quantize", parent_run_id) as stage:  # [MLflow] nested run: QAT epochs (if any), then the result

@@ -3,7 +3,7 @@ target under `budgets`, energy and cost per million clips estimated from `report
 
     python -m tasks.report --profile tiny      # runs the upstream stages first (cached in the project dir)
 
-Cheap, so it is written every time; the nested MLflow run `report` holds its files. See vidopt/report.py.
+Cached like every stage on its inputs (tasks/caching.py); the nested MLflow run `report` holds its files. See vidopt/report.py.
 """
 from __future__ import annotations
 
@@ -11,9 +11,11 @@ import hashlib
 import json
 import logging
 from datetime import datetime, timezone
+from pathlib import Path
 
 from prefect import task
 
+from tasks.caching import stage_cache
 from tasks.retry import IO_RETRY_DELAYS, only_io_errors
 from vidopt.artifacts import DatasetArtifact, ModelArtifact, ReportArtifact, TargetResult
 from vidopt.config import PipelineConfig
@@ -24,13 +26,18 @@ log = logging.getLogger("vidopt.report")
 SECTIONS = ["budgets", "report", "export"]  # export: cpu_threads picks which of the ladder's latencies are shown
 
 
-def run(cfg: PipelineConfig, dataset: DatasetArtifact, ladder: dict[str, ModelArtifact],
-        targets: list[TargetResult]) -> ReportArtifact:
-    """`ladder`: {"teacher", "student", "pruned", "int8"} artifacts; `targets`: the export stage's results."""
+def work_dir(cfg: PipelineConfig, dataset: DatasetArtifact, ladder: dict[str, ModelArtifact],
+             targets: list[TargetResult]) -> Path:
     results = json.dumps([t.model_dump(mode="json") for t in targets], sort_keys=True)
     inputs = [artifact_hash(dataset), *(f"{name}:{a.weights_sha256}" for name, a in ladder.items()),
               hashlib.sha256(results.encode()).hexdigest()]
-    work = stage_dir(cfg, "report", SECTIONS, inputs)
+    return stage_dir(cfg, "report", SECTIONS, inputs)
+
+
+def run(cfg: PipelineConfig, dataset: DatasetArtifact, ladder: dict[str, ModelArtifact],
+        targets: list[TargetResult]) -> ReportArtifact:
+    """`ladder`: {"teacher", "student", "pruned", "int8"} artifacts; `targets`: the export stage's results."""
+    work = work_dir(cfg, dataset, ladder, targets)
     context = {"data version": dataset.data_version, "classes": str(len(dataset.classes)),
                "config hash": cfg.config_hash(), "run name": cfg.run.name or "-",
                "written": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
@@ -60,7 +67,7 @@ def log_report(stage, record: ReportArtifact) -> None:
 
 # [Prefect] retries cover I/O only (an MLflow server or object store that blips); `run` is the plain function.
 @task(name="report", retries=len(IO_RETRY_DELAYS), retry_delay_seconds=IO_RETRY_DELAYS,
-      retry_condition_fn=only_io_errors)
+      retry_condition_fn=only_io_errors, **stage_cache(work_dir))
 def report_task(cfg: PipelineConfig, dataset: DatasetArtifact, ladder: dict[str, ModelArtifact],
                 targets: list[TargetResult], parent_run_id: str) -> ReportArtifact:
     from vidopt.tracking import stage_run

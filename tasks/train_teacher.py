@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from prefect import task
 from torch import nn
 
+from tasks.caching import stage_cache
 from tasks.common import (
     CHECKPOINT,
     finished_artifact,
@@ -40,8 +41,12 @@ log = logging.getLogger("vidopt.train_teacher")
 STAGE, SECTIONS = "train_teacher", ["teacher", "clips"]
 
 
+def work_dir(cfg: PipelineConfig, dataset: DatasetArtifact) -> Path:
+    return stage_dir(cfg, STAGE, SECTIONS, [artifact_hash(dataset), *_init_identity(cfg.teacher.init)])
+
+
 def run(cfg: PipelineConfig, dataset: DatasetArtifact, logger=None) -> ModelArtifact:
-    work = stage_dir(cfg, STAGE, SECTIONS, [artifact_hash(dataset), *_init_identity(cfg.teacher.init)])
+    work = work_dir(cfg, dataset)
     done = finished_artifact(work, "teacher", dataset, STAGE)
     if done is not None:
         return done
@@ -114,7 +119,7 @@ def _init_identity(init: str | None) -> list[str]:
 
 # [Prefect] retries cover flaky I/O only; `run` above is the plain function tests call.
 @task(name="train_teacher", retries=len(IO_RETRY_DELAYS), retry_delay_seconds=IO_RETRY_DELAYS,
-      retry_condition_fn=only_io_errors)
+      retry_condition_fn=only_io_errors, **stage_cache(work_dir))
 def train_teacher_task(cfg: PipelineConfig, dataset: DatasetArtifact, parent_run_id: str) -> ModelArtifact:
     with stage_run(STAGE, parent_run_id) as stage:  # [MLflow] nested run; per-epoch metrics go through `fit`
         teacher = run(cfg, dataset, logger=stage)

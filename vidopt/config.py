@@ -131,6 +131,7 @@ class BudgetConfig(Section):
     max_top1_drop: float = Field(0.02, ge=0)            # test top-1 below the teacher's (0.02 = 2 points)
     max_latency_ms: float | None = Field(None, gt=0)    # batch-1 latency on the target's own runtime; None: no limit
     max_artifact_mb: float | None = Field(None, gt=0)   # deployable artifact size; None: no limit
+    min_argmax_agreement: float = Field(0.99, ge=0, le=1)  # int8 / fixed-point targets vs the PyTorch reference
 
 
 class TargetProfile(Section):

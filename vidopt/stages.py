@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import uuid
 from pathlib import Path
 
 from vidopt.artifacts import DatasetArtifact, ModelArtifact
@@ -21,6 +23,35 @@ def stage_dir(cfg: PipelineConfig, stage: str, sections: list[str], inputs: list
     path = Path(cfg.run.project_dir).resolve() / "stages" / stage / stage_key(cfg, sections, inputs)
     path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+def stage_incarnation(work: Path) -> str:
+    """A random id written once when `work` is first used and kept while it exists. Part of the Prefect cache key, so
+    a cached result is only ever reused while the directory it points into is still there: deleting a stage dir
+    (or the whole project dir) makes the next run redo that stage instead of returning a record of missing files."""
+    marker = work / ".incarnation"
+    try:
+        fd = os.open(marker, os.O_WRONLY | os.O_CREAT | os.O_EXCL)  # exactly one writer wins a race
+    except FileExistsError:
+        return marker.read_text().strip() or _rewrite(marker)
+    with os.fdopen(fd, "w") as out:
+        token = uuid.uuid4().hex[:12]
+        out.write(token)
+    return token
+
+
+def forget_incarnation(work: Path) -> None:
+    """The next use of `work` gets a new id: its content is not a result to reuse (an incomplete export)."""
+    (work / ".incarnation").unlink(missing_ok=True)
+
+
+def _rewrite(marker: Path) -> str:
+    """A marker left empty by a crash between create and write: replace it (atomically) with a fresh id."""
+    token = uuid.uuid4().hex[:12]
+    tmp = marker.with_suffix(f".{token}.part")
+    tmp.write_text(token)
+    os.replace(tmp, marker)
+    return token
 
 
 def artifact_hash(artifact: DatasetArtifact | ModelArtifact) -> str:

@@ -1,0 +1,129 @@
+"""Registration stage: every verified target becomes a new version of its registered model `vidopt-<target>` with
+alias `challenger`; alias `champion` moves to it only when the promotion gates of vidopt/registry.py all pass.
+
+Versions point at the artifact the export stage logged in its per-target MLflow run, so with a remote tracking server
+whose artifact store is S3 the registry points into S3. Tags carry data version, config hash, code version, the
+runtime that verified the artifact, its numbers and every gate's outcome.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from pathlib import Path
+
+from prefect import task
+
+from tasks.caching import stage_cache
+from tasks.retry import IO_RETRY_DELAYS, only_io_errors
+from vidopt.artifacts import DatasetArtifact, ModelArtifact, TargetResult
+from vidopt.config import PipelineConfig
+from vidopt.registry import promotion_gates
+from vidopt.stages import artifact_hash, stage_dir
+from vidopt.storage import atomic_write_text
+from vidopt.tracking import code_version
+
+log = logging.getLogger("vidopt.register")
+SECTIONS = ["budgets"]
+CHALLENGER, CHAMPION = "challenger", "champion"
+DECISIONS = "decisions.json"
+
+
+def model_name(target: str) -> str:
+    return f"vidopt-{target}"
+
+
+def work_dir(cfg: PipelineConfig, dataset: DatasetArtifact, teacher: ModelArtifact,
+             targets: list[TargetResult]) -> Path:
+    results = json.dumps([t.model_dump(mode="json") for t in targets], sort_keys=True)
+    return stage_dir(cfg, "register", SECTIONS, [artifact_hash(dataset), artifact_hash(teacher),
+                                                 hashlib.sha256(results.encode()).hexdigest()])
+
+
+def run(cfg: PipelineConfig, dataset: DatasetArtifact, teacher: ModelArtifact,
+        targets: list[TargetResult]) -> list[dict]:
+    """One decision per target: {target, model, version (None when not registered), champion, gates, reason}."""
+    work = work_dir(cfg, dataset, teacher, targets)
+    if (work / DECISIONS).exists():  # these results were registered already: registering again would add versions
+        return json.loads((work / DECISIONS).read_text())
+    teacher_top1 = teacher.metrics.get("test_top1_clip")
+    tags = {"data_version": dataset.data_version, "config_hash": cfg.config_hash(), "code_version": code_version()}
+    decisions = [register_target(result, teacher_top1, cfg, tags) for result in targets]
+    atomic_write_text(work / DECISIONS, json.dumps(decisions, indent=2))
+    return decisions
+
+
+def register_target(result: TargetResult, teacher_top1: float | None, cfg: PipelineConfig,
+                    tags: dict[str, str]) -> dict:
+    from mlflow import MlflowClient
+
+    name = model_name(result.target)
+    decision = {"target": result.target, "model": name, "version": None, "champion": False, "gates": []}
+    source = result.extra.get("mlflow_artifact_uri")
+    if result.status != "ok" or not source:
+        decision["reason"] = f"not registered: {result.status} {result.reason}".strip()
+        log.info("register: %s %s", name, decision["reason"])
+        return decision
+    client = MlflowClient()
+    _ensure_registered_model(client, name, result.target)
+    champion = _champion(client, name)
+    gates = promotion_gates(result, teacher_top1, cfg.budgets, champion[1] if champion else None)
+    numbers = {k: str(v) for k, v in {"top1": result.top1, "latency_ms": result.latency_ms,
+                                      "artifact_bytes": result.artifact_bytes}.items() if v is not None}
+    gate_tags = {f"gate.{g.name}": f"{'pass' if g.passed else 'fail'}: {g.detail}"[:5000] for g in gates}
+    promoted = all(g.passed for g in gates)
+    version = client.create_model_version(
+        name, source, run_id=result.extra.get("mlflow_run_id"),
+        tags={**tags, **numbers, **gate_tags, "runtime": result.runtime, "target": result.target,
+              "promoted": str(promoted).lower()},
+        description=f"{result.target} artifact verified on {result.runtime}").version
+    client.set_registered_model_alias(name, CHALLENGER, version)
+    if promoted:
+        client.set_registered_model_alias(name, CHAMPION, version)
+    failed = [f"{g.name} ({g.detail})" for g in gates if not g.passed]
+    decision.update(version=version, champion=promoted, gates=[g.__dict__ for g in gates],
+                    reason="all gates passed" if promoted else "kept the champion: failed " + "; ".join(failed))
+    log.info("register: %s version %s is %s: %s", name, version,
+             "the champion" if promoted else "a challenger", decision["reason"])
+    return decision
+
+
+def _ensure_registered_model(client, name: str, target: str) -> None:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client.create_registered_model(name, description=f"vidopt student for the {target} target. The artifact is "
+                                       "the target's own format (see the version's runtime tag), not an MLflow "
+                                       "flavour; alias `champion` passed every promotion gate.")
+    except MlflowException as err:
+        if "already exists" not in str(err).lower():
+            raise
+
+
+def _champion(client, name: str) -> tuple[str, float | None] | None:
+    """(version, test top-1) of the current champion, or None."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        version = client.get_model_version_by_alias(name, CHAMPION)
+    except MlflowException:
+        return None
+    top1 = version.tags.get("top1")
+    return version.version, float(top1) if top1 is not None else None
+
+
+# [Prefect] cached on its inputs: an unchanged re-run registers nothing new.
+@task(name="register", retries=len(IO_RETRY_DELAYS), retry_delay_seconds=IO_RETRY_DELAYS,
+      retry_condition_fn=only_io_errors, **stage_cache(work_dir))
+def register_task(cfg: PipelineConfig, dataset: DatasetArtifact, teacher: ModelArtifact, targets: list[TargetResult],
+                  parent_run_id: str) -> list[dict]:
+    from vidopt.tracking import stage_run
+
+    with stage_run("register", parent_run_id) as stage:  # [MLflow] nested run with the decisions
+        decisions = run(cfg, dataset, teacher, targets)
+        for d in decisions:
+            if d["version"] is not None:
+                stage.log(f"{d['target']}.champion", float(d["champion"]))
+        stage.log_dict({"decisions": decisions}, "decisions.json")
+    return decisions
+
