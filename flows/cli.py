@@ -7,6 +7,7 @@
     vidopt bench export --stage-dir DIR                  each export target alone vs all at once on the pools
     vidopt config [--profile demo] [...]                 print the resolved config
     vidopt listen [--profile demo] [...] [--once]        emit vidopt.data.arrived for new clips in data.source
+    vidopt serve [--profile demo] [...]                  Prefect deployments of the pipeline: cron + new-data events
 """
 from __future__ import annotations
 
@@ -89,6 +90,19 @@ def cmd_listen(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    cfg = load_config(args.profile, args.overrides)
+    _prefect_env(cfg)
+    from flows.serve import ServeError, serve  # after _prefect_env: Prefect reads its settings at import
+
+    try:
+        serve(cfg)
+    except ServeError as err:
+        print(err, file=sys.stderr)
+        return 2
+    return 0
+
+
 def cmd_config(args: argparse.Namespace) -> int:
     print(load_config(args.profile, args.overrides).model_dump_json(indent=2))
     return 0
@@ -118,6 +132,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(listen)
     listen.add_argument("--once", action="store_true", help="one pass: emit what is new now, then exit")
     listen.set_defaults(func=cmd_listen)
+
+    serve = sub.add_parser("serve", help="serve the pipeline as Prefect deployments on a Prefect server (until Ctrl-C)")
+    _add_config_args(serve)
+    serve.set_defaults(func=cmd_serve)
 
     show = sub.add_parser("config", help="print the resolved config")
     _add_config_args(show)

@@ -87,3 +87,48 @@ def tiny_ladder(sample_dir, tmp_path_factory):
     pruned = prune.run(cfg, dataset, student, teacher)
     int8 = quantize.run(cfg, dataset, pruned, teacher)
     return cfg, {"dataset": dataset, "teacher": teacher, "student": student, "pruned": pruned, "int8": int8}
+
+
+@pytest.fixture(scope="session")
+def prefect_server(tmp_path_factory):
+    """A real `prefect server start` on 127.0.0.1 for the whole session, with its own PREFECT_HOME (sqlite DB, log in
+    server.log there) and analytics off. Yields its API URL, http://127.0.0.1:<port>/api."""
+    import signal
+    import urllib.request
+
+    home = tmp_path_factory.mktemp("prefect-server")
+    port = free_port()
+    env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+           "PREFECT_UI_ENABLED": "false"}  # nothing here looks at the UI; skipping it saves start time
+    env.pop("PREFECT_API_URL", None)
+    log = open(home / "server.log", "wb")
+    # own session: stopping it signals the whole group, whatever the server started itself
+    proc = subprocess.Popen([sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port",
+                             str(port)], env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}/api"
+    # A fresh home means sqlite migrations first: ~10 s on an idle 2-core machine, much more on a busy one.
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
+                if response.status == 200:
+                    break
+        except OSError:
+            pass
+        if proc.poll() is not None or time.monotonic() > deadline:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(timeout=10)
+            log.close()
+            tail = (home / "server.log").read_text(errors="replace")[-3000:]
+            raise RuntimeError(f"prefect server on port {port} did not answer /api/health within 120 s "
+                               f"(exit code {proc.poll()}); its log ends:\n{tail}")
+        time.sleep(0.5)
+    yield url
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=10)
+    log.close()
