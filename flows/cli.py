@@ -5,6 +5,7 @@
     vidopt bench decode DIR [...]                        clip-sampling throughput of decord vs PyAV
     vidopt bench ladder [--project-dir .vidopt] [...]    latency / size / top-1 of teacher, student, pruned, int8
     vidopt bench export --stage-dir DIR                  each export target alone vs all at once on the pools
+    vidopt bench rerun [--profile tiny]                  cold run vs unchanged re-run vs a quantize-only change
     vidopt config [--profile demo] [...]                 print the resolved config
     vidopt listen [--profile demo] [...] [--once]        emit vidopt.data.arrived for new clips in data.source
     vidopt serve [--profile demo] [...]                  Prefect deployments of the pipeline: cron + new-data events
@@ -27,7 +28,7 @@ def _add_config_args(parser: argparse.ArgumentParser, default_profile: str = "de
     parser.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides, e.g. clips.frames=8")
 
 
-def _prefect_env(cfg: PipelineConfig) -> None:
+def prefect_env(cfg: PipelineConfig) -> None:
     """Embedded default: Prefect's ephemeral server keeps its sqlite DB in the project dir. Must run before Prefect is
     imported; a user's own PREFECT_* settings (e.g. PREFECT_API_URL of a real server) win."""
     home = Path(os.environ.setdefault("PREFECT_HOME", str(Path(cfg.run.project_dir).resolve() / "prefect")))
@@ -42,8 +43,8 @@ def _prefect_env(cfg: PipelineConfig) -> None:
 
 def cmd_run(args: argparse.Namespace) -> int:
     cfg = load_config(args.profile, args.overrides)
-    _prefect_env(cfg)
-    from flows.pipeline import pipeline  # after _prefect_env: Prefect reads its settings at import
+    prefect_env(cfg)
+    from flows.pipeline import pipeline  # after prefect_env: Prefect reads its settings at import
     from flows.summary import print_summary
 
     result = pipeline(cfg)
@@ -61,22 +62,23 @@ def cmd_sample(args: argparse.Namespace) -> int:
     return 0
 
 
-BENCHES = ("decode", "ladder", "export")
+BENCHES = ("decode", "ladder", "export", "rerun")
 
 
 def run_bench(name: str, argv: list[str]) -> int:
     """Each benchmark parses its own arguments (argparse's REMAINDER would drop a leading --option)."""
     from vidopt.bench import decode, ladder
+    from flows import bench_rerun as rerun
     from workers import bench as export
 
-    {"decode": decode.main, "ladder": ladder.main, "export": export.main}[name](argv)
+    {"decode": decode.main, "ladder": ladder.main, "export": export.main, "rerun": rerun.main}[name](argv)
     return 0
 
 
 def cmd_listen(args: argparse.Namespace) -> int:
     cfg = load_config(args.profile, args.overrides)
-    _prefect_env(cfg)
-    from flows.listen import listen  # after _prefect_env: Prefect reads its settings at import
+    prefect_env(cfg)
+    from flows.listen import listen  # after prefect_env: Prefect reads its settings at import
     from vidopt.listen import ListenError
     from vidopt.storage import StorageError
 
@@ -92,8 +94,8 @@ def cmd_listen(args: argparse.Namespace) -> int:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     cfg = load_config(args.profile, args.overrides)
-    _prefect_env(cfg)
-    from flows.serve import ServeError, serve  # after _prefect_env: Prefect reads its settings at import
+    prefect_env(cfg)
+    from flows.serve import ServeError, serve  # after prefect_env: Prefect reads its settings at import
 
     try:
         serve(cfg)
@@ -124,7 +126,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bench_command", required=True)
     for name, what in (("decode", "decord vs PyAV clip sampling"), ("ladder", "teacher -> int8 student, side by side"),
-                       ("export", "export targets alone vs all together on the Ray pools")):
+                       ("export", "export targets alone vs all together on the Ray pools"),
+                       ("rerun", "cold run vs unchanged re-run vs quantize-only change (Prefect's cache)")):
         one = bench.add_parser(name, help=what, add_help=False)
         one.add_argument("rest", nargs=argparse.REMAINDER)
 

@@ -70,18 +70,8 @@ def test_pipeline_runs_every_stage_and_tracks_it_in_mlflow(prefect_server, tiny_
     assert "vidopt-cpu" in table and f"report: {result['report']['html_uri']}" in table
 
 
-def task_states(flow_state) -> dict[str, str]:
-    """{task name: state name} of one flow run, read back from the Prefect API."""
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
-
-    with get_client(sync_client=True) as client:
-        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(
-            id=FlowRunFilterId(any_=[flow_state.state_details.flow_run_id])))
-    return {run.name.rsplit("-", 1)[0]: run.state.name for run in runs}  # task run names are "<task>-<suffix>"
-
-
 def test_reruns_come_from_prefects_cache_and_a_quantize_change_reruns_only_what_follows(prefect_server, tiny_ladder):
+    from flows.bench_rerun import task_states
     from flows.pipeline import pipeline
 
     cfg, _ = tiny_ladder
