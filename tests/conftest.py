@@ -2,11 +2,13 @@
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import pytest
 
@@ -132,3 +134,94 @@ def prefect_server(tmp_path_factory):
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(timeout=10)
     log.close()
+
+
+# ---- processes of the end-to-end tests -------------------------------------------------------------------------
+
+def start_in_own_group(args: list[str], log_path: Path, env: dict[str, str],
+                       cwd: Path | None = None) -> subprocess.Popen:
+    """`args` with stdout and stderr appended to log_path, in a session of its own, so stop_group also reaches what it
+    starts (flow-run processes, uvicorn workers)."""
+    with open(log_path, "ab") as log:
+        return subprocess.Popen(args, cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def session_members(sid: int) -> list[int]:
+    """Pids of the live processes of session `sid` (Linux /proc)."""
+    pids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            state, _ppid, _pgrp, session = stat.read_text().rpartition(")")[2].split()[:4]
+        except (OSError, ValueError):
+            continue  # gone meanwhile
+        if int(session) == sid and state != "Z":
+            pids.append(int(stat.parent.name))
+    return pids
+
+
+def stop_group(proc: subprocess.Popen, first_signal: int, grace_s: float = 20.0) -> None:
+    """Send `first_signal` to the process group of a start_in_own_group process, then SIGKILL whatever is left of its
+    session after grace_s, or as soon as the leader has exited: the session also holds what left the group, such as
+    Ray's workers (each in a group of its own) started by a flow run."""
+    try:
+        os.killpg(proc.pid, first_signal)
+    except ProcessLookupError:
+        pass
+    try:
+        proc.wait(timeout=grace_s)
+    except subprocess.TimeoutExpired:
+        pass
+    for pid in session_members(proc.pid):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    proc.wait(timeout=10)
+
+
+def log_tail(path: Path, chars: int = 3000) -> str:
+    return path.read_text(errors="replace")[-chars:] if path.exists() else f"({path} was not written)"
+
+
+class MlflowServer(NamedTuple):
+    url: str                    # tracking URI, http://127.0.0.1:<port>
+    bucket: str                 # moto bucket of the artifact store
+    artifacts_destination: str  # s3://<bucket>/mlartifacts: where the server puts what clients log
+    log_path: Path
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(moto_server, tmp_path_factory) -> MlflowServer:
+    """A real `mlflow server` on 127.0.0.1: sqlite backend, artifacts proxied to a bucket on the moto server (clients
+    log over HTTP; the server writes to S3 with the moto credentials of the environment). One uvicorn worker and no job
+    runner (7 huey processes for GenAI jobs nothing here uses): on 2 cores they cost start time and memory."""
+    import urllib.request
+
+    import boto3
+
+    home = tmp_path_factory.mktemp("mlflow-server")
+    bucket = "vidopt-mlflow"
+    boto3.client("s3").create_bucket(Bucket=bucket)
+    port = free_port()
+    server = MlflowServer(f"http://127.0.0.1:{port}", bucket, f"s3://{bucket}/mlartifacts", home / "server.log")
+    proc = start_in_own_group(
+        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+         "--backend-store-uri", f"sqlite:///{home / 'mlflow.db'}", "--artifacts-destination",
+         server.artifacts_destination], server.log_path,
+        env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}, cwd=home)
+    deadline = time.monotonic() + 120  # ~15 s on an idle 2-core machine (migrations of a fresh sqlite DB)
+    while True:
+        try:
+            with urllib.request.urlopen(f"{server.url}/health", timeout=2) as response:
+                if response.status == 200:
+                    break
+        except OSError:
+            pass
+        if proc.poll() is not None or time.monotonic() > deadline:
+            exit_code = proc.poll()
+            stop_group(proc, signal.SIGKILL)
+            raise RuntimeError(f"mlflow server on port {port} did not answer /health within 120 s (exit code "
+                               f"{exit_code}); its log ends:\n{log_tail(server.log_path)}")
+        time.sleep(0.5)
+    yield server
+    stop_group(proc, signal.SIGTERM)
