@@ -25,8 +25,8 @@ PROACTIVE_MIN_WITHIN_S = 10.0
 # Optional resource label of `vidopt.data.arrived` events: events with different values are debounced separately.
 DEBOUNCE_GROUP_LABEL = "vidopt.debounce-group"
 # How often the runner asks the server for runs to start. Prefect's default (10 s) alone would break the "object put ->
-# run started within 10 s" bar; one small query every 2 s costs nothing.
-RUNNER_POLL_S = 2.0
+# run started within 10 s" bar; one small query a second costs nothing.
+RUNNER_POLL_S = 1.0
 START_SERVER_HINT = ("start one with `prefect server start --host 127.0.0.1` and set "
                      "PREFECT_API_URL=http://127.0.0.1:4200/api")
 
