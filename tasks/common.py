@@ -9,10 +9,12 @@ import logging
 from pathlib import Path
 from typing import Callable
 
+import torch
 from safetensors.torch import save as safetensors_bytes
 from torch import nn
 
 from vidopt.artifacts import DatasetArtifact, ModelArtifact
+from vidopt.augment import augment_clips
 from vidopt.checkpoint import ARCH, METRICS, WEIGHTS, load_model_dir, save_model_dir
 from vidopt.config import PipelineConfig, flatten
 from vidopt.data import make_loader
@@ -103,13 +105,19 @@ def cached_clip_set(cfg: PipelineConfig, dataset: DatasetArtifact, rows: list[di
 
 
 class EpochBatches:
-    """The fixed clips in a new order each epoch (seed + epoch), so a resumed run sees the order it would have seen."""
+    """The fixed clips in a new order each epoch (seed + epoch), so a resumed run sees the order it would have seen;
+    with `augment`, each clip also gets a fresh label-preserving transform (vidopt/augment.py) drawn from the same
+    seed. Yields (x [B, C, T, H, W], labels, teacher logits)."""
 
-    def __init__(self, clip_set: ClipSet, batch_size: int, seed: int):
-        self.clip_set, self.batch_size, self.seed, self.epoch = clip_set, batch_size, seed, 0
+    def __init__(self, clip_set: ClipSet, batch_size: int, seed: int, augment: bool = False):
+        self.clip_set, self.batch_size, self.seed, self.augment, self.epoch = clip_set, batch_size, seed, augment, 0
 
     def __iter__(self):
-        return self.clip_set.batches(self.batch_size, shuffle=True, seed=self.seed + self.epoch)
+        batches = self.clip_set.batches(self.batch_size, shuffle=True, seed=self.seed + self.epoch)
+        if not self.augment:
+            return batches
+        generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        return ((augment_clips(x, generator), *rest) for x, *rest in batches)
 
     def start_epoch(self, epoch: int) -> None:
         self.epoch = epoch

@@ -82,7 +82,7 @@ def run(cfg: PipelineConfig, dataset: DatasetArtifact, teacher: ModelArtifact, l
         x, labels, teacher_logits = batch_  # x: [B, C, T, H, W]; teacher_logits: [B, classes]
         return distillation_loss(model(x), teacher_logits, labels, d.alpha, d.temperature)
 
-    batches = EpochBatches(train_set, batch, cfg.run.seed)
+    batches = EpochBatches(train_set, batch, cfg.run.seed, augment=d.augment)
     result = fit(student, loss_fn, batches, score,
                  FitSpec(epochs=d.epochs, lr=d.lr, weight_decay=d.weight_decay, patience=d.patience, stage=STAGE),
                  checkpoint=work / CHECKPOINT, logger=logger, on_epoch_start=batches.start_epoch)

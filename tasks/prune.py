@@ -166,7 +166,7 @@ def run(cfg: PipelineConfig, dataset: DatasetArtifact, student: ModelArtifact, t
 
     result = {"epochs_run": 0, "best_epoch": -1}
     if p.finetune_epochs > 0:
-        batches = EpochBatches(train_set, batch, cfg.run.seed)
+        batches = EpochBatches(train_set, batch, cfg.run.seed, augment=cfg.distill.augment)
         result = fit(model, lambda m, b: distillation_loss(m(b[0]), b[2], b[1], d.alpha, d.temperature), batches,
                      score, FitSpec(epochs=p.finetune_epochs, lr=p.lr, weight_decay=d.weight_decay,
                                     patience=d.patience, stage=STAGE),

@@ -233,7 +233,7 @@ def qat_finetune(student: nn.Module, arch: StudentArch, train: ClipSet, val: Cli
     from torch.ao.quantization import disable_observer
 
     qat = prepare_qat(student, arch)
-    batches = EpochBatches(train, cfg.clips.batch_size, cfg.run.seed)
+    batches = EpochBatches(train, cfg.clips.batch_size, cfg.run.seed, augment=cfg.distill.augment)
     d = cfg.distill
 
     def loss_fn(model: nn.Module, batch) -> torch.Tensor:
