@@ -95,45 +95,47 @@ def tiny_ladder(sample_dir, tmp_path_factory):
 def prefect_server(tmp_path_factory):
     """A real `prefect server start` on 127.0.0.1 for the whole session, with its own PREFECT_HOME (sqlite DB, log in
     server.log there) and analytics off. Yields its API URL, http://127.0.0.1:<port>/api."""
-    import signal
-    import urllib.request
-
     home = tmp_path_factory.mktemp("prefect-server")
     port = free_port()
     env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
            "PREFECT_UI_ENABLED": "false"}  # nothing here looks at the UI; skipping it saves start time
     env.pop("PREFECT_API_URL", None)
-    log = open(home / "server.log", "wb")
-    # own session: stopping it signals the whole group, whatever the server started itself
-    proc = subprocess.Popen([sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port",
-                             str(port)], env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    proc = start_in_own_group([sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port",
+                               str(port)], home / "server.log", env)
     url = f"http://127.0.0.1:{port}/api"
     # A fresh home means sqlite migrations first: ~10 s on an idle 2-core machine, much more on a busy one.
-    deadline = time.monotonic() + 120
+    wait_healthy(proc, f"{url}/health", "prefect server", home / "server.log")
+    yield url
+    stop_group(proc, signal.SIGTERM)
+
+
+@pytest.fixture
+def cli_env(monkeypatch, tmp_path):
+    """The variables `vidopt listen` / `serve` set with setdefault, set here so they are restored after the test."""
+    for key, value in {"PREFECT_HOME": str(tmp_path / "prefect"), "PREFECT_LOGGING_EXTRA_LOGGERS": "vidopt",
+                       "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120"}.items():
+        monkeypatch.setenv(key, value)
+
+
+def wait_healthy(proc: subprocess.Popen, health_url: str, what: str, log_path: Path, timeout_s: float = 120) -> None:
+    """Poll health_url until it answers 200; if the process exits or timeout_s passes, kill it and raise with the end
+    of its log."""
+    import urllib.request
+
+    deadline = time.monotonic() + timeout_s
     while True:
         try:
-            with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
+            with urllib.request.urlopen(health_url, timeout=2) as response:
                 if response.status == 200:
-                    break
+                    return
         except OSError:
             pass
         if proc.poll() is not None or time.monotonic() > deadline:
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(timeout=10)
-            log.close()
-            tail = (home / "server.log").read_text(errors="replace")[-3000:]
-            raise RuntimeError(f"prefect server on port {port} did not answer /api/health within 120 s "
-                               f"(exit code {proc.poll()}); its log ends:\n{tail}")
+            exit_code = proc.poll()
+            stop_group(proc, signal.SIGKILL)
+            raise RuntimeError(f"{what} did not answer {health_url} within {timeout_s:.0f} s (exit code {exit_code}); "
+                               f"its log ends:\n{log_tail(log_path)}")
         time.sleep(0.5)
-    yield url
-    os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=10)
-    log.close()
 
 
 # ---- processes of the end-to-end tests -------------------------------------------------------------------------
@@ -195,8 +197,6 @@ def mlflow_server(moto_server, tmp_path_factory) -> MlflowServer:
     """A real `mlflow server` on 127.0.0.1: sqlite backend, artifacts proxied to a bucket on the moto server (clients
     log over HTTP; the server writes to S3 with the moto credentials of the environment). One uvicorn worker and no job
     runner (7 huey processes for GenAI jobs nothing here uses): on 2 cores they cost start time and memory."""
-    import urllib.request
-
     import boto3
 
     home = tmp_path_factory.mktemp("mlflow-server")
@@ -209,19 +209,7 @@ def mlflow_server(moto_server, tmp_path_factory) -> MlflowServer:
          "--backend-store-uri", f"sqlite:///{home / 'mlflow.db'}", "--artifacts-destination",
          server.artifacts_destination], server.log_path,
         env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}, cwd=home)
-    deadline = time.monotonic() + 120  # ~15 s on an idle 2-core machine (migrations of a fresh sqlite DB)
-    while True:
-        try:
-            with urllib.request.urlopen(f"{server.url}/health", timeout=2) as response:
-                if response.status == 200:
-                    break
-        except OSError:
-            pass
-        if proc.poll() is not None or time.monotonic() > deadline:
-            exit_code = proc.poll()
-            stop_group(proc, signal.SIGKILL)
-            raise RuntimeError(f"mlflow server on port {port} did not answer /health within 120 s (exit code "
-                               f"{exit_code}); its log ends:\n{log_tail(server.log_path)}")
-        time.sleep(0.5)
+    # ~15 s on an idle 2-core machine (migrations of a fresh sqlite DB)
+    wait_healthy(proc, f"{server.url}/health", "mlflow server", server.log_path)
     yield server
     stop_group(proc, signal.SIGTERM)

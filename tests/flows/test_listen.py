@@ -11,14 +11,6 @@ import pytest
 from flows.cli import main
 
 
-@pytest.fixture
-def cli_env(monkeypatch, tmp_path):
-    # `vidopt listen` sets these with setdefault; set them here so they are restored after the test.
-    for key, value in {"PREFECT_HOME": str(tmp_path / "prefect"), "PREFECT_LOGGING_EXTRA_LOGGERS": "vidopt",
-                       "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120"}.items():
-        monkeypatch.setenv(key, value)
-
-
 def test_cli_listen_refuses_a_queue_for_a_folder(tmp_path, cli_env, capsys):
     assert main(["listen", "--profile", "tiny", f"run.project_dir={tmp_path}", f"data.source={tmp_path}",
                  "listen.sqs_queue_url=http://127.0.0.1:1/q", "--once"]) == 1

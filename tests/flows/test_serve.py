@@ -55,14 +55,6 @@ def test_quiet_window_is_at_least_prefects_minimum_and_cron_is_optional(tiny_cfg
     assert not scheduled.schedules
 
 
-@pytest.fixture
-def cli_env(monkeypatch, tmp_path):
-    # `vidopt serve` sets these with setdefault; set them here so they are restored after the test.
-    for key, value in {"PREFECT_HOME": str(tmp_path / "prefect"), "PREFECT_LOGGING_EXTRA_LOGGERS": "vidopt",
-                       "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120"}.items():
-        monkeypatch.setenv(key, value)
-
-
 def test_serve_without_a_server_says_how_to_start_one(tmp_path, cli_env, capsys):
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
