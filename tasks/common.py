@@ -119,6 +119,9 @@ class EpochBatches:
         generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
         return ((augment_clips(x, generator), *rest) for x, *rest in batches)
 
+    def __len__(self) -> int:
+        return -(-len(self.clip_set.labels) // self.batch_size)
+
     def start_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 

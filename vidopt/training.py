@@ -1,5 +1,6 @@
-"""The one training loop every stage uses (teacher, distillation, pruning fine-tune, QAT): AdamW with cosine decay,
-a checkpoint after every epoch, resume from it after a crash, early stopping on validation top-1, best weights kept.
+"""The one training loop every stage uses (teacher, distillation, pruning fine-tune, QAT): AdamW with a one-cycle
+schedule (warm-up, then cosine decay, stepped per batch), a checkpoint after every epoch, resume from it after a crash,
+early stopping on validation top-1, best weights kept.
 """
 from __future__ import annotations
 
@@ -33,7 +34,11 @@ class FitSpec:
     stage: str = "train"           # prefix of logged metric names and progress lines
 
 
-# loss_fn(model, batch) -> scalar loss; the batch is whatever the loader yields.
+# Warm-up share of the one-cycle schedule. Without warm-up (plain cosine from the peak) the demo teacher (r3d_18 w0.25
+# from scratch, AdamW 1e-3) was still at chance after 300 steps; with it, at 80% test top-1.
+WARMUP_FRACTION = 0.15
+
+# loss_fn(model, batch) -> scalar loss; the batch is whatever the loader yields (it must have a len: batches/epoch).
 LossFn = Callable[[nn.Module, tuple], torch.Tensor]
 
 
@@ -45,7 +50,9 @@ def fit(model: nn.Module, loss_fn: LossFn, train_batches: Iterable, score_fn: Ca
     Returns {"best_score", "best_epoch", "epochs_run", "resumed_from", "history": [{epoch, loss, score, seconds}]}.
     """
     optimizer = torch.optim.AdamW(model.parameters(), lr=spec.lr, weight_decay=spec.weight_decay)
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=spec.epochs)
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=spec.lr, epochs=spec.epochs,
+                                                    steps_per_epoch=max(1, len(train_batches)),
+                                                    pct_start=WARMUP_FRACTION)
     state = {"epoch": 0, "best_score": -1.0, "best_epoch": -1, "history": [], "best_model": None}
     saved = load_checkpoint(checkpoint)
     resumed_from = 0
@@ -66,8 +73,7 @@ def fit(model: nn.Module, loss_fn: LossFn, train_batches: Iterable, score_fn: Ca
         if on_epoch_start:
             on_epoch_start(epoch)
         started = time.monotonic()
-        loss = _train_one_epoch(model, loss_fn, train_batches, optimizer, spec.stage, epoch)
-        scheduler.step()
+        loss = _train_one_epoch(model, loss_fn, train_batches, optimizer, scheduler, spec.stage, epoch)
         score = score_fn(model)
         seconds = time.monotonic() - started
         if score > state["best_score"]:
@@ -90,7 +96,7 @@ def fit(model: nn.Module, loss_fn: LossFn, train_batches: Iterable, score_fn: Ca
             "resumed_from": resumed_from, "history": state["history"]}
 
 
-def _train_one_epoch(model, loss_fn, batches, optimizer, stage: str, epoch: int) -> float:
+def _train_one_epoch(model, loss_fn, batches, optimizer, scheduler, stage: str, epoch: int) -> float:
     model.train()
     total, count, last_report = 0.0, 0, time.monotonic()
     for i, batch in enumerate(batches):
@@ -98,6 +104,7 @@ def _train_one_epoch(model, loss_fn, batches, optimizer, stage: str, epoch: int)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
+        scheduler.step()
         total, count = total + loss.item(), count + 1
         if time.monotonic() - last_report > 30:  # long epochs still show they are alive
             log.info("%s: epoch %d batch %d loss %.4f", stage, epoch + 1, i + 1, total / count)
