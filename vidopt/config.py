@@ -50,6 +50,8 @@ class ClipConfig(Section):
     eval_clips_per_video: int = 1        # uniformly spaced clips per video at evaluation
     batch_size: int = 8
     loader_workers: int = 2              # DataLoader processes decoding clips
+    memory_cache_mb: int = Field(512, ge=0)  # training videos decoded once into memory when they fit in this;
+    #   the demo's 448 videos (32 frames, 64x64) take 176 MB, and its teacher epoch fell from ~19 s to ~10 s
 
 
 TeacherName = Literal["r3d_18", "mc3_18", "r2plus1d_18"]

@@ -88,6 +88,31 @@ def normalise_clips(clips):
     return (x - mean) / std
 
 
+class FrameStore:
+    """Every frame of some videos, decoded once at clip size: uint8 [frames, H, W, C] per video, in memory.
+
+    Training draws a new random window per clip every epoch; for a dataset this small, decoding each window from the
+    file again costs more than the model's step on 2 cores (decoder workers and the model compete for them)."""
+
+    def __init__(self, videos: list):
+        self.videos = videos  # one uint8 tensor [num_frames, H, W, C] per manifest row
+
+    @staticmethod
+    def nbytes(rows: list[dict], clips: ClipConfig) -> int:
+        return sum(r["num_frames"] for r in rows) * clips.height * clips.width * 3
+
+    @classmethod
+    def decode_if_fits(cls, rows: list[dict], clips: ClipConfig) -> FrameStore | None:
+        if cls.nbytes(rows, clips) > clips.memory_cache_mb * 2**20:
+            return None
+        from vidopt.video import read_frames
+
+        torch = _import_torch()
+        size = (clips.height, clips.width)
+        return cls([torch.from_numpy(read_frames(r["path"], range(r["num_frames"]), decoder=r["decoder"], size=size))
+                    for r in rows])
+
+
 class ClipDataset:
     """Clips of manifest videos.
 
@@ -97,8 +122,9 @@ class ClipDataset:
     """
 
     def __init__(self, rows: list[dict], classes: list[str], clips: ClipConfig, *, train: bool, seed: int = 0,
-                 per_video: int | None = None, normalise: bool = True):
+                 per_video: int | None = None, normalise: bool = True, store: FrameStore | None = None):
         self.rows, self.clips, self.train, self.seed, self.normalise = rows, clips, train, seed, normalise
+        self.store = store  # decoded frames of `rows`, when they fit in memory
         self.class_index = {c: i for i, c in enumerate(classes)}
         self.per_video = per_video or (1 if train else clips.eval_clips_per_video)
         self.epoch = 0  # bump between epochs so random offsets change
@@ -115,20 +141,25 @@ class ClipDataset:
         rng = np.random.default_rng([self.seed, self.epoch, item]) if self.train else None
         indices = sample_clip_indices(row["num_frames"], self.clips.frames, self.clips.stride,
                                       train=self.train, rng=rng, clip=clip, clips=self.per_video)
-        frames = torch.from_numpy(read_frames(row["path"], indices, decoder=row["decoder"],
-                                              size=(self.clips.height, self.clips.width)))  # [T, H, W, C] uint8
+        if self.store is not None:
+            frames = self.store.videos[video][indices]  # [T, H, W, C] uint8
+        else:
+            frames = torch.from_numpy(read_frames(row["path"], indices, decoder=row["decoder"],
+                                                  size=(self.clips.height, self.clips.width)))  # [T, H, W, C] uint8
         return (normalise_clips(frames) if self.normalise else frames), self.class_index[row["label"]], video
 
 
 def make_loader(rows: list[dict], classes: list[str], clips: ClipConfig, *, train: bool, seed: int = 0):
-    """DataLoader of `[B, C, T, H, W]` clips; decoding runs in `clips.loader_workers` worker processes."""
+    """DataLoader of `[B, C, T, H, W]` clips; decoding runs in `clips.loader_workers` worker processes, or, for
+    training videos that fit in `clips.memory_cache_mb`, once up front (FrameStore) with no workers."""
     torch = _import_torch()
-    dataset = ClipDataset(rows, classes, clips, train=train, seed=seed)
+    store = FrameStore.decode_if_fits(rows, clips) if train else None
+    dataset = ClipDataset(rows, classes, clips, train=train, seed=seed, store=store)
     return torch.utils.data.DataLoader(
         dataset,
         batch_size=clips.batch_size,
         shuffle=train,
-        num_workers=clips.loader_workers,
+        num_workers=0 if store is not None else clips.loader_workers,
         persistent_workers=False,
         generator=torch.Generator().manual_seed(seed),
     )

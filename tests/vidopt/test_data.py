@@ -78,3 +78,29 @@ def test_clip_loader_yields_normalised_batches_from_real_videos(sample_dir, tiny
     evaluation = ClipDataset(rows, dataset.classes, c, train=False)
     assert len(evaluation) == 2 * len(rows) and torch.equal(evaluation[1][0], evaluation[1][0])
     assert not torch.equal(evaluation[0][0], evaluation[1][0])  # two windows of one video differ
+
+
+def test_training_videos_that_fit_in_memory_are_decoded_once_with_the_same_clips(sample_dir, tiny_cfg):
+    from pathlib import Path
+
+    import torch
+
+    from tasks.ingest import run as ingest
+    from vidopt.data import ClipDataset, FrameStore, make_loader
+    from vidopt.storage import read_jsonl
+
+    cfg = tiny_cfg(f"data.source={sample_dir}")
+    dataset = ingest(cfg)
+    rows = read_jsonl(Path(dataset.manifest_uri))[:6]
+    store = FrameStore.decode_if_fits(rows, cfg.clips)
+    assert store is not None and [len(v) for v in store.videos] == [r["num_frames"] for r in rows]
+    streamed = ClipDataset(rows, dataset.classes, cfg.clips, train=True, seed=3)
+    cached = ClipDataset(rows, dataset.classes, cfg.clips, train=True, seed=3, store=store)
+    for epoch in (0, 1):
+        streamed.epoch = cached.epoch = epoch
+        for item in range(len(rows)):
+            assert torch.equal(streamed[item][0], cached[item][0])  # same window, same pixels
+    assert make_loader(rows, dataset.classes, cfg.clips, train=True).dataset.store is not None
+    small = cfg.clips.model_copy(update={"memory_cache_mb": 0})
+    assert FrameStore.decode_if_fits(rows, small) is None  # too big for the budget: streamed from the files
+    assert make_loader(rows, dataset.classes, small, train=True).dataset.store is None
