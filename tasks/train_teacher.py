@@ -19,6 +19,7 @@ from torch import nn
 from tasks.caching import stage_cache
 from tasks.common import (
     CHECKPOINT,
+    cached_clip_set,
     finished_artifact,
     log_model_stage,
     model_metrics,
@@ -31,11 +32,12 @@ from vidopt.artifacts import DatasetArtifact, ModelArtifact
 from vidopt.checkpoint import load_state_dict_uri
 from vidopt.config import PipelineConfig
 from vidopt.data import make_loader
+from vidopt.distillation import clip_set_top1
 from vidopt.models import TeacherArch, build_model
 from vidopt.stages import artifact_hash, stage_dir
 from vidopt.storage import is_s3, sha256_file
 from vidopt.tracking import stage_run
-from vidopt.training import FitSpec, evaluate, fit
+from vidopt.training import FitSpec, fit
 
 log = logging.getLogger("vidopt.train_teacher")
 STAGE, SECTIONS = "train_teacher", ["teacher", "clips"]
@@ -59,10 +61,11 @@ def run(cfg: PipelineConfig, dataset: DatasetArtifact, logger=None) -> ModelArti
 
     train_rows, val_rows = train_val_rows(dataset, STAGE)
     train_loader = make_loader(train_rows, dataset.classes, cfg.clips, train=True, seed=cfg.run.seed)
-    val_loader = make_loader(val_rows, dataset.classes, cfg.clips, train=False, seed=cfg.run.seed)
-    train_eval = make_loader(train_rows, dataset.classes, cfg.clips, train=False, seed=cfg.run.seed)
-    score = score_fn_with_fallback(STAGE, bool(val_rows), lambda m: evaluate(m, val_loader)["top1_clip"],
-                                   lambda m: evaluate(m, train_eval)["top1_clip"])
+    # The val clips are the same every epoch: decoded once (cached in the project dir, as later stages reuse them).
+    per_video, batch = cfg.clips.eval_clips_per_video, cfg.clips.batch_size
+    scored = cached_clip_set(cfg, dataset, val_rows or train_rows, "val" if val_rows else "train", per_video)
+    score = score_fn_with_fallback(STAGE, bool(val_rows), lambda m: clip_set_top1(m, scored, batch),
+                                   lambda m: clip_set_top1(m, scored, batch))
 
     def start_epoch(epoch: int) -> None:
         # New random clip offsets and a new shuffle every epoch, the same ones again after a resume.
