@@ -95,13 +95,17 @@ def save_artifact(work: Path, model: nn.Module, arch: TeacherArch | StudentArch,
                          metrics=metrics, data_version=dataset.data_version, notes=notes)
 
 
+def clip_set_path(cfg: PipelineConfig, dataset: DatasetArtifact, split: str, per_video: int) -> Path:
+    """Where cached_clip_set keeps one split's clips: named by data content and clip settings."""
+    name = f"{dataset.manifest_sha256[:16]}-{cfg.section_hash('clips')}-{split}-{per_video}.pt"
+    return Path(cfg.run.project_dir).resolve() / "cache" / "clip_sets" / name
+
+
 def cached_clip_set(cfg: PipelineConfig, dataset: DatasetArtifact, rows: list[dict], split: str,
                     per_video: int) -> ClipSet:
-    """Decoded clips of one split, cached in <project>/cache/clip_sets by data content and clip settings, so the
-    stages after distillation (prune, quantize) decode each split once."""
-    name = f"{dataset.manifest_sha256[:16]}-{cfg.section_hash('clips')}-{split}-{per_video}.pt"
-    cache = Path(cfg.run.project_dir).resolve() / "cache" / "clip_sets" / name
-    return decode_clip_set(rows, dataset.classes, cfg.clips, per_video, cache)
+    """Decoded clips of one split, cached in <project>/cache/clip_sets, so the teacher's validation, prune, quantize
+    and export decode each split once."""
+    return decode_clip_set(rows, dataset.classes, cfg.clips, per_video, clip_set_path(cfg, dataset, split, per_video))
 
 
 class EpochBatches:

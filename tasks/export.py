@@ -15,10 +15,10 @@ from pathlib import Path
 from prefect import task
 
 from tasks.caching import stage_cache
+from tasks.common import cached_clip_set, clip_set_path
 from tasks.retry import IO_RETRY_DELAYS, only_io_errors
 from vidopt.artifacts import DatasetArtifact, ExportJob, ModelArtifact, TargetResult
 from vidopt.config import PipelineConfig
-from vidopt.distillation import decode_clip_set
 from vidopt.stages import artifact_hash, forget_incarnation, split_rows, stage_dir
 from vidopt.storage import atomic_write_text
 from workers.pools import run_jobs
@@ -49,11 +49,14 @@ def run(cfg: PipelineConfig, dataset: DatasetArtifact, final: ModelArtifact) -> 
         saved = json.loads((work / RESULTS).read_text())
         log.info("export: %s already holds verified targets for these inputs", work)
         return [TargetResult.model_validate(r) for r in saved["results"]]
-    test_rows = split_rows(dataset, "test") or split_rows(dataset, "val")
-    if not test_rows:
+    split = "test" if split_rows(dataset, "test") else "val"
+    rows = split_rows(dataset, split)
+    if not rows:
         raise ValueError(f"export: dataset {dataset.uri} has no test or val videos to verify targets on")
-    eval_clips = work / "eval_clips.pt"
-    decode_clip_set(test_rows, dataset.classes, cfg.clips, cfg.clips.eval_clips_per_video, cache=eval_clips)
+    # The split's clips as the quantize stage already decoded them (same cache file): workers load it by path.
+    per_video = cfg.clips.eval_clips_per_video
+    cached_clip_set(cfg, dataset, rows, split, per_video)
+    eval_clips = clip_set_path(cfg, dataset, split, per_video)
     jobs = [ExportJob(target=t, model_dir=final.uri, int8_dir=final.uri, eval_clips=str(eval_clips),
                       out_dir=str(work / t), options=target_options(cfg, t)) for t in cfg.export.targets]
     # The jobs as sent, so `vidopt bench export` can time each target alone against this stage.

@@ -51,7 +51,7 @@ class ClipConfig(Section):
     batch_size: int = 8
     loader_workers: int = 2              # DataLoader processes decoding clips
     memory_cache_mb: int = Field(512, ge=0)  # training videos decoded once into memory when they fit in this;
-    #   the demo's 448 videos (32 frames, 64x64) take 176 MB, and its teacher epoch fell from ~19 s to ~10 s
+    #   the demo's 448 videos (32 frames, 64x64) take 176 MB, and its teacher epoch fell from ~19 s to ~14 s
 
 
 TeacherName = Literal["r3d_18", "mc3_18", "r2plus1d_18"]
@@ -62,8 +62,8 @@ class TeacherConfig(Section):
     width: float = Field(0.25, gt=0)     # channel multiplier; 1.0 = torchvision's published architecture
     init: str | None = None              # state_dict checkpoint (path or s3:// URI, .pt or .safetensors) to start from
     epochs: int = Field(12, ge=1)
-    lr: float = 1e-3                     # AdamW, cosine decay to 0 over `epochs`. 3e-3 never left chance on the
-    #   demo data (r3d_18 w0.25 from scratch, 800 steps); 1e-3 reached 90% test top-1 in 400 steps
+    lr: float = 1e-3                     # AdamW peak of the one-cycle schedule (vidopt/training.py). 3e-3 never
+    #   left chance on the demo data (r3d_18 w0.25 from scratch, 800 steps); 1e-3 reached 90% test top-1 in 400 steps
     weight_decay: float = 1e-4
     patience: int = Field(4, ge=1)       # early stopping: epochs without a better val top-1
 

@@ -16,7 +16,9 @@ ROOT = Path(__file__).resolve().parents[2]
 @pytest.fixture(scope="module")
 def local_ray():
     # A node with a GPU and a TPU but no FPGA; 1 CPU, so a CPU job and three accelerator jobs fit only because
-    # accelerator actors hold no CPU (num_cpus=0).
+    # accelerator actors hold no CPU (num_cpus=0). An earlier test's export may have left this process's local Ray
+    # (the pipeline starts one and keeps it for the process): this test needs its own node's resources.
+    ray.shutdown()
     ray.init(num_cpus=1, num_gpus=1, resources={"TPU": 1}, include_dashboard=False, log_to_driver=False,
              runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}})
     yield
