@@ -67,7 +67,7 @@ def _trace_forward(model: Student, clip: torch.Tensor) -> torch.Tensor:
     and unsqueeze keep the channel index, so here only the real flatten [T, c, g, g] -> [T, c*g*g] expands: channel c
     -> head inputs c*g*g .. c*g*g + g*g - 1, which is right (tests/tasks/test_prune.py prunes a dead channel to check).
     """
-    frames = clip[0].transpose(0, 1)                  # [1, C, T, H, W] -> [T, C, H, W]
+    frames = model.encoder_input(clip)[0].transpose(0, 1)  # [1, C, T, H, W] -> [T, C', H, W]
     features = model.encoder(frames)                  # [T, D], D = width * grid^2, channel-major
     return model.head(features.t().unsqueeze(0))      # [T, D] -> [1, D, T]
 

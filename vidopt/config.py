@@ -74,6 +74,8 @@ class DistillConfig(Section):
     conv_strides: list[int] = Field(default_factory=lambda: [2, 2, 2, 2])
     temporal_widths: list[int] = Field(default_factory=lambda: [128])
     pool_grid: int = Field(2, ge=1)      # encoder output pooled to a grid x grid map: keeps coarse position for motion
+    frame_differences: bool = True       # the encoder also sees each frame's difference to the next (vidopt/models.py):
+    #                                      on the demo data the student left chance after ~200 steps instead of ~1000
     epochs: int = Field(20, ge=1)
     lr: float = 2e-3                     # with augment: the student reached 87% test top-1 on the demo data in
     #                                      ~2000 steps at 2e-3 (cross-entropy alone, no teacher)

@@ -182,19 +182,23 @@ def shipped_types(hls_model) -> dict[str, str]:
 
 def readme(arch: StudentArch, hls4ml_version: str, types: dict[str, dict[str, str]], margin: int) -> str:
     t, d, h, w = arch.frames, arch.feature_dim(), arch.height, arch.width
+    c = arch.input_channels()
+    channels = ("RGB scaled to [0, 1], then standardised with the Kinetics mean/std (`vidopt.data.normalise_clips`)"
+                + (", then the same 3 channels of the next frame minus this one (zeros for the clip's last frame)"
+                   if arch.frame_differences else ""))
     layer_lines = "\n".join(f"| {ip} | {name} | `{p}` |" for ip, table in types.items() for name, p in table.items())
     return f"""# vidopt student as two hls4ml IPs
 hls4ml {hls4ml_version}, Vitis backend, {IO_TYPE}, {CLOCK_NS} ns clock.
 
 | IP | does | input | output |
 |---|---|---|---|
-| `encoder/` | per-frame 2D CNN (conv+BN folded, ReLU, average pool to a grid, flatten) | one frame `[{h}, {w}, 3]` (H, W, C: NHWC, channels last), RGB scaled to [0, 1] then standardised with the Kinetics mean/std (`vidopt.data.normalise_clips`) | `[{d}]` features |
+| `encoder/` | per-frame 2D CNN (conv+BN folded, ReLU, average pool to a grid, flatten) | one frame `[{h}, {w}, {c}]` (H, W, C: NHWC, channels last): {channels} | `[{d}]` features |
 | `head/` | temporal Conv1d+ReLU, average over all {t} steps, Linear | one clip's features `[{t}, {d}]` (T, D: channels last) | `[{arch.num_classes}]` logits |
 
 Chaining: run `encoder` on each of the clip's {t} frames in order, stack the {t} feature vectors as rows of a
 `[{t}, {d}]` array and feed it to `head`; argmax of the logits is the class.
-Normalisation is left to the host (or a DMA-side scale/offset): folding it into the first conv would change what its
-zero padding means.
+Normalisation (and the frame differences) are left to the host or a DMA-side stage: folding normalisation into the
+first conv would change what its zero padding means.
 
 Precision: `ap_fixed<W,I>` / `ap_ufixed` (unsigned after ReLU) with round-to-nearest and saturation; I from the largest
 activation seen on the calibration clips (+{margin} bit margin), weights and biases from their own max-abs.
@@ -252,12 +256,14 @@ def run_target(job: ExportJob) -> TargetResult:
     # inside the pool's job timeout. None: every clip.
     if limit := job.options.get("max_eval_clips"):
         x, labels = x[:int(limit)], labels[:int(limit)]
-    t, d = arch.frames, arch.feature_dim()
+    t, d, c = arch.frames, arch.feature_dim(), arch.input_channels()
     encoder, head = fold_student(model, arch)
-    frames = x.permute(0, 2, 3, 4, 1).reshape(-1, arch.height, arch.width, 3)  # -> [N*T, H, W, C], NHWC per frame
+    with torch.no_grad():  # the host's part: frame differences (parameter-free), before the encoder IP
+        encoder_x = model.encoder_input(x)                                # [N, C', T, H, W]
+    frames = encoder_x.permute(0, 2, 3, 4, 1).reshape(-1, arch.height, arch.width, c)  # [N*T, H, W, C'], NHWC
     # Calibration on the first eval (test) clips, as the contract offers no other split here; ranges only, no labels.
-    calib = x[: int(job.options.get("calibration_clips", CALIBRATION_CLIPS))]
-    calib_frames = calib.transpose(1, 2).reshape(-1, 3, arch.height, arch.width)  # [n, C, T, H, W] -> [n*T, C, H, W]
+    calib = encoder_x[: int(job.options.get("calibration_clips", CALIBRATION_CLIPS))]
+    calib_frames = calib.transpose(1, 2).reshape(-1, c, arch.height, arch.width)  # [n, C', T, H, W] -> [n*T, C', H, W]
     enc_ranges = activation_ranges(encoder, calib_frames)
     with torch.no_grad():
         calib_features = encoder(calib_frames).reshape(len(calib), t, d).transpose(1, 2)  # -> [n, D, T]
@@ -274,7 +280,7 @@ def run_target(job: ExportJob) -> TargetResult:
         head_types = layer_precisions(head, head_ranges, width, margin)
         # one type on the wire: the encoder's output stream feeds the head as it is
         head_types["input"] = {"result": enc_types["pool"]["result"]}
-        enc_ip, enc_s = build_ip(hls4ml, encoder, (3, arch.height, arch.width), enc_types, root / "encoder", tb_enc,
+        enc_ip, enc_s = build_ip(hls4ml, encoder, (c, arch.height, arch.width), enc_types, root / "encoder", tb_enc,
                                  width)
         head_ip, head_s = build_ip(hls4ml, head, (d, t), head_types, root / "head", tb_head, width)
         emulation_started = time.monotonic()

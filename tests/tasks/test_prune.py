@@ -52,7 +52,9 @@ def upstream(sample_dir, tmp_path_factory):
     arch = StudentArch(frames=cfg.clips.frames, height=cfg.clips.height, width=cfg.clips.width,
                        conv_widths=cfg.distill.conv_widths, conv_strides=cfg.distill.conv_strides,
                        temporal_widths=cfg.distill.temporal_widths, pool_grid=cfg.distill.pool_grid,
-                       num_classes=classes)
+                       frame_differences=False, num_classes=classes)
+    # RGB only: consecutive tiny clips (stride 1, 32x32) differ mostly by pixel noise, and with difference channels
+    # the student fit 17% of its training clips in 4 epochs instead of 37% (chance: 12.5%).
     student = build_model(arch)
     train = decode_clip_set(rows, dataset.classes, cfg.clips, cfg.distill.cached_clips_per_video)
     batches = EpochBatches(train, cfg.clips.batch_size, seed=0)

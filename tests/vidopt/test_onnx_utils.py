@@ -19,7 +19,8 @@ from vidopt.onnx_utils import (
 
 SHAPE = (3, 4, 32, 32)  # [C, T, H, W]
 # What the student may contain after export: BN folded into Conv, ReLU, pooling, the classifier, data movement.
-STUDENT_OPS = {"Conv", "Relu", "AveragePool", "Gemm", "MatMul", "Reshape", "Transpose", "Flatten"}
+STUDENT_OPS = {"Conv", "Relu", "AveragePool", "Gemm", "MatMul", "Reshape", "Transpose", "Flatten",
+               "Slice", "Concat", "Sub"}  # the last three: frame differences (vidopt/models.py)
 
 
 def _with_bn_statistics(model: torch.nn.Module) -> torch.nn.Module:
@@ -88,15 +89,15 @@ def test_int8_quantization_is_qdq_smaller_and_close_to_fp32(student, student_onn
     int8 = quantize_int8(student_onnx, tmp_path / "int8.onnx", calibration)
     ops = op_counts(int8)
     assert ops.get("QuantizeLinear", 0) >= 4 and ops.get("DequantizeLinear", 0) >= 4
-    # Weights are stored as int8 (1 byte per element instead of 4), except the RGB stem's: a 3-input-channel conv
-    # has no fast int8 kernel and stays fp32. On a model this small names and scales weigh too, so check the
+    # Weights are stored as int8 (1 byte per element instead of 4), except the stem's: a conv with 6 input channels
+    # (RGB and frame differences) has no fast int8 kernel and stays fp32. On a model this small names and scales weigh too, so check the
     # weights, not just the file.
     model = onnx.load(str(int8))
     int8_weights = [t for t in model.graph.initializer  # (1-D int8 tensors are zero points)
                     if t.data_type == onnx.TensorProto.INT8 and len(t.dims) >= 2]
     float_weights = [t for t in model.graph.initializer if t.data_type == onnx.TensorProto.FLOAT and len(t.dims) >= 2]
     assert len(int8_weights) == 4  # Conv2d 8->16, Conv2d 16->16, Conv1d, Linear
-    assert [list(t.dims) for t in float_weights] == [[8, 3, 3, 3]]
+    assert [list(t.dims) for t in float_weights] == [[8, 6, 3, 3]]
     fp32_weights = [t for t in onnx.load(str(student_onnx)).graph.initializer if len(t.dims) >= 2]
     assert sum(np.prod(t.dims) for t in int8_weights + float_weights) == sum(np.prod(t.dims) for t in fp32_weights)
     assert file_mb(int8) < file_mb(student_onnx)

@@ -1,0 +1,32 @@
+import torch
+
+from vidopt.models import Student, StudentArch, with_frame_differences
+
+ARCH = StudentArch(frames=4, height=16, width=16, conv_widths=[8, 8], conv_strides=[2, 2], temporal_widths=[8],
+                   num_classes=3)
+
+
+def test_frame_differences_are_next_minus_this_frame_and_zero_at_the_end():
+    x = torch.arange(2 * 3 * 4 * 2 * 2, dtype=torch.float32).reshape(2, 3, 4, 2, 2) ** 2  # [B, C, T, H, W]
+    out = with_frame_differences(x)
+    assert out.shape == (2, 6, 4, 2, 2)
+    assert torch.equal(out[:, :3], x)
+    assert torch.equal(out[:, 3:, :3], x[:, :, 1:] - x[:, :, :-1])
+    assert torch.count_nonzero(out[:, 3:, 3]) == 0
+
+
+def test_a_still_clip_has_zero_difference_channels_and_the_encoder_reads_six_channels():
+    still = torch.rand(1, 3, 1, 16, 16).expand(1, 3, 4, 16, 16)
+    model = Student(ARCH)
+    assert model.encoder.convs[0][0].in_channels == 6 == ARCH.input_channels()
+    assert torch.count_nonzero(model.encoder_input(still)[:, 3:]) == 0
+
+
+def test_without_frame_differences_the_encoder_reads_the_rgb_frames():
+    arch = ARCH.model_copy(update={"frame_differences": False})
+    model = Student(arch).eval()
+    x = torch.rand(2, 3, 4, 16, 16)
+    assert model.encoder.convs[0][0].in_channels == 3 == arch.input_channels()
+    assert torch.equal(model.encoder_input(x), x)
+    assert model(x).shape == (2, 3)
+
