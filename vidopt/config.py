@@ -174,7 +174,8 @@ class ListenConfig(Section):
     # ObjectCreated notifications it reads those; otherwise it polls the listing.
     sqs_queue_url: str | None = None
     poll_interval_s: float = Field(1.0, gt=0)     # listing interval in polling mode (S3: one LIST per second)
-    quiet_s: float = Field(1.0, ge=0)             # emit once no new object arrived for this long (batches a burst)
+    quiet_s: float = Field(1.0, ge=0)             # a burst's first objects are emitted at once, the rest once no
+    #                                               new object arrived for this long (batches a burst)
     max_wait_s: float = Field(4.0, gt=0)          # ... but never hold a new object back longer than this
     extensions: list[str] = Field(default_factory=lambda: [".mp4", ".avi", ".mkv", ".mov", ".webm", ".m4v"])
 

@@ -160,9 +160,10 @@ def _sqs_client(queue_url: str, region: str | None):
 class Listener:
     """New video objects under `source`, in debounced batches, each (key, etag) once, across restarts.
 
-    A step finds arrivals (a listing, or SQS messages), records them as pending in the state file, and once no new
-    object arrived for `quiet_s` (or `max_wait_s` after the first pending one) moves the pending keys into the
-    outbox as batches with deterministic ids. A batch leaves the outbox only after `ack` (run() acks when `emit`
+    A step finds arrivals (a listing, or SQS messages) and records them as pending in the state file. The first
+    objects of a burst (none cut for `quiet_s` before them) are batched at once; later ones once no new object arrived
+    for `quiet_s` (or `max_wait_s` after the first pending one). Batching moves the pending keys into the outbox as
+    batches with deterministic ids. A batch leaves the outbox only after `ack` (run() acks when `emit`
     returns), so a crash between recording and sending re-sends the same batch with the same id.
 
     The first polling start records what is already there as seen and reports nothing of it.
@@ -382,14 +383,18 @@ class Listener:
             return False
         quiet = now - st["last_arrival"] >= self.quiet_s
         overdue = now - st["pending_since"] >= self.max_wait_s
-        if not (flush or quiet or overdue):
+        # A burst's first objects go out at once (nothing was cut for quiet_s before they came): the run they start
+        # should not wait for the burst to end; the rest of the burst is batched as below.
+        last_cut = st.get("last_cut")
+        leading = last_cut is None or st["pending_since"] - last_cut >= self.quiet_s
+        if not (flush or quiet or overdue or leading):
             return False
         rows = sorted(st["pending"].values(), key=lambda r: r["key"])
         for i in range(0, len(rows), MAX_KEYS_PER_BATCH):
             chunk = rows[i:i + MAX_KEYS_PER_BATCH]
             objects = [RemoteObject(r["key"], r["uri"], r["size"], r["etag"]) for r in chunk]
             st["outbox"].append({"id": batch_id(self.source, objects), "objects": chunk})
-        st["pending"], st["pending_since"], st["last_arrival"] = {}, None, None
+        st["pending"], st["pending_since"], st["last_arrival"], st["last_cut"] = {}, None, None, now
         return True
 
     def _batch(self, row: dict[str, Any]) -> Batch:

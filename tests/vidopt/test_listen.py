@@ -146,7 +146,7 @@ def test_a_source_that_cannot_be_watched_fails_at_once_naming_it(moto_server, tm
                 listener.run(lambda batch: None)
 
 
-def test_debounce_waits_for_quiet_but_not_longer_than_max_wait(tmp_path):
+def test_a_burst_starts_at_once_then_waits_for_quiet_but_not_longer_than_max_wait(tmp_path):
     src = tmp_path / "bucket"
     src.mkdir()
     now = [0.0]
@@ -154,15 +154,18 @@ def test_debounce_waits_for_quiet_but_not_longer_than_max_wait(tmp_path):
                        clock=lambda: now[0]) as listener:
         assert listener.step() == []
         touch(src / "a.mp4")
-        assert listener.step() == [] and listener.next_wait() == 1.0
+        [batch] = listener.step()  # a burst's first object goes out at once: its run need not wait for the burst
+        assert batch.keys == ["a.mp4"]
+        listener.ack(batch)
         now[0] = 1.0
         touch(src / "b.mp4")
-        assert listener.step() == []
+        touch(src / "b2.mp4")
+        assert listener.step() == [] and listener.next_wait() == 1.0  # within quiet_s of the last batch: same burst
         now[0] = 2.5
         assert listener.step() == [] and listener.next_wait() == 0.5  # quiet ends at 1.0 + 2.0
         now[0] = 3.0
         [batch] = listener.step()
-        assert batch.keys == ["a.mp4", "b.mp4"]
+        assert batch.keys == ["b.mp4", "b2.mp4"]
         listener.ack(batch)
 
         for t in range(4, 9):  # a new object every second: never quiet, so max_wait (3.5 s after the first) decides
