@@ -104,14 +104,14 @@ def quantize_int8(fp32_path: str | Path, int8_path: str | Path, calibration_batc
                   per_channel: bool = True, calibrate_method: CalibrationMethod = CALIBRATION,
                   activation_type: QuantType = ACTIVATION_TYPE) -> Path:
     """Static QDQ quantization: int8 weights (per output channel if `per_channel`), activations of
-    `activation_type` with ranges from the calibration batches; convs without a fast int8 kernel stay fp32.
+    `activation_type` with ranges from the calibration batches; convs without a fast int8 kernel (and what only feeds them) stay fp32.
     onnxruntime's pre-processing (shape inference + graph optimisation) runs first: without it the QDQ graph keeps
     unfused patterns and int8 was barely faster than fp32 (DESIGN.md: 1.1x vs 2.3x at 1 thread)."""
     int8_path = Path(int8_path)
     with tempfile.TemporaryDirectory(prefix="vidopt-quant-") as work:
         prepared = Path(work) / "prepared.onnx"
         quant_pre_process(str(fp32_path), str(prepared))
-        kept_fp32 = convs_without_fast_int8_kernel(onnx.load(str(prepared)))
+        kept_fp32 = kept_in_fp32(onnx.load(str(prepared)))
         with atomic_path(int8_path) as tmp:
             quantize_static(str(prepared), str(tmp), ClipCalibrationReader(calibration_batches),
                             quant_format=QuantFormat.QDQ, per_channel=per_channel, reduce_range=False,
@@ -131,6 +131,26 @@ def convs_without_fast_int8_kernel(model: onnx.ModelProto) -> list[str]:
         if dims and group == 1 and dims[1] % FAST_INT8_CHANNEL_MULTIPLE:  # weight [out, in, k...]
             names.append(node.name)
     return names
+
+
+def kept_in_fp32(model: onnx.ModelProto) -> list[str]:
+    """Nodes quantization leaves in fp32: convs_without_fast_int8_kernel and everything that only feeds them.
+
+    The student's stem (6 input channels) is such a conv, and all before it is data movement and frame differences
+    (Slice / Sub / Concat / Transpose / Reshape). Quantized, that preamble became a chain of Quantize/Dequantize pairs
+    that onnxruntime fused into a slow int8 stem (im2col, 6 channels): int8 was 0.72x of fp32 on the demo student.
+    Kept in fp32, quantization starts at the stem's ReLU output."""
+    kept = set(convs_without_fast_int8_kernel(model))
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for node in model.graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    graph_outputs = {o.name for o in model.graph.output}
+    for node in reversed(model.graph.node):  # ONNX graphs are topologically sorted: consumers come after producers
+        users = [u for out in node.output for u in consumers.get(out, [])]
+        if users and not graph_outputs & set(node.output) and all(u.name in kept for u in users):
+            kept.add(node.name)
+    return [n.name for n in model.graph.node if n.name in kept]
 
 
 def op_counts(path: str | Path) -> dict[str, int]:

@@ -101,6 +101,18 @@ def test_int8_quantization_is_qdq_smaller_and_close_to_fp32(student, student_onn
     fp32_weights = [t for t in onnx.load(str(student_onnx)).graph.initializer if len(t.dims) >= 2]
     assert sum(np.prod(t.dims) for t in int8_weights + float_weights) == sum(np.prod(t.dims) for t in fp32_weights)
     assert file_mb(int8) < file_mb(student_onnx)
+    # The stem's input path (frame differences, layout changes) stays fp32 as a whole: no Quantize/Dequantize pair
+    # before the stem, whose fp32 output is the first thing quantized.
+    stem = next(n for n in model.graph.node if n.op_type == "Conv")
+    produced_by = {out: n for n in model.graph.node for out in n.output}
+    upstream, frontier = [], [stem.input[0]]
+    while frontier:
+        node = produced_by.get(frontier.pop())
+        if node is not None:
+            upstream.append(node.op_type)
+            frontier += list(node.input)
+    assert {"Slice", "Sub", "Concat"} <= set(upstream)
+    assert not {"QuantizeLinear", "DequantizeLinear"} & set(upstream), upstream
 
     x = torch.randn(16, *SHAPE)
     fp32 = ort_predict(ort_session(student_onnx), [x])
