@@ -1,4 +1,5 @@
-"""Pruning stage: the distilled student -> a smaller student, fine-tuned by distillation from the teacher.
+"""Pruning stage: the distilled student -> a smaller student, fine-tuned by distillation from the unpruned student
+(`prune.distill_from`; or from the teacher).
 
     python -m tasks.prune --profile tiny prune.target_macs_ratio=0.45      (or prune.method=l1_unstructured)
 
@@ -150,12 +151,14 @@ def run(cfg: PipelineConfig, dataset: DatasetArtifact, student: ModelArtifact, t
     val_set = cached_clip_set(cfg, dataset, val_rows, "val", cfg.clips.eval_clips_per_video) if val_rows else None
     score = score_fn_with_fallback(STAGE, val_set is not None, lambda m: clip_set_top1(m, val_set, batch),
                                    lambda m: clip_set_top1(m, train_set, batch))
-    logits_cache = work / "teacher_logits.pt"  # the teacher runs once; a resumed run never loads it
-    teacher_model = None if logits_cache.exists() else load_artifact_model(teacher)
+    # Fine-tuning matches the unpruned student's logits (prune.distill_from), or the teacher's
+    source = student if p.distill_from == "student" else teacher
+    logits_cache = work / f"{p.distill_from}_logits.pt"  # it runs once; a resumed run never loads it
+    teacher_model = None if logits_cache.exists() else load_artifact_model(source)
     train_set = attach_teacher_logits(train_set, teacher_model, batch, cache=logits_cache)
 
     before = model_metrics(model, cfg, dataset, {"epochs_run": 0, "best_epoch": -1})  # same clips as after
-    notes, masked = {"method": p.method, "widths_before": _widths(arch)}, []
+    notes, masked = {"method": p.method, "widths_before": _widths(arch), "distilled_from": p.distill_from}, []
     if p.method == "structured":
         arch = prune_structured(model, arch, p.target_macs_ratio)
     else:  # the mask stays attached while fine-tuning, else the optimizer would grow the zeros back

@@ -126,8 +126,11 @@ def test_structured_prune_meets_mac_target_and_rebuilds(upstream, tmp_path):
 
 def test_structured_stage_fine_tunes_back_what_pruning_lost(upstream, tiny_cfg):
     cfg = tiny_cfg("prune.target_macs_ratio=0.45", "prune.finetune_epochs=3")
-    # The trained student is its own teacher: its cached logits on the training clips are what pruning must restore.
-    pruned = prune.run(cfg, upstream["dataset"], upstream["student"], teacher=upstream["student"])
+    # prune.distill_from=student (the default): the unpruned student's logits on the training clips are what the
+    # fine-tuning matches, not the (here untrained) teacher's.
+    assert cfg.prune.distill_from == "student"
+    pruned = prune.run(cfg, upstream["dataset"], upstream["student"], teacher=upstream["teacher"])
+    assert pruned.notes["distilled_from"] == "student"
 
     m = pruned.metrics
     assert pruned.kind == "pruned" and m["macs"] <= 0.45 * m["macs_before"] and m["macs_ratio"] < 0.45 + 1e-9
@@ -147,7 +150,7 @@ def test_structured_stage_fine_tunes_back_what_pruning_lost(upstream, tiny_cfg):
                           cfg.clips.eval_clips_per_video)
     assert evaluate(model, val.batches(cfg.clips.batch_size, shuffle=False))["top1_clip"] == m["val_top1_clip"]
     # Done once: the same inputs return the stored result.
-    assert prune.run(cfg, upstream["dataset"], upstream["student"], upstream["student"]) == pruned
+    assert prune.run(cfg, upstream["dataset"], upstream["student"], upstream["teacher"]) == pruned
 
 
 def test_l1_unstructured_reaches_sparsity_and_changes_no_macs(upstream, tiny_cfg):
