@@ -54,7 +54,8 @@ def run(cfg: PipelineConfig, dataset: DatasetArtifact, logger=None) -> ModelArti
         return done
 
     t = cfg.teacher
-    arch = TeacherArch(arch=t.arch, width=t.width, num_classes=len(dataset.classes))
+    arch = TeacherArch(arch=t.arch, width=t.width, frame_differences=t.frame_differences,
+                       num_classes=len(dataset.classes))
     torch.manual_seed(cfg.run.seed)  # initial weights follow run.seed, which is part of the stage key
     model = build_model(arch)
     notes = {"init": load_init(model, t.init)} if t.init else {}

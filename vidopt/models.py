@@ -27,6 +27,7 @@ class TeacherArch(BaseModel):
     kind: Literal["teacher"] = "teacher"
     arch: Literal["r3d_18", "mc3_18", "r2plus1d_18"] = "r2plus1d_18"
     width: float = 1.0                      # multiplier on every channel count; 1.0 = the published model
+    frame_differences: bool = False         # 6-channel input as the student's (torchvision checkpoints need False)
     num_classes: int = 400
 
 
@@ -69,30 +70,32 @@ class StudentArch(BaseModel):
         return self.conv_widths[-1] * self.pool_grid**2
 
 
-def _stem(arch: str, c64: int, c45: int) -> nn.Sequential:
+def _stem(arch: str, c64: int, c45: int, cin: int = 3) -> nn.Sequential:
     """torchvision's BasicStem / R2Plus1dStem with scaled widths (same layer indices, so checkpoint keys match)."""
     if arch == "r2plus1d_18":
         return nn.Sequential(
-            nn.Conv3d(3, c45, (1, 7, 7), stride=(1, 2, 2), padding=(0, 3, 3), bias=False),
+            nn.Conv3d(cin, c45, (1, 7, 7), stride=(1, 2, 2), padding=(0, 3, 3), bias=False),
             nn.BatchNorm3d(c45), nn.ReLU(inplace=True),
             nn.Conv3d(c45, c64, (3, 1, 1), stride=(1, 1, 1), padding=(1, 0, 0), bias=False),
             nn.BatchNorm3d(c64), nn.ReLU(inplace=True),
         )
     return nn.Sequential(
-        nn.Conv3d(3, c64, (3, 7, 7), stride=(1, 2, 2), padding=(1, 3, 3), bias=False),
+        nn.Conv3d(cin, c64, (3, 7, 7), stride=(1, 2, 2), padding=(1, 3, 3), bias=False),
         nn.BatchNorm3d(c64), nn.ReLU(inplace=True),
     )
 
 
 class ScaledVideoResNet(VideoResNet):
-    """torchvision's VideoResNet with every channel count scaled; forward and _make_layer are torchvision's own."""
+    """torchvision's VideoResNet with every channel count scaled; forward and _make_layer are torchvision's own, after
+    the optional frame differences (with_frame_differences)."""
 
     def __init__(self, spec: TeacherArch):
         nn.Module.__init__(self)
         widths = [max(8, round(c * spec.width)) for c in BASE_WIDTHS]
         makers = TEACHER_LAYOUTS[spec.arch]
         self.inplanes = widths[0]
-        self.stem = _stem(spec.arch, widths[0], max(4, round(45 * spec.width)))
+        self.frame_differences = spec.frame_differences
+        self.stem = _stem(spec.arch, widths[0], max(4, round(45 * spec.width)), 6 if spec.frame_differences else 3)
         self.layer1 = self._make_layer(BasicBlock, makers[0], widths[0], 2, stride=1)
         self.layer2 = self._make_layer(BasicBlock, makers[1], widths[1], 2, stride=2)
         self.layer3 = self._make_layer(BasicBlock, makers[2], widths[2], 2, stride=2)
@@ -108,6 +111,9 @@ class ScaledVideoResNet(VideoResNet):
             elif isinstance(m, nn.Linear):
                 nn.init.normal_(m.weight, 0, 0.01)
                 nn.init.constant_(m.bias, 0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(with_frame_differences(x) if self.frame_differences else x)
 
 
 def conv_bn_relu_2d(cin: int, cout: int, stride: int) -> nn.Sequential:

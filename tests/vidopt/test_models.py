@@ -1,6 +1,6 @@
 import torch
 
-from vidopt.models import Student, StudentArch, with_frame_differences
+from vidopt.models import Student, StudentArch, TeacherArch, build_model, with_frame_differences
 
 ARCH = StudentArch(frames=4, height=16, width=16, conv_widths=[8, 8], conv_strides=[2, 2], temporal_widths=[8],
                    num_classes=3)
@@ -30,3 +30,12 @@ def test_without_frame_differences_the_encoder_reads_the_rgb_frames():
     assert torch.equal(model.encoder_input(x), x)
     assert model(x).shape == (2, 3)
 
+
+
+def test_teacher_frame_differences_are_opt_in_and_widen_only_the_stem():
+    plain = build_model(TeacherArch(arch="r3d_18", width=0.125, num_classes=3))
+    with_diff = build_model(TeacherArch(arch="r3d_18", width=0.125, frame_differences=True, num_classes=3))
+    assert plain.stem[0].in_channels == 3 and with_diff.stem[0].in_channels == 6
+    assert {k: v.shape for k, v in plain.state_dict().items() if not k.startswith("stem.0.")} == \
+           {k: v.shape for k, v in with_diff.state_dict().items() if not k.startswith("stem.0.")}
+    assert with_diff.eval()(torch.rand(2, 3, 4, 32, 32)).shape == (2, 3)
