@@ -29,6 +29,7 @@ from tasks.common import (
 )
 from tasks.retry import IO_RETRY_DELAYS, only_io_errors
 from vidopt.artifacts import DatasetArtifact, ModelArtifact
+from vidopt.augment import augment_clips
 from vidopt.checkpoint import load_state_dict_uri
 from vidopt.config import PipelineConfig
 from vidopt.data import make_loader
@@ -68,25 +69,28 @@ def run(cfg: PipelineConfig, dataset: DatasetArtifact, logger=None) -> ModelArti
     score = score_fn_with_fallback(STAGE, bool(val_rows), lambda m: clip_set_top1(m, scored, batch),
                                    lambda m: clip_set_top1(m, scored, batch))
 
+    augment = torch.Generator() if t.augment else None
+
     def start_epoch(epoch: int) -> None:
-        # New random clip offsets and a new shuffle every epoch, the same ones again after a resume.
+        # New random clip offsets, shuffle and augmentation every epoch, the same ones again after a resume.
         train_loader.dataset.epoch = epoch
         train_loader.generator.manual_seed(cfg.run.seed + epoch)
+        if augment is not None:
+            augment.manual_seed(cfg.run.seed * 100_003 + epoch)
+
+    def cross_entropy(model: nn.Module, batch: tuple) -> torch.Tensor:
+        x, y, _video = batch  # x: [B, C, T, H, W]
+        return F.cross_entropy(model(x if augment is None else augment_clips(x, augment)), y)
 
     log.info("%s: %s width %.3g, %d classes, %d train / %d val videos, work dir %s", STAGE, t.arch, t.width,
              arch.num_classes, len(train_rows), len(val_rows), work)
-    result = fit(model, _cross_entropy, train_loader, score,
+    result = fit(model, cross_entropy, train_loader, score,
                  FitSpec(epochs=t.epochs, lr=t.lr, weight_decay=t.weight_decay, patience=t.patience, stage=STAGE),
                  checkpoint=work / CHECKPOINT, logger=logger, on_epoch_start=start_epoch)
     metrics = model_metrics(model, cfg, dataset, result)
     log.info("%s: done after %d epochs (best %d): %s", STAGE, result["epochs_run"], result["best_epoch"] + 1,
              {k: round(v, 3) for k, v in metrics.items() if "top1" in k})
     return save_artifact(work, model, arch, metrics, cfg, "teacher", dataset, notes)
-
-
-def _cross_entropy(model: nn.Module, batch: tuple):
-    x, y, _video = batch  # x: [B, C, T, H, W]
-    return F.cross_entropy(model(x), y)
 
 
 def load_init(model: nn.Module, uri: str) -> str:

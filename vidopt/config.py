@@ -62,6 +62,7 @@ class TeacherConfig(Section):
     width: float = Field(0.25, gt=0)     # channel multiplier; 1.0 = torchvision's published architecture
     frame_differences: bool = False      # 6-channel input like the student's (vidopt/models.py); False keeps the stem
     #                                      torchvision checkpoints and `init` weights fit
+    augment: bool = False                # the student's clip augmentation (vidopt/augment.py) in teacher training too
     init: str | None = None              # state_dict checkpoint (path or s3:// URI, .pt or .safetensors) to start from
     epochs: int = Field(12, ge=1)
     lr: float = 1e-3                     # AdamW peak of the one-cycle schedule (vidopt/training.py). 3e-3 never

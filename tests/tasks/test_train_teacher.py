@@ -5,6 +5,7 @@ same logits, is not trained twice, and starts from a user's state_dict when `tea
 """
 import json
 import re
+import shutil
 from pathlib import Path
 
 import mlflow
@@ -134,3 +135,41 @@ def test_teacher_without_val_or_test_videos_scores_on_train_and_says_so(sample_d
     assert "the test split is empty" in caplog.text
     assert not any(k.startswith(("val_", "test_")) for k in teacher.metrics)
     assert teacher.metrics["epochs_run"] == 1 and teacher.metrics["best_epoch"] == 0
+
+
+class Crash(Exception):
+    pass
+
+
+def test_teacher_with_frame_differences_and_augmentation_resumes_to_the_same_weights(sample_dir, tiny_cfg,
+                                                                                      monkeypatch):
+    cfg = tiny_cfg(f"data.source={sample_dir}", "teacher.width=0.125", "teacher.epochs=2", "teacher.patience=10",
+                   "teacher.frame_differences=true", "teacher.augment=true")
+    dataset = ingest.run(cfg)
+    whole = train_teacher.run(cfg, dataset)
+    assert whole.arch["frame_differences"] is True
+    shutil.rmtree(Path(whole.uri).parent)  # the stage dir: train again from nothing
+
+    real_fit = train_teacher.fit
+
+    def crash_before_the_second_epoch(*args, on_epoch_start, **kwargs):
+        def start(epoch: int) -> None:
+            if epoch == 1:
+                raise Crash("killed after the first epoch's checkpoint")
+            on_epoch_start(epoch)
+        return real_fit(*args, on_epoch_start=start, **kwargs)
+
+    monkeypatch.setattr(train_teacher, "fit", crash_before_the_second_epoch)
+    with pytest.raises(Crash):
+        train_teacher.run(cfg, dataset)
+    monkeypatch.undo()
+    started = []
+
+    def record_epochs(*args, on_epoch_start, **kwargs):
+        return real_fit(*args, on_epoch_start=lambda epoch: (started.append(epoch), on_epoch_start(epoch)), **kwargs)
+
+    monkeypatch.setattr(train_teacher, "fit", record_epochs)
+    resumed = train_teacher.run(cfg, dataset)
+    assert started == [1]  # from the checkpoint, not from scratch
+    # The resumed run drew the same clip offsets, order and augmentations for its second epoch.
+    assert resumed.weights_sha256 == whole.weights_sha256 and resumed.metrics == whole.metrics
