@@ -204,7 +204,8 @@ def prepare_qat(student: nn.Module, arch: StudentArch) -> nn.Module:
     from torch.ao.quantization.quantize_fx import prepare_qat_fx
 
     qat = copy.deepcopy(student).train()
-    qat.encoder = prepare_qat_fx(qat.encoder, _qconfig_mapping(), (torch.randn(2, arch.input_channels(), arch.height, arch.width),))
+    frames = torch.randn(2, arch.input_channels(), arch.height, arch.width)  # what the encoder reads per frame
+    qat.encoder = prepare_qat_fx(qat.encoder, _qconfig_mapping(), (frames,))
     qat.head = prepare_qat_fx(qat.head, _qconfig_mapping(), (torch.randn(2, arch.feature_dim(), arch.frames),))
     # The student arrives trained: its BN statistics are right, and freezing them makes the fake-quantized folded
     # weights the ones onnxruntime will fold and quantize.

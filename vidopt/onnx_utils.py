@@ -104,7 +104,8 @@ def quantize_int8(fp32_path: str | Path, int8_path: str | Path, calibration_batc
                   per_channel: bool = True, calibrate_method: CalibrationMethod = CALIBRATION,
                   activation_type: QuantType = ACTIVATION_TYPE) -> Path:
     """Static QDQ quantization: int8 weights (per output channel if `per_channel`), activations of
-    `activation_type` with ranges from the calibration batches; convs without a fast int8 kernel (and what only feeds them) stay fp32.
+    `activation_type` with ranges from the calibration batches; convs without a fast int8 kernel (and what only feeds
+    them) stay fp32.
     onnxruntime's pre-processing (shape inference + graph optimisation) runs first: without it the QDQ graph keeps
     unfused patterns and int8 was barely faster than fp32 (DESIGN.md: 1.1x vs 2.3x at 1 thread)."""
     int8_path = Path(int8_path)

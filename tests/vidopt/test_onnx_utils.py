@@ -90,8 +90,8 @@ def test_int8_quantization_is_qdq_smaller_and_close_to_fp32(student, student_onn
     ops = op_counts(int8)
     assert ops.get("QuantizeLinear", 0) >= 4 and ops.get("DequantizeLinear", 0) >= 4
     # Weights are stored as int8 (1 byte per element instead of 4), except the stem's: a conv with 6 input channels
-    # (RGB and frame differences) has no fast int8 kernel and stays fp32. On a model this small names and scales weigh too, so check the
-    # weights, not just the file.
+    # (RGB and frame differences) has no fast int8 kernel and stays fp32. On a model this small names and scales
+    # weigh too, so check the weights, not just the file.
     model = onnx.load(str(int8))
     int8_weights = [t for t in model.graph.initializer  # (1-D int8 tensors are zero points)
                     if t.data_type == onnx.TensorProto.INT8 and len(t.dims) >= 2]

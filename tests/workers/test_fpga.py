@@ -100,5 +100,6 @@ def test_two_ips_match_pytorch(job):
         assert f"fpga_hls_project/{ip}/build_prj.tcl" in names
         assert f"fpga_hls_project/{ip}/tb_data/tb_input_features.dat" in names
     assert not [n for n in names if n.endswith((".so", ".o"))]    # host binaries are rebuilt, not shipped
-    assert "vitis-run --tcl build_prj.tcl" in readme and "[28, 28, 6]" in readme and "next frame minus this one" in readme and "[4, 32]" in readme
+    assert "vitis-run --tcl build_prj.tcl" in readme and "[28, 28, 6]" in readme and "[4, 32]" in readme
+    assert "next frame minus this one" in readme  # the host computes the frame differences
     assert result.artifact_bytes > 0
