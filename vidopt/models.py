@@ -197,7 +197,11 @@ def build_model(spec: TeacherArch | StudentArch) -> nn.Module:
 
 
 def arch_from_dict(raw: dict) -> TeacherArch | StudentArch:
-    return TeacherArch.model_validate(raw) if raw.get("kind") == "teacher" else StudentArch.model_validate(raw)
+    if raw.get("kind") == "teacher":
+        return TeacherArch.model_validate(raw)
+    # A student record written before `frame_differences` existed describes an RGB-only encoder: its weights have a
+    # 3-channel stem, which the field's default (True) would not fit.
+    return StudentArch.model_validate({"frame_differences": False, **raw})
 
 
 def student_arch_of(model: Student, spec: StudentArch) -> StudentArch:

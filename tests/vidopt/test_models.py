@@ -1,6 +1,6 @@
 import torch
 
-from vidopt.models import Student, StudentArch, TeacherArch, build_model, with_frame_differences
+from vidopt.models import Student, StudentArch, TeacherArch, arch_from_dict, build_model, with_frame_differences
 
 ARCH = StudentArch(frames=4, height=16, width=16, conv_widths=[8, 8], conv_strides=[2, 2], temporal_widths=[8],
                    num_classes=3)
@@ -39,3 +39,11 @@ def test_teacher_frame_differences_are_opt_in_and_widen_only_the_stem():
     assert {k: v.shape for k, v in plain.state_dict().items() if not k.startswith("stem.0.")} == \
            {k: v.shape for k, v in with_diff.state_dict().items() if not k.startswith("stem.0.")}
     assert with_diff.eval()(torch.rand(2, 3, 4, 32, 32)).shape == (2, 3)
+
+
+def test_a_student_record_from_before_frame_differences_rebuilds_its_rgb_encoder():
+    old_record = ARCH.model_dump()
+    del old_record["frame_differences"]
+    rebuilt = arch_from_dict(old_record)
+    assert rebuilt.frame_differences is False and build_model(rebuilt).encoder.convs[0][0].in_channels == 3
+    assert arch_from_dict(ARCH.model_dump()) == ARCH  # records that name the field keep it
