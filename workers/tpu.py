@@ -11,13 +11,15 @@ Latency note (torch-xla 2.9): every `StableHLOGraphModule` call converts the Sta
 with no cache (`XLAGraphExecutor::ExecuteStablehlo`; ~1 s per call here, the `CompileTime` metric). `latency_ms` is
 the wall time of a call minus that compile, i.e. what a server that keeps the compiled executable pays; the raw call
 time and the compile time are in `extra`. Because of that, the eval set is verified through the same model exported
-at a static batch of VERIFY_BATCH (one compile per VERIFY_BATCH clips, not per clip), and the shipped batch-1 program
-itself on its first SHIPPED_CHECK_CLIPS clips; both are gated by the same tolerance.
+at a static batch of up to MAX_VERIFY_BATCH (one compile per batch, not per clip), and the shipped batch-1 program
+itself on the first `latency_iters` clips, one distinct clip per timed call: the timed calls are the check, so no
+compile is spent twice. Both checks are gated by the same tolerance.
 """
 from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import os
 import subprocess
 import sys
@@ -31,10 +33,10 @@ from workers.common import archive, load_eval_clips, parity, reference_logits, t
 
 FP32_TOL = 1e-4          # max |logit| difference allowed between the reloaded fp32 StableHLO and PyTorch
 BF16_REL_TOL = 5e-2      # bf16 keeps 8 mantissa bits (~4e-3 per rounding); reported against max |logit|, not gated
-LATENCY_WARMUP, LATENCY_ITERS = 1, 10   # each call recompiles (~1 s on CPU): few iterations; `latency_iters` option
+LATENCY_ITERS = 6        # timed batch-1 calls, each on its own clip (~0.5 s compile each on CPU); `latency_iters` option.
+#                          No warm-up call: every call compiles afresh, and the batched calls before them warmed PJRT
 CHILD_TIMEOUT_S = 1800
-VERIFY_BATCH = 16        # static batch of the verification-only export (the last batch is padded)
-SHIPPED_CHECK_CLIPS = 4  # eval clips run through the shipped batch-1 program itself
+MAX_VERIFY_BATCH = 64    # static batch of the verification-only export: the eval set in equal batches of at most this
 NO_TORCH_XLA = 3         # exit code of a child that cannot import torch_xla
 
 
@@ -57,7 +59,9 @@ def run_target(job: ExportJob) -> TargetResult:
     work = out / "verify"
     work.mkdir(exist_ok=True)
 
-    export_cmd = ["--export", job.model_dir, str(out)] + (["--bf16"] if bf16 else [])
+    x, labels = load_eval_clips(job)
+    export_cmd = ["--export", job.model_dir, str(out), "--verify-batch", str(verify_batch(len(x)))]
+    export_cmd += ["--bf16"] if bf16 else []
     exported = _child(export_cmd, "CPU", job)
     if exported.returncode:
         return _child_failure("export", exported, started)
@@ -69,7 +73,6 @@ def run_target(job: ExportJob) -> TargetResult:
     if verified.returncode:
         return _child_failure("verify", verified, started)
 
-    x, labels = load_eval_clips(job)
     reference = reference_logits(job, x)
     variants = {}
     for name, program in programs.items():
@@ -102,6 +105,11 @@ def run_target(job: ExportJob) -> TargetResult:
         parity=fp32["parity"], top1=fp32["top1"], latency_ms=fp32["latency_ms"],
         seconds=time.monotonic() - started, extra={"variants": variants, "pjrt_device": device},
     )
+
+
+def verify_batch(clips: int) -> int:
+    """The smallest static batch that covers `clips` in as few batches of <= MAX_VERIFY_BATCH as possible (88 -> 44)."""
+    return math.ceil(clips / math.ceil(clips / MAX_VERIFY_BATCH))
 
 
 def _child(args: list[str], device: str, job: ExportJob) -> subprocess.CompletedProcess:
@@ -146,9 +154,9 @@ def _bf16_compute(model):
     return Bf16Compute(model).eval()
 
 
-def export_stablehlo(model_dir: str, out: Path, bf16: bool) -> dict:
+def export_stablehlo(model_dir: str, out: Path, bf16: bool, batch: int) -> dict:
     """torch.export (batch 1, static: torch-xla's dynamic-batch export needs EXPERIMENTAL_XLA_UNBOUNDED_DYNAMISM) ->
-    StableHLO -> out/stablehlo (and out/stablehlo_bf16); the same at batch VERIFY_BATCH under out/verify/batched/."""
+    StableHLO -> out/stablehlo (and out/stablehlo_bf16); the same at `batch` under out/verify/batched/."""
     import shutil
 
     import torch
@@ -159,7 +167,7 @@ def export_stablehlo(model_dir: str, out: Path, bf16: bool) -> dict:
 
     model, arch = load_model_dir(model_dir)
     example = (torch.randn(1, 3, arch.frames, arch.height, arch.width),)  # [1, C, T, H, W]
-    batched = (torch.randn(VERIFY_BATCH, 3, arch.frames, arch.height, arch.width),)
+    batched = (torch.randn(batch, 3, arch.frames, arch.height, arch.width),)
     report: dict = {"tpu_chips": tpu.num_available_chips()}
     for name, module in [("fp32", model)] + ([("bf16", _bf16_compute(load_model_dir(model_dir)[0]))] if bf16 else []):
         started = time.monotonic()
@@ -205,15 +213,16 @@ def verify_stablehlo(program_dirs: list[str], clips_file: str, work: Path, iters
         wall = (time.perf_counter() - started) * 1e3
         return logits.numpy(), wall, (compile_ns() - before) / 1e6
 
-    pad = -len(clips) % VERIFY_BATCH  # repeat the last clip up to a whole batch; its extra logits are dropped
+    batch = verify_batch(len(clips))  # what the exporting child was given for these clips
+    pad = -len(clips) % batch         # repeat the last clip up to a whole batch; its extra logits are dropped
     padded = torch.cat([clips, clips[-1:].expand(pad, *clips.shape[1:])])
     for program_dir in map(Path, program_dirs):
         program = StableHLOGraphModule.load(str(work / "batched" / program_dir.name))
-        logits = np.concatenate([call(padded[i:i + VERIFY_BATCH])[0] for i in range(0, len(padded), VERIFY_BATCH)])
+        logits = np.concatenate([call(padded[i:i + batch])[0] for i in range(0, len(padded), batch)])
         program = StableHLOGraphModule.load(str(program_dir))  # the shipped batch-1 program
-        shipped = np.concatenate([call(clips[i:i + 1])[0] for i in range(min(SHIPPED_CHECK_CLIPS, len(clips)))])
-        timed = [call(clips[:1])[1:] for _ in range(LATENCY_WARMUP + iters)][LATENCY_WARMUP:]
-        walls, compiles = np.array(timed).T
+        runs = [call(clips[i % len(clips):][:1]) for i in range(iters)]  # clip i on call i: timed and checked
+        shipped = np.concatenate([r[0] for r in runs[:len(clips)]])
+        walls, compiles = np.array([r[1:] for r in runs]).T
         np.save(work / f"{program_dir.name}.npy", logits[:len(clips)].astype(np.float32))
         np.save(work / f"{program_dir.name}_shipped.npy", shipped.astype(np.float32))
         (work / f"{program_dir.name}.json").write_text(json.dumps({
@@ -232,7 +241,8 @@ def _main(argv: list[str]) -> int:
             print(f"torch_xla does not import here: {error}", file=sys.stderr)
             return NO_TORCH_XLA
     if argv[0] == "--export":
-        print(json.dumps(export_stablehlo(argv[1], Path(argv[2]), "--bf16" in argv)))
+        batch = int(argv[argv.index("--verify-batch") + 1])
+        print(json.dumps(export_stablehlo(argv[1], Path(argv[2]), "--bf16" in argv, batch)))
     elif argv[0] == "--verify":
         dirs = argv[1:argv.index("--clips")]
         verify_stablehlo(dirs, argv[argv.index("--clips") + 1], Path(argv[argv.index("--work") + 1]),

@@ -52,3 +52,8 @@ def test_stablehlo_reloaded_in_a_fresh_process_matches_pytorch(demo_job, tmp_pat
         names = tar.getnames()
     assert any(n.endswith(".bytecode") for n in names) and any("/data/" in n for n in names)
     assert "stablehlo/signature.json" in names
+    assert result.extra["variants"]["fp32"]["shipped_batch1_parity"]["clips"] == 3  # one clip per timed call
+
+
+def test_verification_batches_are_as_few_and_as_even_as_the_cap_allows():
+    assert [tpu.verify_batch(n) for n in (1, 6, 64, 65, 88, 130)] == [1, 6, 64, 33, 44, 44]
