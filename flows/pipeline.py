@@ -28,7 +28,7 @@ def pipeline(config: PipelineConfig) -> dict:
         teacher = train_teacher_task(config, dataset, run_id)
         student = distill_task(config, dataset, teacher, run_id)
         pruned = prune_task(config, dataset, student, teacher, run_id)
-        int8 = quantize_task(config, dataset, pruned, teacher, run_id)
+        int8 = quantize_task(config, dataset, pruned, run_id)
         targets = export_task(config, dataset, int8, run_id)
         registry = register_task(config, dataset, teacher, targets, run_id)
         ladder = {"teacher": teacher, "student": student, "pruned": pruned, "int8": int8}

@@ -116,7 +116,7 @@ def _standalone(cfg: PipelineConfig) -> list[TargetResult]:
     dataset = ingest.run(cfg)
     teacher = train_teacher.run(cfg, dataset)
     pruned = prune.run(cfg, dataset, distill.run(cfg, dataset, teacher), teacher)
-    return run(cfg, dataset, quantize.run(cfg, dataset, pruned, teacher))
+    return run(cfg, dataset, quantize.run(cfg, dataset, pruned))
 
 
 if __name__ == "__main__":

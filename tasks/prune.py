@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+from pathlib import Path
 
 import torch
 import torch_pruning as tp
@@ -102,8 +103,10 @@ def plan_widths(arch: StudentArch, target_macs_ratio: float) -> StudentArch:
     return plan(low)
 
 
-def prune_structured(model: Student, arch: StudentArch, target_macs_ratio: float) -> StudentArch:
-    return prune_to_widths(model, arch, plan_widths(arch, target_macs_ratio))
+def step_plans(arch: StudentArch, target_macs_ratio: float, steps: int) -> list[StudentArch]:
+    """The widths after each of `steps` rounds: round k keeps target^(k/steps) of the unpruned MACs (geometric, so
+    every round removes the same share of what is left); the last round is exactly plan_widths(target)."""
+    return [plan_widths(arch, target_macs_ratio ** (k / steps)) for k in range(1, steps + 1)]
 
 
 def prune_to_widths(model: Student, arch: StudentArch, plan: StudentArch) -> StudentArch:
@@ -159,21 +162,39 @@ def run(cfg: PipelineConfig, dataset: DatasetArtifact, student: ModelArtifact, t
 
     before = model_metrics(model, cfg, dataset, {"epochs_run": 0, "best_epoch": -1})  # same clips as after
     notes, masked = {"method": p.method, "widths_before": _widths(arch), "distilled_from": p.distill_from}, []
+    batches = EpochBatches(train_set, batch, cfg.run.seed, augment=cfg.distill.augment)
+
+    def finetune(epochs: int, checkpoint: Path, stage: str) -> dict:
+        """Distillation fine-tuning; each round has its own checkpoint, so a resumed run replays the finished rounds
+        (pruning is deterministic, a finished fit only reloads its best weights) and resumes the unfinished one."""
+        if epochs == 0:
+            return {"epochs_run": 0, "best_epoch": -1}
+        return fit(model, lambda m, b: distillation_loss(m(b[0]), b[2], b[1], d.alpha, d.temperature), batches,
+                   score, FitSpec(epochs=epochs, lr=p.lr, weight_decay=d.weight_decay, patience=d.patience,
+                                  stage=stage, channels_last=True),
+                   checkpoint=checkpoint, logger=logger, on_epoch_start=batches.start_epoch)
+
     if p.method == "structured":
-        arch = prune_structured(model, arch, p.target_macs_ratio)
+        plans = step_plans(arch, p.target_macs_ratio, p.steps)
+        rounds = []
+        for k, plan in enumerate(plans[:-1], start=1):  # the rounds before the last: a short fine-tune each
+            arch = prune_to_widths(model, arch, plan)
+            pruned_score = score(model)
+            step = finetune(p.step_epochs, work / f"round{k}_{CHECKPOINT}", f"{STAGE}.round{k}")
+            rounds.append({"widths": plan.conv_widths + plan.temporal_widths, "score_after_pruning": pruned_score,
+                           "score_after_finetune": step.get("best_score", pruned_score)})
+            log.info("%s: round %d/%d widths %s: %.3f after pruning, %.3f after %d epochs", STAGE, k, p.steps,
+                     rounds[-1]["widths"], pruned_score, rounds[-1]["score_after_finetune"], step["epochs_run"])
+        arch = prune_to_widths(model, arch, plans[-1])
+        if rounds:
+            notes["rounds"] = json.dumps(rounds)
     else:  # the mask stays attached while fine-tuning, else the optimizer would grow the zeros back
         masked = _masked_weights(model)
         torch_prune.global_unstructured(masked, pruning_method=torch_prune.L1Unstructured, amount=p.sparsity)
         notes["speed"] = L1_NOTE
-    pruned_score = score(model)  # right after pruning, before any fine-tuning
+    pruned_score = score(model)  # right after (the last round of) pruning, before its fine-tuning
 
-    result = {"epochs_run": 0, "best_epoch": -1}
-    if p.finetune_epochs > 0:
-        batches = EpochBatches(train_set, batch, cfg.run.seed, augment=cfg.distill.augment)
-        result = fit(model, lambda m, b: distillation_loss(m(b[0]), b[2], b[1], d.alpha, d.temperature), batches,
-                     score, FitSpec(epochs=p.finetune_epochs, lr=p.lr, weight_decay=d.weight_decay,
-                                    patience=d.patience, stage=STAGE),
-                     checkpoint=work / CHECKPOINT, logger=logger, on_epoch_start=batches.start_epoch)
+    result = finetune(p.finetune_epochs, work / CHECKPOINT, STAGE)
     for module, name in masked:
         torch_prune.remove(module, name)  # weight_orig * weight_mask -> a plain weight with the zeros in it
 

@@ -3,7 +3,8 @@
     python -m tasks.quantize --profile tiny
 
 Post-training quantization (PTQ) first. If int8 loses more than `quantize.max_top1_drop` test top-1 against fp32,
-quantization-aware fine-tuning (QAT) with distillation from the teacher, then export and quantize again. The model dir
+quantization-aware fine-tuning (QAT) that distils from the fp32 model itself (what int8 must reproduce, and what
+the registry's argmax-agreement gate compares it with), then export and quantize again. The model dir
 holds model_fp32.onnx, model_int8.onnx, the fp32 weights they came from, arch.json, metrics.json and config.json.
 """
 from __future__ import annotations
@@ -47,13 +48,12 @@ class QuantizeError(RuntimeError):
     """The exported model does not match PyTorch, or the input is not a student."""
 
 
-def work_dir(cfg: PipelineConfig, dataset: DatasetArtifact, model: ModelArtifact, teacher: ModelArtifact) -> Path:
-    return stage_dir(cfg, "quantize", SECTIONS, [artifact_hash(dataset), artifact_hash(model), artifact_hash(teacher)])
+def work_dir(cfg: PipelineConfig, dataset: DatasetArtifact, model: ModelArtifact) -> Path:
+    return stage_dir(cfg, "quantize", SECTIONS, [artifact_hash(dataset), artifact_hash(model)])
 
 
-def run(cfg: PipelineConfig, dataset: DatasetArtifact, model: ModelArtifact, teacher: ModelArtifact,
-        logger=None) -> ModelArtifact:
-    work = work_dir(cfg, dataset, model, teacher)
+def run(cfg: PipelineConfig, dataset: DatasetArtifact, model: ModelArtifact, logger=None) -> ModelArtifact:
+    work = work_dir(cfg, dataset, model)
     record = work / "artifact.json"
     if record.exists():  # written last: same inputs and config, the finished result is returned, not redone
         log.info("quantize: %s already holds the int8 model for these inputs", work / "model")
@@ -62,7 +62,7 @@ def run(cfg: PipelineConfig, dataset: DatasetArtifact, model: ModelArtifact, tea
     if arch.kind != "student":
         raise QuantizeError(f"quantize: {model.uri} holds a {arch.kind}; int8 export is for the 2D+1D student")
     shape = (3, arch.frames, arch.height, arch.width)  # [C, T, H, W]
-    student, metrics, notes = quantize_student(cfg, dataset, student, arch, teacher, work, logger)
+    student, metrics, notes = quantize_student(cfg, dataset, student, arch, work, logger)
     fp32_path, int8_path = work / "onnx" / FP32_FILE, work / "onnx" / INT8_FILE
     metrics.update({"params": count_params(student), "macs": count_macs(student, shape),
                     "size_fp32_mb": file_mb(fp32_path), "size_int8_mb": file_mb(int8_path)})
@@ -84,7 +84,7 @@ def run(cfg: PipelineConfig, dataset: DatasetArtifact, model: ModelArtifact, tea
 
 
 def quantize_student(cfg: PipelineConfig, dataset: DatasetArtifact, student: nn.Module, arch: StudentArch,
-                     teacher: ModelArtifact, work: Path, logger=None) -> tuple[nn.Module, dict, dict[str, str]]:
+                     work: Path, logger=None) -> tuple[nn.Module, dict, dict[str, str]]:
     """PTQ, then QAT if PTQ loses more than the budget. Leaves <work>/onnx/model_{fp32,int8}.onnx for the returned
     student (the input one, or its QAT fine-tuned weights) and returns (student, metrics, notes)."""
     shape = (3, arch.frames, arch.height, arch.width)
@@ -98,8 +98,8 @@ def quantize_student(cfg: PipelineConfig, dataset: DatasetArtifact, student: nn.
     if drop > cfg.quantize.max_top1_drop:
         log.info("quantize: PTQ lost %.3f test top-1 (> %.3f allowed); quantization-aware fine-tuning",
                  drop, cfg.quantize.max_top1_drop)
-        teacher_model, _ = load_model_dir(teacher.uri)
-        attach_teacher_logits(train, teacher_model, cfg.clips.batch_size, cache=work / "teacher_logits.pt")
+        # the fp32 student's own logits are the soft targets: QAT is to keep its function through int8 rounding
+        attach_teacher_logits(train, student, cfg.clips.batch_size, cache=work / "fp32_logits.pt")
         val = _clip_sets(cfg, dataset, ("val",))[0] if split_rows(dataset, "val") else None
         student = qat_finetune(student, arch, train, val, cfg, work / "qat_last.pt", logger)
         metrics.update(_export_quantize_evaluate(student, shape, calibration, test, fp32_path, int8_path, cfg, "qat"))
@@ -238,8 +238,8 @@ def qat_finetune(student: nn.Module, arch: StudentArch, train: ClipSet, val: Cli
     d = cfg.distill
 
     def loss_fn(model: nn.Module, batch) -> torch.Tensor:
-        x, labels, teacher_logits = batch
-        return distillation_loss(model(x), teacher_logits, labels, d.alpha, d.temperature)
+        x, labels, fp32_logits = batch
+        return distillation_loss(model(x), fp32_logits, labels, d.alpha, d.temperature)
 
     def on_epoch_start(epoch: int) -> None:
         batches.start_epoch(epoch)
@@ -259,10 +259,10 @@ def qat_finetune(student: nn.Module, arch: StudentArch, train: ClipSet, val: Cli
 # [Prefect] retries cover object-store reads only; `run` above is the plain function tests call.
 @task(name="quantize", retries=len(IO_RETRY_DELAYS), retry_delay_seconds=IO_RETRY_DELAYS,
       retry_condition_fn=only_io_errors, **stage_cache(work_dir))
-def quantize_task(cfg: PipelineConfig, dataset: DatasetArtifact, model: ModelArtifact, teacher: ModelArtifact,
+def quantize_task(cfg: PipelineConfig, dataset: DatasetArtifact, model: ModelArtifact,
                   parent_run_id: str) -> ModelArtifact:
     with stage_run("quantize", parent_run_id) as stage:  # [MLflow] nested run: QAT epochs (if any), then the result
-        artifact = run(cfg, dataset, model, teacher, logger=stage)
+        artifact = run(cfg, dataset, model, logger=stage)
         log_model_stage(stage, cfg, SECTIONS, artifact)  # params, metrics, the model dir (ONNX files, notes.json)
     return artifact
 
@@ -274,7 +274,7 @@ def _standalone(cfg: PipelineConfig) -> ModelArtifact:
     dataset = ingest.run(cfg)
     teacher = train_teacher.run(cfg, dataset)
     pruned = prune.run(cfg, dataset, distill.run(cfg, dataset, teacher), teacher)
-    return run(cfg, dataset, pruned, teacher)
+    return run(cfg, dataset, pruned)
 
 
 if __name__ == "__main__":

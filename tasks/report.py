@@ -85,7 +85,7 @@ def _standalone(cfg: PipelineConfig) -> ReportArtifact:
     teacher = train_teacher.run(cfg, dataset)
     student = distill.run(cfg, dataset, teacher)
     pruned = prune.run(cfg, dataset, student, teacher)
-    int8 = quantize.run(cfg, dataset, pruned, teacher)
+    int8 = quantize.run(cfg, dataset, pruned)
     ladder = {"teacher": teacher, "student": student, "pruned": pruned, "int8": int8}
     return run(cfg, dataset, ladder, export.run(cfg, dataset, int8))
 

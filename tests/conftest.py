@@ -87,7 +87,7 @@ def tiny_ladder(sample_dir, tmp_path_factory):
     teacher = train_teacher.run(cfg, dataset)
     student = distill.run(cfg, dataset, teacher)
     pruned = prune.run(cfg, dataset, student, teacher)
-    int8 = quantize.run(cfg, dataset, pruned, teacher)
+    int8 = quantize.run(cfg, dataset, pruned)
     return cfg, {"dataset": dataset, "teacher": teacher, "student": student, "pruned": pruned, "int8": int8}
 
 

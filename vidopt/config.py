@@ -104,7 +104,11 @@ class PruneConfig(Section):
     #   onnxruntime fp32 at 16x64x64, batch 1: 0.45 -> 1.25x faster, 0.30 -> ~1.65x, 0.25 -> ~1.8x (latency falls
     #   slower than MACs: BN-folded convs are only part of the time at this size)
     sparsity: float = Field(0.5, ge=0, lt=1)           # l1_unstructured: fraction of weights set to zero
-    finetune_epochs: int = Field(8, ge=0)              # distillation fine-tuning after pruning
+    finetune_epochs: int = Field(8, ge=0)              # distillation fine-tuning after pruning (after the last step)
+    steps: int = Field(1, ge=1)                        # structured: prune in this many rounds, the MACs falling
+    #   geometrically to the target, each but the last followed by step_epochs of fine-tuning (iterative pruning:
+    #   every round removes channels from a model that still works, so the importance scores still mean something)
+    step_epochs: int = Field(2, ge=0)
     distill_from: Literal["student", "teacher"] = "student"  # whose logits the fine-tuning matches: the unpruned
     #   student's (the function pruning must keep; on the demo it now beats the teacher), or the teacher's
     lr: float = 1e-3

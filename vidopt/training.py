@@ -32,6 +32,7 @@ class FitSpec:
     weight_decay: float = 1e-4
     patience: int = 1000           # epochs without a better val score before stopping
     stage: str = "train"           # prefix of logged metric names and progress lines
+    channels_last: bool = False    # train with conv weights in channels-last order (see conv_layout)
 
 
 # Warm-up share of the one-cycle schedule. Without warm-up (plain cosine from the peak) the demo teacher (r3d_18 w0.25
@@ -49,6 +50,8 @@ def fit(model: nn.Module, loss_fn: LossFn, train_batches: Iterable, score_fn: Ca
 
     Returns {"best_score", "best_epoch", "epochs_run", "resumed_from", "history": [{epoch, loss, score, seconds}]}.
     """
+    if spec.channels_last:
+        conv_layout(model, channels_last=True)
     optimizer = torch.optim.AdamW(model.parameters(), lr=spec.lr, weight_decay=spec.weight_decay)
     scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=spec.lr, epochs=spec.epochs,
                                                     steps_per_epoch=max(1, len(train_batches)),
@@ -92,8 +95,21 @@ def fit(model: nn.Module, loss_fn: LossFn, train_batches: Iterable, score_fn: Ca
 
     if state["best_model"] is not None:
         model.load_state_dict(state["best_model"])
+    if spec.channels_last:
+        conv_layout(model, channels_last=False)  # the model leaves as it came: safetensors saves contiguous tensors
     return {"best_score": state["best_score"], "best_epoch": state["best_epoch"], "epochs_run": state["epoch"],
             "resumed_from": resumed_from, "history": state["history"]}
+
+
+def conv_layout(model: nn.Module, channels_last: bool) -> None:
+    """Conv2d / Conv3d weights in channels-last order (stored [O, (T,) H, W, I]) or back to the default. The values are
+    the same; oneDNN picks channels-last kernels, and activations follow the weights' layout. Measured on this 2-core
+    CPU, one training step at batch 16, 8x64x64: r3d_18 at width 0.25 0.47 -> 0.27 s, the 2D student 0.055 -> 0.046 s."""
+    for module in model.modules():
+        if isinstance(module, nn.Conv3d):
+            module.to(memory_format=torch.channels_last_3d if channels_last else torch.contiguous_format)
+        elif isinstance(module, nn.Conv2d):
+            module.to(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
 
 
 def _train_one_epoch(model, loss_fn, batches, optimizer, scheduler, stage: str, epoch: int) -> float:

@@ -1,6 +1,7 @@
 """Pruning stage on a real ingested tiny dataset: structured pruning meets its MAC target and rebuilds from arch.json;
 L1 unstructured pruning reaches its sparsity and changes no MACs."""
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -99,10 +100,23 @@ def test_unreachable_mac_target_names_the_setting():
         prune.plan_widths(arch, 1e-4)  # not even one channel per layer fits
 
 
+def test_step_plans_fall_geometrically_to_the_target():
+    arch = StudentArch(frames=8, height=64, width=64, num_classes=8)
+    plans = prune.step_plans(arch, 0.25, steps=4)
+    assert plans[-1] == prune.plan_widths(arch, 0.25) and len(plans) == 4
+    base = count_macs(build_model(arch), prune.clip_shape(arch))
+    macs = [count_macs(build_model(p), prune.clip_shape(arch)) for p in plans]
+    assert all(m <= 0.25 ** (k / 4) * base for k, m in enumerate(macs, start=1))
+    assert macs == sorted(macs, reverse=True) and macs[0] > 0.5 * base  # the first round is a small cut
+    for wider, narrower in zip(plans, plans[1:]):  # each round only removes channels
+        assert all(a >= b for a, b in zip(wider.conv_widths + wider.temporal_widths,
+                                          narrower.conv_widths + narrower.temporal_widths))
+
+
 def test_structured_prune_meets_mac_target_and_rebuilds(upstream, tmp_path):
     student_model, arch = load_model_dir(upstream["student"].uri)
     target = 0.45
-    pruned_arch = prune.prune_structured(student_model, arch, target)
+    pruned_arch = prune.prune_to_widths(student_model, arch, prune.plan_widths(arch, target))
     shape = prune.clip_shape(arch)
     assert count_macs(student_model, shape) <= target * count_macs(build_model(arch), shape)
     assert all(a <= b for a, b in zip(pruned_arch.conv_widths, arch.conv_widths)) and pruned_arch != arch
@@ -165,3 +179,25 @@ def test_l1_unstructured_reaches_sparsity_and_changes_no_macs(upstream, tiny_cfg
     model, _ = load_model_dir(pruned.uri)
     assert abs(prune.weight_sparsity(model) - m["sparsity"]) < 1e-9
     assert not any("_orig" in k or "_mask" in k for k in model.state_dict())  # made permanent
+
+
+def test_iterative_rounds_reach_the_target_and_a_rerun_replays_finished_rounds(upstream, tiny_cfg):
+    cfg = tiny_cfg("prune.target_macs_ratio=0.45", "prune.steps=2", "prune.step_epochs=1", "prune.finetune_epochs=1")
+    pruned = prune.run(cfg, upstream["dataset"], upstream["student"], upstream["teacher"])
+    m, rounds = pruned.metrics, json.loads(pruned.notes["rounds"])
+    assert m["macs"] <= 0.45 * m["macs_before"] and m["epochs_run"] == 1
+    assert len(rounds) == 1  # the round before the last, with its own fine-tune
+    first, final = rounds[0]["widths"], pruned.arch["conv_widths"] + pruned.arch["temporal_widths"]
+    student_widths = upstream["student"].arch["conv_widths"] + upstream["student"].arch["temporal_widths"]
+    assert all(s >= f >= t for s, f, t in zip(student_widths, first, final)) and first != final
+
+    # A crash after round 1: the finished stage is gone, round 1's checkpoint is not. The rerun re-prunes, reloads
+    # round 1's fine-tuned weights instead of training them again, and ends with the very same model.
+    work = Path(pruned.uri).parent
+    round1 = work / f"round1_{prune.CHECKPOINT}"
+    stamp = round1.stat().st_mtime_ns
+    shutil.rmtree(pruned.uri)
+    (work / prune.CHECKPOINT).unlink()
+    again = prune.run(cfg, upstream["dataset"], upstream["student"], upstream["teacher"])
+    assert round1.stat().st_mtime_ns == stamp
+    assert again.weights_sha256 == pruned.weights_sha256

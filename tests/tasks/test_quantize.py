@@ -26,8 +26,7 @@ def _config(project: Path, source: Path, *overrides: str):
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, sample_dir):
     """Dataset, and a student trained a few epochs on it (decisive logits, so argmax agreement means something).
-    The student doubles as the teacher: QAT then distils the fp32 model into its fake-quantized self, and the test
-    needs no teacher training."""
+    QAT distils the fp32 model into its fake-quantized self, so no teacher is needed."""
     root = tmp_path_factory.mktemp("quantize")
     cfg = _config(root / "project", sample_dir)
     dataset = ingest.run(cfg)
@@ -53,7 +52,7 @@ def _test_clip_logits(model_dir: Path, cfg, dataset, name: str) -> tuple[np.ndar
 
 def test_ptq_writes_a_verified_int8_model(trained):
     cfg = _config(trained["root"] / "project", trained["source"], "quantize.max_top1_drop=1.0")  # never QAT here
-    art = quantize.run(cfg, trained["dataset"], trained["student"], trained["student"])
+    art = quantize.run(cfg, trained["dataset"], trained["student"])
     out, m = Path(art.uri), art.metrics
 
     assert art.kind == "int8" and art.notes["quantization"] == "ptq"
@@ -76,7 +75,7 @@ def test_ptq_writes_a_verified_int8_model(trained):
     logits, labels = _test_clip_logits(out, cfg, trained["dataset"], "model_int8.onnx")
     assert float((logits.argmax(1) == labels).mean()) == pytest.approx(m["test_top1_clip"])
     # Same inputs and config: the finished stage is returned, not redone.
-    assert quantize.run(cfg, trained["dataset"], trained["student"], trained["student"]) == art
+    assert quantize.run(cfg, trained["dataset"], trained["student"]) == art
 
 
 def test_qat_weights_map_back_to_the_plain_student_exactly(trained):
@@ -95,13 +94,19 @@ def test_qat_runs_when_ptq_misses_the_budget(trained):
     cfg = _config(trained["root"] / "project", trained["source"], "quantize.qat_epochs=1", "quantize.qat_lr=3e-4")
     # A budget below zero forces QAT whatever PTQ scores (the config refuses it; tests bypass validation).
     cfg = cfg.model_copy(update={"quantize": cfg.quantize.model_copy(update={"max_top1_drop": -1.0})})
-    art = quantize.run(cfg, trained["dataset"], trained["student"], trained["student"])
+    art = quantize.run(cfg, trained["dataset"], trained["student"])
     out, m = Path(art.uri), art.metrics
 
     assert art.notes["quantization"] == "qat"
     assert {"ptq_test_top1", "qat_test_top1", "fp32_test_top1", "reason"} <= set(art.notes)
     assert m["test_top1_clip"] == m["qat.test_top1_clip"] and "ptq.test_top1_clip" in m
     assert m["qat.test_argmax_agreement"] >= 0.9 and m["fp32_ort.max_abs_diff"] <= 1e-4
+    # The soft targets were the fp32 student's own logits on the training clips (no teacher is an input)
+    soft = torch.load(Path(art.uri).parent / "fp32_logits.pt", weights_only=True)
+    student, _ = load_model_dir(trained["student"].uri)
+    (train,) = quantize._clip_sets(cfg, trained["dataset"], ("train",))
+    with torch.no_grad():
+        assert torch.allclose(soft, torch.cat([student(x) for x, _, _ in train.batches(8, shuffle=False)]), atol=1e-5)
     # The model dir holds the fine-tuned weights, and model_fp32.onnx is exactly their export.
     assert sha256_file(out / "weights.safetensors") != trained["student"].weights_sha256
     tuned, _ = load_model_dir(out)

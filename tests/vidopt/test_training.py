@@ -1,0 +1,25 @@
+"""The one training loop: channels-last conv weights while training, the caller's layout back afterwards."""
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from vidopt.training import FitSpec, fit
+
+
+def test_channels_last_training_leaves_the_model_contiguous(tmp_path):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv3d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv3d(8, 4, 1), nn.Flatten(1, 2),
+                          nn.Conv2d(4 * 2, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+    x, y = torch.randn(8, 3, 2, 6, 6), torch.randint(0, 4, (8,))
+    layouts = []
+
+    def loss_fn(m, batch):
+        conv3d, conv2d = m[0].weight, m[4].weight
+        layouts.append((conv3d.is_contiguous(memory_format=torch.channels_last_3d),
+                        conv2d.is_contiguous(memory_format=torch.channels_last)))
+        return F.cross_entropy(m(batch[0]), batch[1])
+
+    result = fit(model, loss_fn, [(x, y)] * 3, lambda m: 0.5, FitSpec(epochs=2, lr=1e-2, channels_last=True),
+                 tmp_path / "last.pt")
+    assert result["epochs_run"] == 2 and layouts == [(True, True)] * 6  # every step trained channels-last
+    assert all(p.is_contiguous() for p in model.parameters())          # and the model left in the default layout
