@@ -44,7 +44,7 @@ from vidopt.tracking import stage_run
 from vidopt.training import EpochLogger, FitSpec, fit
 
 log = logging.getLogger("vidopt.prune")
-STAGE, SECTIONS = "prune", ["prune", "distill", "clips"]  # distill: alpha, temperature, cached clips, weight decay
+STAGE, SECTIONS = "prune", ["prune", "distill", "clips"]  # distill: temperature, cached clips, weight decay
 
 # Kept widths are multiples of this: onnxruntime's CPU convs work on blocks of channels and pad the rest. Measured at
 # 16x64x64, fp32, 1 thread: 0.44 of the MACs as widths [10, 21, 42, 83] ran 0.9-1.0x the speed of the full
@@ -169,7 +169,7 @@ def run(cfg: PipelineConfig, dataset: DatasetArtifact, student: ModelArtifact, t
         (pruning is deterministic, a finished fit only reloads its best weights) and resumes the unfinished one."""
         if epochs == 0:
             return {"epochs_run": 0, "best_epoch": -1}
-        return fit(model, lambda m, b: distillation_loss(m(b[0]), b[2], b[1], d.alpha, d.temperature), batches,
+        return fit(model, lambda m, b: distillation_loss(m(b[0]), b[2], b[1], p.alpha, d.temperature), batches,
                    score, FitSpec(epochs=epochs, lr=p.lr, weight_decay=d.weight_decay, patience=d.patience,
                                   stage=stage, channels_last=True),
                    checkpoint=checkpoint, logger=logger, on_epoch_start=batches.start_epoch)

@@ -31,7 +31,7 @@ def promotion_gates(result: TargetResult, teacher_top1: float | None, budgets: B
         drop = teacher_top1 - top1
         gates.append(Gate("top1_vs_teacher", drop <= budgets.max_top1_drop + 1e-9,
                           f"{100 * top1:.1f}% vs teacher {100 * teacher_top1:.1f}%: "
-                          f"{100 * drop:+.1f} points lost, budget {100 * budgets.max_top1_drop:.1f}"))
+                          f"{100 * drop:+.2f} points lost, budget {100 * budgets.max_top1_drop:.1f}"))  # 2.03 > 2.0
     if budgets.max_latency_ms is not None:
         latency = result.latency_ms
         gates.append(Gate("latency", latency is not None and latency <= budgets.max_latency_ms,
@@ -55,7 +55,8 @@ def _verified(result: TargetResult, budgets: BudgetConfig) -> Gate:
         return Gate("verified", False, f"{result.status}: {result.reason}")
     agreement = result.parity.get("argmax_agreement")
     if agreement is not None and agreement < budgets.min_argmax_agreement:
-        return Gate("verified", False, f"argmax agreement {agreement:.3f} < {budgets.min_argmax_agreement}")
+        # 4 decimals: 195 of 197 clips (0.98985) must not read as "0.990 < 0.99"
+        return Gate("verified", False, f"argmax agreement {agreement:.4f} < {budgets.min_argmax_agreement}")
     return Gate("verified", True, ", ".join(f"{k} {v:.3g}" for k, v in result.parity.items()) or "ok")
 
 

@@ -161,7 +161,7 @@ def budget_failures(point: Point, budgets: BudgetConfig, teacher_top1: float | N
         if point.top1 is None:
             misses.append("top-1 not measured")
         elif teacher_top1 - point.top1 > budgets.max_top1_drop + 1e-9:
-            misses.append(f"top-1 {100 * point.top1:.1f}% is {100 * (teacher_top1 - point.top1):.1f} points below "
+            misses.append(f"top-1 {100 * point.top1:.1f}% is {100 * (teacher_top1 - point.top1):.2f} points below "
                           f"the teacher's {100 * teacher_top1:.1f}% (budget {100 * budgets.max_top1_drop:.1f})")
     if budgets.max_latency_ms is not None:
         if point.latency_ms is None:

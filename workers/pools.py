@@ -6,12 +6,14 @@ Each family asks Ray for its own resource (CPU: CPUs; GPU: `num_gpus`; TPU: the 
 resource). With `ray.address` set the run joins that cluster; otherwise it starts a local Ray whose single node
 *declares* the accelerator resources (emulated pools), so the same code path runs on a laptop — the back-ends then
 report honestly which runtime really ran. Jobs are records of URIs, never live modules. A target whose resource no node
-offers is skipped at once; every job has a deadline; a crashed actor is replaced and its job retried.
+offers is skipped at once; every job has a deadline; a crashed actor is replaced and its job retried. On a local node
+the pools share the cores, so all but the longest, single-threaded job (the FPGA emulation) run at a lower priority.
 """
 from __future__ import annotations
 
 import importlib
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 
@@ -65,7 +67,9 @@ BACKEND_MODULE = "workers.{target}"  # each back-end module offers run_target(Ex
 class TargetWorker:
     """[Ray] one actor per job attempt; it imports the target's back-end module by name."""
 
-    def run(self, job: dict, backend_module: str) -> dict:
+    def run(self, job: dict, backend_module: str, nice: int = 0) -> dict:
+        if nice:
+            os.nice(nice)  # this actor process (one per job) and the compilers and children it starts
         backend = importlib.import_module(backend_module.format(target=job["target"]))
         return backend.run_target(ExportJob.model_validate(job)).model_dump()
 
@@ -111,7 +115,8 @@ def _start(attempt: _Attempt, cfg: RayConfig) -> _Attempt:
     attempt.tries += 1
     attempt.started = time.monotonic()
     attempt.actor = TargetWorker.options(**POOL_RESOURCES[attempt.job.target]).remote()
-    attempt.ref = attempt.actor.run.remote(attempt.job.model_dump(), attempt.backend_module)
+    nice = 0 if cfg.address else cfg.local_nice.get(attempt.job.target, 0)
+    attempt.ref = attempt.actor.run.remote(attempt.job.model_dump(), attempt.backend_module, nice)
     log.info("export: %s started on its pool (try %d)", attempt.job.target, attempt.tries)
     return attempt
 

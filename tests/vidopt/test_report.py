@@ -74,7 +74,7 @@ def test_budgets_pick_the_fastest_variant_that_fits():
     strict = build_report(ladder, targets, BudgetConfig(max_top1_drop=0.02), TargetProfiles())
     # Teacher 80%: only ort_fp16 (78%) stays within 2 points; the int8 variants lose 4.
     assert strict.best["gpu"]["variant"] == "gpu/ort_fp16"
-    assert strict.best["cpu"]["variant"] is None and "4.0 points below the teacher" in strict.best["cpu"]["reason"]
+    assert strict.best["cpu"]["variant"] is None and "4.00 points below the teacher" in strict.best["cpu"]["reason"]
     assert strict.best["tpu"] == {"variant": None, "reason": "target failed: reloaded StableHLO differs from "
                                                              "PyTorch by 3e-2"}
     assert strict.best["fpga"]["reason"].startswith("target skipped: hls4ml")

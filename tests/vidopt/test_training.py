@@ -23,3 +23,21 @@ def test_channels_last_training_leaves_the_model_contiguous(tmp_path):
                  tmp_path / "last.pt")
     assert result["epochs_run"] == 2 and layouts == [(True, True)] * 6  # every step trained channels-last
     assert all(p.is_contiguous() for p in model.parameters())          # and the model left in the default layout
+
+
+def test_a_tied_val_score_keeps_the_later_epoch(tmp_path):
+    """On a small val split scores tie often; the later epoch has trained longer at a lower learning rate."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(12, 3))
+    x, y = torch.randn(6, 3, 4), torch.randint(0, 3, (6,))
+    scores = iter([0.5, 0.8, 0.6, 0.8, 0.7])
+    seen = {}
+
+    def score(m):
+        seen[len(seen)] = m[1].weight.detach().clone()
+        return next(scores)
+
+    result = fit(model, lambda m, b: F.cross_entropy(m(b[0]), b[1]), [(x, y)], score, FitSpec(epochs=5, lr=1e-2),
+                 tmp_path / "last.pt")
+    assert result["best_epoch"] == 3 and result["best_score"] == 0.8
+    assert torch.equal(model[1].weight, seen[3])  # the model holds epoch 3's weights, not epoch 1's

@@ -20,4 +20,5 @@ def run_target(job: ExportJob) -> TargetResult:
         raise ValueError(f"{job.target}: model_dir has no arch.json")
     time.sleep(float(job.options.get("seconds", 0)))
     return TargetResult(target=job.target, status="ok", runtime=f"fake pid {os.getpid()}",
-                        extra={"attempts": attempts, "gpu_ids": os.environ.get("CUDA_VISIBLE_DEVICES", "")})
+                        extra={"attempts": attempts, "gpu_ids": os.environ.get("CUDA_VISIBLE_DEVICES", ""),
+                               "nice": os.nice(0)})

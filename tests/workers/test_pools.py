@@ -43,6 +43,15 @@ def test_targets_run_concurrently_on_their_pools_and_missing_pool_is_skipped(loc
     assert wall < 3 * 3  # concurrent, not one after another
 
 
+def test_local_pools_yield_to_the_fpga_emulation_and_a_joined_cluster_does_not(local_ray, tmp_path):
+    """A local node's pools share its cores: every target but the single-threaded FPGA emulation runs at a lower
+    priority (ray.local_nice), so the longest job is not the one slowed down."""
+    [joined] = run_jobs([_job("gpu", tmp_path / "a")], RayConfig(job_timeout_s=60, address="auto"), FAKE)
+    [local] = run_jobs([_job("gpu", tmp_path / "b")], RayConfig(job_timeout_s=60), FAKE)
+    base = joined.extra["nice"]  # Ray's own niceness for worker processes (15 by default)
+    assert base < 19 and local.extra["nice"] == min(19, base + RayConfig().local_nice["gpu"])
+
+
 def test_missing_pool_is_skipped_within_seconds(local_ray, tmp_path):
     started = time.monotonic()
     [result] = run_jobs([_job("fpga", tmp_path)], RayConfig(job_timeout_s=600), FAKE)
