@@ -162,16 +162,17 @@ def op_counts(path: str | Path) -> dict[str, int]:
 
 
 def measure_latency(path: str | Path, input_shape: Sequence[int], batch: int = 1, threads: int = 1,
-                    warmup: int = 3, iters: int = 20, seed: int = 0) -> dict[str, float]:
-    """Wall time of `iters` runs on a fresh session after `warmup` runs: p50/p95 per call in ms, and clips per second
-    at the median (batch / p50; the median resists the noisy neighbours a shared machine has)."""
+                    warmup: int = 3, iters: int = 20, seed: int = 0, min_seconds: float = 0.0) -> dict[str, float]:
+    """Wall time of at least `iters` runs, and of as many more as fill `min_seconds`, on a fresh session after `warmup`
+    runs: p50/p95 per call in ms, and clips per second at the median (batch / p50; the median resists the noisy
+    neighbours a shared machine has). A sub-millisecond model needs the time floor: 5 calls gave its p50 +-20%."""
     session = ort_session(path, threads)
     x = np.random.default_rng(seed).standard_normal((batch, *input_shape), dtype=np.float32)
     feed = {INPUT_NAME: x}
     for _ in range(warmup):
         session.run([OUTPUT_NAME], feed)
-    times = []
-    for _ in range(iters):
+    times: list[float] = []
+    while len(times) < iters or sum(times) < min_seconds:
         started = time.perf_counter()
         session.run([OUTPUT_NAME], feed)
         times.append(time.perf_counter() - started)
@@ -180,13 +181,15 @@ def measure_latency(path: str | Path, input_shape: Sequence[int], batch: int = 1
 
 
 def compare_latency(paths: dict[str, str | Path], input_shape: Sequence[int], batch: int, threads: int,
-                    rounds: int = 5, warmup: int = 3, iters: int = 10) -> dict[str, dict[str, float]]:
+                    rounds: int = 5, warmup: int = 3, iters: int = 10,
+                    min_seconds: float = 0.0) -> dict[str, dict[str, float]]:
     """measure_latency for several models, interleaved: round r measures every model once, so a slow spell on the
     machine hits all of them alike; each statistic is the median over rounds. -> {name: {p50_ms, p95_ms, ...}}."""
     per_round: dict[str, list[dict[str, float]]] = {name: [] for name in paths}
     for _ in range(rounds):
         for name, path in paths.items():
-            per_round[name].append(measure_latency(path, input_shape, batch, threads, warmup, iters))
+            per_round[name].append(measure_latency(path, input_shape, batch, threads, warmup, iters,
+                                                   min_seconds=min_seconds))
     return {name: {key: float(np.median([r[key] for r in results])) for key in results[0]}
             for name, results in per_round.items()}
 

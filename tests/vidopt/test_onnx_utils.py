@@ -1,4 +1,6 @@
 """ONNX export, onnxruntime parity, static int8 quantization and latency measurement, on small models."""
+import time
+
 import numpy as np
 import onnx
 import pytest
@@ -127,6 +129,9 @@ def test_session_threads_and_latency_statistics(student_onnx):
     assert set(stats) == {"p50_ms", "p95_ms", "throughput_clips_s"}
     assert 0 < stats["p50_ms"] <= stats["p95_ms"]
     assert stats["throughput_clips_s"] == pytest.approx(4 * 1000 / stats["p50_ms"])
+    started = time.perf_counter()  # a time floor keeps calling past `iters` (one call of this model is ~1 ms)
+    measure_latency(student_onnx, SHAPE, batch=1, threads=1, warmup=0, iters=1, min_seconds=0.2)
+    assert time.perf_counter() - started >= 0.2
 
 
 def test_compare_latency_ranks_a_much_bigger_model_slower(student_onnx, tmp_path):

@@ -26,6 +26,7 @@ from vidopt.storage import atomic_write_text
 
 FULL_SIZE_INPUT, FULL_SIZE_CLASSES = (16, 112, 112), 400  # T, H, W and classes of the published r2plus1d_18
 BARS = {"speedup": 100.0, "size_ratio": 100.0}  # the project's goal: teacher fp32 vs deployed student int8
+MIN_SECONDS = 0.25  # (b): each measurement times calls for at least this long (~600 of a 0.4 ms student)
 FULL_SIZE_NOTE = ("full-size architectures with random weights: latency and size only (they do not depend on weight "
                   "values); int8 calibrated on random clips; no accuracy")
 STAGES = [  # (row name, stage folder, file run by onnxruntime: exported from the weights, or the stage's own int8)
@@ -88,8 +89,9 @@ def trained_ladder(project: Path, work: Path, threads: list[int], rounds: int = 
                       "gmacs": count_macs(model, shape) / 1e9, "size_mb": file_mb(paths[name]),
                       **{k: metrics.get(k) for k in ("test_top1_clip", "test_top1_video")}}
     for n in threads:
-        single = compare_latency(paths, shape, batch=1, threads=n, rounds=rounds, iters=iters)
-        batched = compare_latency(paths, shape, batch=8, threads=n, rounds=rounds, iters=max(2, iters // 2))
+        single = compare_latency(paths, shape, batch=1, threads=n, rounds=rounds, iters=iters, min_seconds=MIN_SECONDS)
+        batched = compare_latency(paths, shape, batch=8, threads=n, rounds=rounds, iters=max(2, iters // 2),
+                                  min_seconds=MIN_SECONDS)
         for name in rows:
             rows[name].update({f"p50_ms.t{n}": single[name]["p50_ms"], f"p95_ms.t{n}": single[name]["p95_ms"],
                                f"b8_clips_s.t{n}": batched[name]["throughput_clips_s"]})
