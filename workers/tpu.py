@@ -8,7 +8,7 @@ and keeping PJRT out of the parent means a TPU is never held by a long-lived wor
 Export traces on PJRT CPU: StableHLO is device independent, so tracing never needs the accelerator.
 
 Latency note (torch-xla 2.9): every `StableHLOGraphModule` call converts the StableHLO to HLO and compiles it again
-with no cache (`XLAGraphExecutor::ExecuteStablehlo`; ~1 s per call here, the `CompileTime` metric). `latency_ms` is
+with no cache (`XLAGraphExecutor::ExecuteStablehlo`; ~0.5 s per call here, the `CompileTime` metric). `latency_ms` is
 the wall time of a call minus that compile, i.e. what a server that keeps the compiled executable pays; the raw call
 time and the compile time are in `extra`. Because of that, the eval set is verified through the same model exported
 at a static batch of up to MAX_VERIFY_BATCH (one compile per batch, not per clip), and the shipped batch-1 program
