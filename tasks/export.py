@@ -53,10 +53,12 @@ def run(cfg: PipelineConfig, dataset: DatasetArtifact, final: ModelArtifact) -> 
     rows = split_rows(dataset, split)
     if not rows:
         raise ValueError(f"export: dataset {dataset.uri} has no test or val videos to verify targets on")
-    # The split's clips as the quantize stage already decoded them (same cache file): workers load it by path.
+    # The split's clips as the quantize stage already decoded them (same cache file): workers load it by path. Only
+    # a missing file (a cache cleared since) is decoded again.
     per_video = cfg.clips.eval_clips_per_video
-    cached_clip_set(cfg, dataset, rows, split, per_video)
     eval_clips = clip_set_path(cfg, dataset, split, per_video)
+    if not eval_clips.exists():
+        cached_clip_set(cfg, dataset, rows, split, per_video)
     jobs = [ExportJob(target=t, model_dir=final.uri, int8_dir=final.uri, eval_clips=str(eval_clips),
                       out_dir=str(work / t), options=target_options(cfg, t)) for t in cfg.export.targets]
     # The jobs as sent, so `vidopt bench export` can time each target alone against this stage.
