@@ -135,7 +135,9 @@ def weight_sparsity(model: nn.Module) -> float:
 
 
 def work_dir(cfg: PipelineConfig, dataset: DatasetArtifact, student: ModelArtifact, teacher: ModelArtifact) -> Path:
-    return stage_dir(cfg, STAGE, SECTIONS, [artifact_hash(dataset), artifact_hash(student), artifact_hash(teacher)])
+    inputs = [artifact_hash(dataset), artifact_hash(student)]  # the teacher only when its logits are the targets
+    return stage_dir(cfg, STAGE, SECTIONS, inputs + ([artifact_hash(teacher)] if cfg.prune.distill_from == "teacher"
+                                                    else []))
 
 
 def run(cfg: PipelineConfig, dataset: DatasetArtifact, student: ModelArtifact, teacher: ModelArtifact,

@@ -8,7 +8,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -144,7 +144,8 @@ class RayConfig(Section):
     num_cpus: int | None = None              # CPUs of the local node; None: all of this machine's
     job_timeout_s: float = Field(900, gt=0)  # a job (or an actor waiting for its resource) past this fails
     retries: int = Field(1, ge=0)            # fresh actors after a worker process dies mid-job
-    local_nice: dict[str, int] = Field(default_factory=lambda: {"cpu": 5, "gpu": 5, "tpu": 5})
+    local_nice: dict[Target, Annotated[int, Field(ge=0, le=19)]] = Field(
+        default_factory=lambda: {"cpu": 5, "gpu": 5, "tpu": 5})
     #   ^ added to Ray's worker niceness on a *local* node, whose pools share its cores: the FPGA emulation (one
     #     single-threaded process, the longest job) keeps its priority and the other targets fill the cores around it.
     #     Demo export on 2 cores: 1.35x -> 1.18x the slowest target alone. Unused with `address`.

@@ -30,7 +30,7 @@ class FitSpec:
     epochs: int
     lr: float
     weight_decay: float = 1e-4
-    patience: int = 1000           # epochs without a val score at least as good before stopping
+    patience: int = 1000           # epochs without a better val score before stopping
     stage: str = "train"           # prefix of logged metric names and progress lines
     channels_last: bool = False    # train with conv weights in channels-last order (see conv_layout)
 
@@ -56,20 +56,23 @@ def fit(model: nn.Module, loss_fn: LossFn, train_batches: Iterable, score_fn: Ca
     scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=spec.lr, epochs=spec.epochs,
                                                     steps_per_epoch=max(1, len(train_batches)),
                                                     pct_start=WARMUP_FRACTION)
-    state = {"epoch": 0, "best_score": -1.0, "best_epoch": -1, "history": [], "best_model": None}
+    # best_epoch: the weights kept (ties go to the later epoch); improved_epoch: the last strictly better score, which
+    # patience counts from, so a plateau of equal scores still stops early
+    state = {"epoch": 0, "best_score": -1.0, "best_epoch": -1, "improved_epoch": -1, "history": [], "best_model": None}
     saved = load_checkpoint(checkpoint)
     resumed_from = 0
     if saved is not None:
         model.load_state_dict(saved["model"])
         optimizer.load_state_dict(saved["optimizer"])
         scheduler.load_state_dict(saved["scheduler"])
+        saved = {"improved_epoch": saved["best_epoch"], **saved}  # older checkpoints: best_epoch was strictly better
         state = {k: saved[k] for k in state}
         resumed_from = state["epoch"]
         log.info("%s: resumed from checkpoint after epoch %d (best val top-1 %.3f)", spec.stage, resumed_from,
                  state["best_score"])
 
     for epoch in range(state["epoch"], spec.epochs):
-        if epoch - state["best_epoch"] > spec.patience and state["best_epoch"] >= 0:
+        if epoch - state["improved_epoch"] > spec.patience and state["improved_epoch"] >= 0:
             log.info("%s: early stop after epoch %d (no better val top-1 for %d epochs)", spec.stage, epoch,
                      spec.patience)
             break
@@ -81,6 +84,8 @@ def fit(model: nn.Module, loss_fn: LossFn, train_batches: Iterable, score_fn: Ca
         seconds = time.monotonic() - started
         # >=: a small val split ties often (72 clips: 0.931 at epochs 18, 25, 27, 29 and 30 of the demo teacher), and
         # of equal scores the later epoch has trained longer, further down the one-cycle schedule
+        if score > state["best_score"]:
+            state["improved_epoch"] = epoch
         if score >= state["best_score"]:
             state.update(best_score=score, best_epoch=epoch,
                          best_model={k: v.detach().clone() for k, v in model.state_dict().items()})

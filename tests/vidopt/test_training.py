@@ -41,3 +41,12 @@ def test_a_tied_val_score_keeps_the_later_epoch(tmp_path):
                  tmp_path / "last.pt")
     assert result["best_epoch"] == 3 and result["best_score"] == 0.8
     assert torch.equal(model[1].weight, seen[3])  # the model holds epoch 3's weights, not epoch 1's
+
+
+def test_a_plateau_of_equal_scores_still_stops_early(tmp_path):
+    """Ties move the kept weights to the later epoch, but patience counts from the last strictly better score."""
+    model = nn.Sequential(nn.Flatten(), nn.Linear(12, 3))
+    x, y = torch.randn(6, 3, 4), torch.randint(0, 3, (6,))
+    result = fit(model, lambda m, b: F.cross_entropy(m(b[0]), b[1]), [(x, y)], lambda m: 0.5,
+                 FitSpec(epochs=10, lr=1e-2, patience=2), tmp_path / "last.pt")
+    assert result["epochs_run"] == 3 and result["best_epoch"] == 2  # stopped after 2 epochs without improvement
