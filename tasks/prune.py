@@ -45,11 +45,6 @@ from vidopt.training import EpochLogger, FitSpec, fit
 
 log = logging.getLogger("vidopt.prune")
 STAGE, SECTIONS = "prune", ["prune", "distill", "clips"]  # distill: temperature, cached clips, weight decay
-
-# Kept widths are multiples of this: onnxruntime's CPU convs work on blocks of channels and pad the rest. Measured at
-# 16x64x64, fp32, 1 thread: 0.44 of the MACs as widths [10, 21, 42, 83] ran 0.9-1.0x the speed of the full
-# [16, 32, 64, 128] student; as [8, 24, 40, 88], 1.2-1.3x.
-CHANNEL_MULTIPLE = 8
 L1_NOTE = "unstructured sparsity gives no speedup on dense kernels: MACs and latency are unchanged"
 
 
@@ -74,20 +69,21 @@ def _trace_forward(model: Student, clip: torch.Tensor) -> torch.Tensor:
     return model.head(features.t().unsqueeze(0))      # [T, D] -> [1, D, T]
 
 
-def _kept_width(width: int, keep: float) -> int:
-    if width <= CHANNEL_MULTIPLE:
-        return max(1, round(width * keep))
-    return min(width, max(CHANNEL_MULTIPLE, round(width * keep / CHANNEL_MULTIPLE) * CHANNEL_MULTIPLE))
+def _kept_width(width: int, keep: float, multiple: int) -> int:
+    if width <= multiple:  # a narrower conv is no faster (prune.channel_multiple): a layer this narrow stays whole
+        return width
+    return min(width, max(multiple, round(width * keep / multiple) * multiple))
 
 
-def plan_widths(arch: StudentArch, target_macs_ratio: float) -> StudentArch:
+def plan_widths(arch: StudentArch, target_macs_ratio: float, multiple: int) -> StudentArch:
     """The widest student that fits the MAC budget: every conv keeps the same percentage of its channels (rounded to
-    CHANNEL_MULTIPLE), the largest percentage whose count_macs <= target x the input's MACs (MACs only grow with it,
-    so a bisection finds it)."""
+    `multiple`), the largest percentage whose count_macs <= target x the input's MACs (MACs only grow with it, so a
+    bisection finds it)."""
     def plan(percent: int) -> StudentArch:
         keep = percent / 100
-        return arch.model_copy(update={"conv_widths": [_kept_width(w, keep) for w in arch.conv_widths],
-                                       "temporal_widths": [_kept_width(w, keep) for w in arch.temporal_widths]})
+        return arch.model_copy(update={"conv_widths": [_kept_width(w, keep, multiple) for w in arch.conv_widths],
+                                       "temporal_widths": [_kept_width(w, keep, multiple)
+                                                           for w in arch.temporal_widths]})
 
     budget = target_macs_ratio * count_macs(build_model(arch), clip_shape(arch))
     fits = lambda percent: count_macs(build_model(plan(percent)), clip_shape(arch)) <= budget  # noqa: E731
@@ -95,7 +91,7 @@ def plan_widths(arch: StudentArch, target_macs_ratio: float) -> StudentArch:
         narrowest = plan(1)
         raise PruneError(f"prune: even the narrowest plan, widths {narrowest.conv_widths} / "
                          f"{narrowest.temporal_widths}, has more than target_macs_ratio={target_macs_ratio} of the "
-                         "student's MACs; raise prune.target_macs_ratio")
+                         "student's MACs; raise prune.target_macs_ratio or lower prune.channel_multiple")
     low, high = 1, 100  # fits(low) holds throughout
     while low < high:
         mid = (low + high + 1) // 2
@@ -103,10 +99,10 @@ def plan_widths(arch: StudentArch, target_macs_ratio: float) -> StudentArch:
     return plan(low)
 
 
-def step_plans(arch: StudentArch, target_macs_ratio: float, steps: int) -> list[StudentArch]:
+def step_plans(arch: StudentArch, target_macs_ratio: float, steps: int, multiple: int) -> list[StudentArch]:
     """The widths after each of `steps` rounds: round k keeps target^(k/steps) of the unpruned MACs (geometric, so
     every round removes the same share of what is left); the last round is exactly plan_widths(target)."""
-    return [plan_widths(arch, target_macs_ratio ** (k / steps)) for k in range(1, steps + 1)]
+    return [plan_widths(arch, target_macs_ratio ** (k / steps), multiple) for k in range(1, steps + 1)]
 
 
 def prune_to_widths(model: Student, arch: StudentArch, plan: StudentArch) -> StudentArch:
@@ -177,7 +173,7 @@ def run(cfg: PipelineConfig, dataset: DatasetArtifact, student: ModelArtifact, t
                    checkpoint=checkpoint, logger=logger, on_epoch_start=batches.start_epoch)
 
     if p.method == "structured":
-        plans = step_plans(arch, p.target_macs_ratio, p.steps)
+        plans = step_plans(arch, p.target_macs_ratio, p.steps, p.channel_multiple)
         rounds = []
         for k, plan in enumerate(plans[:-1], start=1):  # the rounds before the last: a short fine-tune each
             arch = prune_to_widths(model, arch, plan)

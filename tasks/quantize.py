@@ -29,7 +29,7 @@ from vidopt.data import normalise_clips
 from vidopt.distillation import ClipSet, attach_teacher_logits, clip_set_top1, distillation_loss
 from vidopt.metrics import count_macs, count_params, top1, top1_per_video
 from vidopt.models import StudentArch
-from vidopt.onnx_utils import compare_latency, export_onnx, file_mb, ort_predict, ort_session, quantize_int8
+from vidopt.onnx_utils import compare_latency, export_onnx, file_mb, ort_predict, ort_session, quantize_model_int8
 from vidopt.stages import artifact_hash, split_rows, stage_dir
 from vidopt.storage import atomic_write_text, sha256_file
 from vidopt.tracking import stage_run
@@ -142,7 +142,7 @@ def _export_quantize_evaluate(student: nn.Module, shape, calibration, test: Clip
     """Export, check fp32 parity with PyTorch, quantize, and score both on the test clips. Keys: fp32.* (PyTorch; only
     in the PTQ pass, the baseline), fp32_ort.* (the exported fp32 model of this pass), `tag`.* (its int8 model)."""
     export_onnx(student, shape, fp32_path)
-    quantize_int8(fp32_path, int8_path, calibration, per_channel=cfg.quantize.per_channel)
+    quantize_model_int8(student, shape, int8_path, calibration, per_channel=cfg.quantize.per_channel)
     batch = cfg.clips.batch_size
     torch_logits, labels, videos = predict(student, test.batches(batch, shuffle=False))
     clips = [x for x, _, _ in test.batches(batch, shuffle=False)]
@@ -195,9 +195,10 @@ def _qconfig_mapping():
 
 def prepare_qat(student: nn.Module, arch: StudentArch) -> nn.Module:
     """A copy of the student whose encoder and head are FX-prepared for QAT: Conv+BN+ReLU fused with fake-quantized
-    folded weights, fake-quant on every activation onnxruntime quantizes (and on the RGB stem, which onnxruntime keeps
-    in fp32, see convs_without_fast_int8_kernel: simulating noise that will not come costs nothing but a little
-    fidelity, and keeps the weight mapping below uniform). The two parts are traced separately because
+    folded weights, fake-quant on every activation onnxruntime quantizes. The stem's input is quantized in both, but
+    not alike: onnxruntime quantizes the frame pairs (x_t, x_{t+1}) of the exported form (DeployedStudent), QAT the
+    (x_t, x_{t+1} - x_t) that training sees; both at 8 bits per tensor, so the noise QAT adapts to is of the same
+    size. The two parts are traced separately because
     the student's [B, C, T, H, W] -> [B*T, C, H, W] reshape unpacks x.shape, which FX cannot trace; the reshapes move
     data only, and int8 tensors pass through them unchanged in onnxruntime as well."""
     from torch.ao.nn.intrinsic.qat import freeze_bn_stats

@@ -7,6 +7,7 @@ adaptive pooling; see DESIGN.md), and per-layer widths in the record so a pruned
 """
 from __future__ import annotations
 
+import copy
 from typing import Literal
 
 import torch
@@ -135,6 +136,47 @@ class Student(nn.Module):
         features = self.encoder(frames)                           # [B*T, D], D = width * grid^2
         features = features.reshape(b, t, -1).transpose(1, 2)     # -> [B, D, T]
         return self.head(features)
+
+
+class DeployedStudent(nn.Module):
+    """The inference form of a trained student: the same function in fewer, cheaper ops (for ONNX export).
+
+    Student.forward builds the encoder input with Slice / Sub / Concat / Transpose over the whole clip; on
+    onnxruntime CPU that data movement was a quarter of the demo student's batch-1 latency. Here one Gather picks,
+    for each frame, the planes the stem reads, and the frame difference moves into the stem's weights: a conv is
+    linear, so W_a * x_t + W_b * (x_{t+1} - x_t) = (W_a - W_b) * x_t + W_b * x_{t+1} (RepVGG-style re-
+    parameterisation; equal up to float rounding). With `channel_multiple`, the stem's input channels are padded to
+    a multiple of it by repeating a plane under zero weights (int8 conv kernels need multiples of 4)."""
+
+    def __init__(self, student: Student, channel_multiple: int = 1):
+        super().__init__()
+        student = copy.deepcopy(student).eval()
+        stem = student.encoder.convs[0][0]
+        t, pairs = student.frames, student.frame_differences
+        weight = stem.weight.detach()                                   # [O, C', k, k], C' = 6 (or 3)
+        if pairs:                                                       # on (x_t, x_{t+1} - x_t) -> on (x_t, x_{t+1})
+            weight = torch.cat([weight[:, :3] - weight[:, 3:], weight[:, 3:]], dim=1)
+        per_frame = weight.shape[1] + (-weight.shape[1]) % channel_multiple
+        padded = nn.Conv2d(per_frame, stem.out_channels, stem.kernel_size, stem.stride, stem.padding, bias=False)
+        padded.weight.data = torch.cat([weight, weight.new_zeros(weight.shape[0], per_frame - weight.shape[1],
+                                                                  *weight.shape[2:])], dim=1)
+        student.encoder.convs[0][0] = padded
+        # Input planes [B, 3*T, H, W] are channel-major (plane c*T + t); frame t reads x_t's 3 planes, then x_{t+1}'s
+        # (the last frame is its own next, as in with_frame_differences), then repeats of its first plane as padding.
+        planes = []
+        for frame in range(t):
+            reads = [c * t + frame for c in range(3)] + ([c * t + min(frame + 1, t - 1) for c in range(3)] if pairs
+                                                           else [])
+            planes += reads + [reads[0]] * (per_frame - len(reads))
+        self.register_buffer("planes", torch.tensor(planes), persistent=False)
+        self.frames, self.per_frame = t, per_frame
+        self.encoder, self.head = student.encoder, student.head
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, c, t, h, w = x.shape
+        frames = x.reshape(b, c * t, h, w).index_select(1, self.planes)   # [B, T*C'', H, W], one Gather
+        features = self.encoder(frames.reshape(b * t, self.per_frame, h, w))  # [B*T, D]
+        return self.head(features.reshape(b, t, -1).transpose(1, 2))      # [B, D, T] -> logits
 
 
 def build_model(spec: TeacherArch | StudentArch) -> nn.Module:

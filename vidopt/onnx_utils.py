@@ -21,6 +21,7 @@ from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, Q
 from onnxruntime.quantization.shape_inference import quant_pre_process
 from torch import nn
 
+from vidopt.models import DeployedStudent, Student
 from vidopt.storage import atomic_path
 
 INPUT_NAME, OUTPUT_NAME = "clips", "logits"
@@ -35,10 +36,12 @@ ACTIVATION_TYPE = QuantType.QUInt8
 # argmax agreement 98-100% (one val clip in 53 apart) and mean logit error 1.0% of the logits' spread, while
 # Percentile / Entropy calibrated 4-5x slower. Nothing measurable to gain: the simplest, fastest method wins.
 CALIBRATION = CalibrationMethod.MinMax
-# MLAS's fast int8 convolution (symmetric, VNNI) needs input channels divisible by 4; other convs fall back to
-# im2col + GEMM, which for the student's 3-channel RGB stem was 2.5x slower than the fp32 conv and ate every gain of
-# the other layers (int8 0.9-1.0x of fp32). Leaving such convs in fp32 made the int8 student 1.2-1.6x faster than
-# fp32 at 1 thread (16x64x64 and 16x112x112); its weights are 0.1% of the student's.
+# MLAS's fast int8 convolution (symmetric, VNNI) needs input channels divisible by 4 (and >= 16 output channels:
+# prune.channel_multiple); other convs fall back to im2col + GEMM, which for a 3-channel RGB stem was 2.5x slower than
+# the fp32 conv and ate every gain of the other layers. So a student's stem is exported for int8 with its input padded
+# to a multiple of 4 (DeployedStudent), and its frame pairs are quantized at the input: on the demo student
+# ([16, 16, 32, 48], 8x64x64) that made int8 ~1.35x faster than its fp32 where a stem kept in fp32 gave ~1.0x, with
+# the same test top-1 and argmax agreement 1.0. Any other conv whose input channels do not fit stays fp32.
 FAST_INT8_CHANNEL_MULTIPLE = 4
 
 # torchvision registers detection ops (roi_align, nms) without type annotations, and the exporter warns about each on
@@ -46,18 +49,21 @@ FAST_INT8_CHANNEL_MULTIPLE = 4
 logging.getLogger("torch.onnx._internal.exporter._schemas").setLevel(logging.ERROR)
 
 
-def export_onnx(model: nn.Module, input_shape: Sequence[int], path: str | Path, dynamic_batch: bool = True) -> Path:
+def export_onnx(model: nn.Module, input_shape: Sequence[int], path: str | Path, dynamic_batch: bool = True,
+                channel_multiple: int = 1) -> Path:
     """Export `model` in eval mode for input [B, C, T, H, W] (`input_shape` = [C, T, H, W]) to one self-contained
-    .onnx file (no external weights file), checked with onnx.checker. Written atomically."""
+    .onnx file (no external weights file), checked with onnx.checker. Written atomically. A student is exported in
+    its inference form (DeployedStudent: the same function, less data movement; `channel_multiple` pads its stem)."""
     path = Path(path)
     was_training = model.training
     model.eval()
+    exported = DeployedStudent(model, channel_multiple) if isinstance(model, Student) else model
     # Batch 2, not 1: torch.export specialises a dimension whose example size is 1 into a constant.
     example = torch.randn(2 if dynamic_batch else 1, *input_shape, generator=torch.Generator().manual_seed(0))
     dynamic = ({0: torch.export.Dim("batch")},) if dynamic_batch else None
     try:
         with atomic_path(path) as tmp, torch.no_grad():
-            torch.onnx.export(model, (example,), str(tmp), dynamo=True, external_data=False, opset_version=OPSET,
+            torch.onnx.export(exported, (example,), str(tmp), dynamo=True, external_data=False, opset_version=OPSET,
                               input_names=[INPUT_NAME], output_names=[OUTPUT_NAME], dynamic_shapes=dynamic,
                               verbose=False)
             onnx.checker.check_model(str(tmp), full_check=True)
@@ -100,12 +106,23 @@ class ClipCalibrationReader(CalibrationDataReader):
         return None if batch is None else {INPUT_NAME: batch}
 
 
+def quantize_model_int8(model: nn.Module, input_shape: Sequence[int], int8_path: str | Path,
+                        calibration_batches: Iterable, per_channel: bool = True) -> Path:
+    """`model` exported in its int8-ready form (a student's stem input padded to FAST_INT8_CHANNEL_MULTIPLE), then
+    quantize_int8. The fp32 model to compare it with is export_onnx(model) without the padding."""
+    with tempfile.TemporaryDirectory(prefix="vidopt-int8-source-") as work:
+        source = export_onnx(model, input_shape, Path(work) / "int8_source.onnx",
+                             channel_multiple=FAST_INT8_CHANNEL_MULTIPLE)
+        return quantize_int8(source, int8_path, calibration_batches, per_channel=per_channel)
+
+
 def quantize_int8(fp32_path: str | Path, int8_path: str | Path, calibration_batches: Iterable,
                   per_channel: bool = True, calibrate_method: CalibrationMethod = CALIBRATION,
                   activation_type: QuantType = ACTIVATION_TYPE) -> Path:
     """Static QDQ quantization: int8 weights (per output channel if `per_channel`), activations of
     `activation_type` with ranges from the calibration batches; convs without a fast int8 kernel (and what only feeds
-    them) stay fp32.
+    them) stay fp32. Data movement at the input (Reshape / Gather) is quantized too (ForceQuantizeNoInputCheck), so a
+    student's frame planes move as uint8 (a quarter of the bytes) straight into the int8 stem.
     onnxruntime's pre-processing (shape inference + graph optimisation) runs first: without it the QDQ graph keeps
     unfused patterns and int8 was barely faster than fp32 (DESIGN.md: 1.1x vs 2.3x at 1 thread)."""
     int8_path = Path(int8_path)
@@ -117,7 +134,8 @@ def quantize_int8(fp32_path: str | Path, int8_path: str | Path, calibration_batc
             quantize_static(str(prepared), str(tmp), ClipCalibrationReader(calibration_batches),
                             quant_format=QuantFormat.QDQ, per_channel=per_channel, reduce_range=False,
                             activation_type=activation_type, weight_type=QuantType.QInt8,
-                            calibrate_method=calibrate_method, nodes_to_exclude=kept_fp32)
+                            calibrate_method=calibrate_method, nodes_to_exclude=kept_fp32,
+                            extra_options={"ForceQuantizeNoInputCheck": True})
             onnx.checker.check_model(str(tmp))
     return int8_path
 
@@ -137,10 +155,10 @@ def convs_without_fast_int8_kernel(model: onnx.ModelProto) -> list[str]:
 def kept_in_fp32(model: onnx.ModelProto) -> list[str]:
     """Nodes quantization leaves in fp32: convs_without_fast_int8_kernel and everything that only feeds them.
 
-    The student's stem (6 input channels) is such a conv, and all before it is data movement and frame differences
-    (Slice / Sub / Concat / Transpose / Reshape). Quantized, that preamble became a chain of Quantize/Dequantize pairs
-    that onnxruntime fused into a slow int8 stem (im2col, 6 channels): int8 was 0.72x of fp32 on the demo student.
-    Kept in fp32, quantization starts at the stem's ReLU output."""
+    An unpadded stem (6 or 3 input channels; quantize_model_int8 pads a student's) is such a conv, and all before it
+    is data movement. Quantized, that preamble became a chain of Quantize/Dequantize pairs that onnxruntime fused into
+    a slow int8 stem (im2col, 6 channels): int8 was 0.72x of fp32 on the demo student. Kept in fp32, quantization
+    starts at the stem's ReLU output."""
     kept = set(convs_without_fast_int8_kernel(model))
     consumers: dict[str, list[onnx.NodeProto]] = {}
     for node in model.graph.node:

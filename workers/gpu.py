@@ -288,10 +288,11 @@ def make_demo_job(root: Path, with_int8: bool = True, target: str = "gpu") -> Ex
     int8_dir = None
     if with_int8:
         try:   # the ONNX exporter needs onnxscript, the quantizer onnxruntime: a bare GPU host may lack them
-            from vidopt.onnx_utils import export_onnx, quantize_int8
-            fp32 = export_onnx(model, (3, arch.frames, arch.height, arch.width), root / "int8" / "model_fp32.onnx")
+            from vidopt.onnx_utils import export_onnx, quantize_model_int8
+            shape = (3, arch.frames, arch.height, arch.width)
+            export_onnx(model, shape, root / "int8" / "model_fp32.onnx")
             calibration = [normalise_clips(b) for b in batches(train_x[:32])]
-            quantize_int8(fp32, root / "int8" / "model_int8.onnx", calibration)
+            quantize_model_int8(model, shape, root / "int8" / "model_int8.onnx", calibration)
             int8_dir = root / "int8"
         except ImportError as error:
             print(f"demo: no int8 model, {type(error).__name__}: {error}", file=sys.stderr)

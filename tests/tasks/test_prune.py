@@ -38,7 +38,7 @@ def upstream(sample_dir, tmp_path_factory):
     the training videos again: val top-1 then measures what fine-tuning is for, getting back the function that pruning
     damaged. The test split stays the real held-out one."""
     root = tmp_path_factory.mktemp("prune")
-    # Widths above CHANNEL_MULTIPLE, so that rounding to it is exercised (the tiny profile's own are narrower).
+    # Widths above prune.channel_multiple, so that rounding to it is exercised (the tiny profile's own are narrower).
     cfg = load_config("tiny", [f"run.project_dir={root / 'project'}", f"data.source={sample_dir}",
                                "distill.conv_widths=[16, 32, 64, 128]", "distill.temporal_widths=[128]",
                                "prune.target_macs_ratio=0.45"])
@@ -97,16 +97,16 @@ def test_trace_keeps_encoder_to_head_coupling_right():
 def test_unreachable_mac_target_names_the_setting():
     arch = StudentArch(frames=8, height=32, width=32, num_classes=5)
     with pytest.raises(prune.PruneError, match="prune.target_macs_ratio"):
-        prune.plan_widths(arch, 1e-4)  # not even one channel per layer fits
+        prune.plan_widths(arch, 1e-4, multiple=1)  # not even one channel per layer fits
 
 
 def test_step_plans_fall_geometrically_to_the_target():
     arch = StudentArch(frames=8, height=64, width=64, num_classes=8)
-    plans = prune.step_plans(arch, 0.25, steps=4)
-    assert plans[-1] == prune.plan_widths(arch, 0.25) and len(plans) == 4
+    plans = prune.step_plans(arch, 0.45, steps=4, multiple=16)
+    assert plans[-1] == prune.plan_widths(arch, 0.45, multiple=16) and len(plans) == 4
     base = count_macs(build_model(arch), prune.clip_shape(arch))
     macs = [count_macs(build_model(p), prune.clip_shape(arch)) for p in plans]
-    assert all(m <= 0.25 ** (k / 4) * base for k, m in enumerate(macs, start=1))
+    assert all(m <= 0.45 ** (k / 4) * base for k, m in enumerate(macs, start=1))
     assert macs == sorted(macs, reverse=True) and macs[0] > 0.5 * base  # the first round is a small cut
     for wider, narrower in zip(plans, plans[1:]):  # each round only removes channels
         assert all(a >= b for a, b in zip(wider.conv_widths + wider.temporal_widths,
@@ -116,11 +116,12 @@ def test_step_plans_fall_geometrically_to_the_target():
 def test_structured_prune_meets_mac_target_and_rebuilds(upstream, tmp_path):
     student_model, arch = load_model_dir(upstream["student"].uri)
     target = 0.45
-    pruned_arch = prune.prune_to_widths(student_model, arch, prune.plan_widths(arch, target))
+    pruned_arch = prune.prune_to_widths(student_model, arch, prune.plan_widths(arch, target, multiple=16))
     shape = prune.clip_shape(arch)
     assert count_macs(student_model, shape) <= target * count_macs(build_model(arch), shape)
     assert all(a <= b for a, b in zip(pruned_arch.conv_widths, arch.conv_widths)) and pruned_arch != arch
-    assert all(w % prune.CHANNEL_MULTIPLE == 0 for w in pruned_arch.conv_widths + pruned_arch.temporal_widths)
+    assert all(w % 16 == 0 for w in pruned_arch.conv_widths + pruned_arch.temporal_widths)
+    assert pruned_arch.conv_widths[0] == arch.conv_widths[0] == 16  # no narrower than the multiple: the stem stays
     # Every BN follows its conv, every conv's input is the previous output, the head reads width x grid^2 features.
     layers = [m for m in student_model.modules() if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.BatchNorm1d,
                                                                    nn.BatchNorm2d, nn.Linear))]

@@ -6,7 +6,7 @@ import onnx
 import pytest
 import torch
 
-from vidopt.models import StudentArch, TeacherArch, build_model
+from vidopt.models import DeployedStudent, StudentArch, TeacherArch, build_model
 from vidopt.onnx_utils import (
     OPSET,
     compare_latency,
@@ -17,12 +17,13 @@ from vidopt.onnx_utils import (
     ort_predict,
     ort_session,
     quantize_int8,
+    quantize_model_int8,
 )
 
 SHAPE = (3, 4, 32, 32)  # [C, T, H, W]
-# What the student may contain after export: BN folded into Conv, ReLU, pooling, the classifier, data movement.
-STUDENT_OPS = {"Conv", "Relu", "AveragePool", "Gemm", "MatMul", "Reshape", "Transpose", "Flatten",
-               "Slice", "Concat", "Sub"}  # the last three: frame differences (vidopt/models.py)
+# What the student may contain after export: BN folded into Conv, ReLU, pooling, the classifier, data movement
+# (one Gather builds every frame's stem input: DeployedStudent).
+STUDENT_OPS = {"Conv", "Relu", "AveragePool", "Gemm", "MatMul", "Reshape", "Transpose", "Flatten", "Gather"}
 
 
 def _with_bn_statistics(model: torch.nn.Module) -> torch.nn.Module:
@@ -52,6 +53,7 @@ def test_student_export_is_a_clean_graph_with_dynamic_batch_and_parity(student, 
     ops = op_counts(student_onnx)
     assert set(ops) <= STUDENT_OPS, f"unexpected ops {set(ops) - STUDENT_OPS}"
     assert ops["Conv"] == 4 and "BatchNormalization" not in ops  # 3 Conv2d + 1 Conv1d, every BN folded in
+    assert ops["Gather"] == 1  # the frame differences live in the stem's weights, not in Slice / Sub / Concat
     assert max(o.version for o in model.opset_import if o.domain in ("", "ai.onnx")) >= max(OPSET, 17)
     assert not any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer)
     assert not student.training
@@ -86,41 +88,74 @@ def test_teacher_export_folds_bn_and_matches_pytorch(tmp_path):
     assert np.abs(ort_predict(ort_session(path), [x]) - expected).max() <= 1e-4
 
 
+@pytest.mark.parametrize("frame_differences", [True, False])
+@pytest.mark.parametrize("channel_multiple", [1, 4])
+def test_deployed_student_is_the_same_function(frame_differences, channel_multiple):
+    torch.manual_seed(0)
+    arch = StudentArch(frames=4, height=32, width=32, conv_widths=[8, 16], conv_strides=[2, 2], temporal_widths=[8],
+                       frame_differences=frame_differences, num_classes=5)
+    student = _with_bn_statistics(build_model(arch))
+    deployed = DeployedStudent(student, channel_multiple).eval()
+    stem = deployed.encoder.convs[0][0]
+    channels = arch.input_channels()
+    assert stem.in_channels == channels + (-channels) % channel_multiple  # 6 -> 8, 3 -> 4 with a multiple of 4
+    assert not stem.weight[:, channels:].any()                           # padding planes are read with zero weights
+    assert student.encoder.convs[0][0].in_channels == channels           # the trained student is not touched
+    x = torch.randn(3, *SHAPE)
+    with torch.no_grad():
+        assert (deployed(x) - student(x)).abs().max() < 1e-5
+
+
+def _upstream_ops(model: onnx.ModelProto, node: onnx.NodeProto) -> list[str]:
+    produced_by = {out: n for n in model.graph.node for out in n.output}
+    upstream, frontier = [], [node.input[0]]
+    while frontier:
+        producer = produced_by.get(frontier.pop())
+        if producer is not None:
+            upstream.append(producer.op_type)
+            frontier += list(producer.input)
+    return upstream
+
+
+def _weights(model: onnx.ModelProto, data_type: int) -> list[onnx.TensorProto]:
+    return [t for t in model.graph.initializer if t.data_type == data_type and len(t.dims) >= 2]  # 1-D: zero points
+
+
 def test_int8_quantization_is_qdq_smaller_and_close_to_fp32(student, student_onnx, tmp_path):
     calibration = [torch.randn(8, *SHAPE) for _ in range(4)]
-    int8 = quantize_int8(student_onnx, tmp_path / "int8.onnx", calibration)
+    int8 = quantize_model_int8(student, SHAPE, tmp_path / "int8.onnx", calibration)
     ops = op_counts(int8)
     assert ops.get("QuantizeLinear", 0) >= 4 and ops.get("DequantizeLinear", 0) >= 4
-    # Weights are stored as int8 (1 byte per element instead of 4), except the stem's: a conv with 6 input channels
-    # (RGB and frame differences) has no fast int8 kernel and stays fp32. On a model this small names and scales
-    # weigh too, so check the weights, not just the file.
+    # Every weight is stored as int8 (1 byte per element instead of 4), the stem's too: its 6 input channels are padded
+    # to 8 for the fast int8 kernel. On a model this small names and scales weigh too: check the weights, not the file.
     model = onnx.load(str(int8))
-    int8_weights = [t for t in model.graph.initializer  # (1-D int8 tensors are zero points)
-                    if t.data_type == onnx.TensorProto.INT8 and len(t.dims) >= 2]
-    float_weights = [t for t in model.graph.initializer if t.data_type == onnx.TensorProto.FLOAT and len(t.dims) >= 2]
-    assert len(int8_weights) == 4  # Conv2d 8->16, Conv2d 16->16, Conv1d, Linear
-    assert [list(t.dims) for t in float_weights] == [[8, 6, 3, 3]]
-    fp32_weights = [t for t in onnx.load(str(student_onnx)).graph.initializer if len(t.dims) >= 2]
-    assert sum(np.prod(t.dims) for t in int8_weights + float_weights) == sum(np.prod(t.dims) for t in fp32_weights)
+    assert not _weights(model, onnx.TensorProto.FLOAT)
+    int8_weights = _weights(model, onnx.TensorProto.INT8)
+    assert len(int8_weights) == 5 and [8, 8, 3, 3] in [list(t.dims) for t in int8_weights]  # 3 Conv2d, Conv1d, Linear
     assert file_mb(int8) < file_mb(student_onnx)
-    # The stem's input path (frame differences, layout changes) stays fp32 as a whole: no Quantize/Dequantize pair
-    # before the stem, whose fp32 output is the first thing quantized.
+    # The clip is quantized first: the frame planes move as uint8 into the int8 stem.
     stem = next(n for n in model.graph.node if n.op_type == "Conv")
-    produced_by = {out: n for n in model.graph.node for out in n.output}
-    upstream, frontier = [], [stem.input[0]]
-    while frontier:
-        node = produced_by.get(frontier.pop())
-        if node is not None:
-            upstream.append(node.op_type)
-            frontier += list(node.input)
-    assert {"Slice", "Sub", "Concat"} <= set(upstream)
-    assert not {"QuantizeLinear", "DequantizeLinear"} & set(upstream), upstream
+    assert {"Gather", "QuantizeLinear"} <= set(_upstream_ops(model, stem))
+    readers = [n.op_type for n in model.graph.node if model.graph.input[0].name in n.input]
+    assert readers == ["QuantizeLinear"]
 
     x = torch.randn(16, *SHAPE)
     fp32 = ort_predict(ort_session(student_onnx), [x])
     quantized = ort_predict(ort_session(int8), [x])
     # int8 noise is a few percent of the logits' spread on data like the calibration data; a wrong scale is not.
     assert np.abs(quantized - fp32).mean() < 0.1 * fp32.std()
+
+
+def test_int8_keeps_a_conv_without_fast_kernel_and_its_input_path_in_fp32(student, student_onnx, tmp_path):
+    """An unpadded stem (6 input channels) has no fast int8 kernel: it stays fp32, with everything only feeding it,
+    and quantization starts at its output."""
+    int8 = quantize_int8(student_onnx, tmp_path / "int8.onnx", [torch.randn(8, *SHAPE) for _ in range(2)])
+    model = onnx.load(str(int8))
+    assert [list(t.dims) for t in _weights(model, onnx.TensorProto.FLOAT)] == [[8, 6, 3, 3]]
+    assert len(_weights(model, onnx.TensorProto.INT8)) == 4
+    stem = next(n for n in model.graph.node if n.op_type == "Conv")
+    upstream = _upstream_ops(model, stem)
+    assert "Gather" in upstream and not {"QuantizeLinear", "DequantizeLinear"} & set(upstream), upstream
 
 
 def test_session_threads_and_latency_statistics(student_onnx):

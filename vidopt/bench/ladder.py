@@ -21,7 +21,7 @@ import torch
 from vidopt.checkpoint import load_model_dir
 from vidopt.metrics import count_macs, count_params
 from vidopt.models import StudentArch, TeacherArch, arch_from_dict, build_model
-from vidopt.onnx_utils import compare_latency, export_onnx, file_mb, quantize_int8
+from vidopt.onnx_utils import compare_latency, export_onnx, file_mb, quantize_model_int8
 from vidopt.storage import atomic_write_text
 
 FULL_SIZE_INPUT, FULL_SIZE_CLASSES = (16, 112, 112), 400  # T, H, W and classes of the published r2plus1d_18
@@ -49,8 +49,8 @@ def full_size_ladder(student: StudentArch, teacher: TeacherArch, work: Path, rou
     torch.manual_seed(0)
     models = {"teacher fp32": build_model(teacher), "student fp32": build_model(student)}
     paths = {name: export_onnx(m, shape, work / f"full_{name.replace(' ', '_')}.onnx") for name, m in models.items()}
-    paths["student int8"] = quantize_int8(paths["student fp32"], work / "full_student_int8.onnx",
-                                          _random_clips(shape, batches=2))
+    paths["student int8"] = quantize_model_int8(models["student fp32"], shape, work / "full_student_int8.onnx",
+                                                _random_clips(shape, batches=2))
     latency = compare_latency(paths, shape, batch=1, threads=1, rounds=rounds, warmup=1, iters=iters)
     rows = {name: {"params": count_params(models[name.replace("int8", "fp32")]),
                    "gmacs": count_macs(models[name.replace("int8", "fp32")], shape) / 1e9,
