@@ -16,7 +16,9 @@ import argparse
 import json
 import logging
 import os
+import signal
 import sys
+import threading
 from pathlib import Path
 
 from vidopt.config import ConfigError, PipelineConfig, load_config
@@ -146,8 +148,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _exit_on_sigterm(signum: int, frame) -> None:
+    """SIGTERM (`kill`, a scheduler, a container stop) ends the command as Ctrl-C would: finally blocks and atexit
+    handlers run, so Prefect's temporary server, the local Ray and open MLflow runs are stopped, not orphaned (the
+    default action kills the process with none of them run)."""
+    raise SystemExit(128 + signum)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if threading.current_thread() is threading.main_thread():  # only the main thread may set handlers
+        signal.signal(signal.SIGTERM, _exit_on_sigterm)
     if len(argv) >= 2 and argv[0] == "bench" and argv[1] in BENCHES:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
         return run_bench(argv[1], argv[2:])

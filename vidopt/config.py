@@ -8,7 +8,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -20,6 +20,9 @@ PROFILE_DIR = Path(__file__).resolve().parent.parent / "flows" / "configs"
 
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # Fields that change how a stage runs, never what it produces: left out of section_hash, so tuning them for a
+    # machine reuses every finished stage instead of redoing it.
+    runtime_only: ClassVar[frozenset[str]] = frozenset()
 
 
 class DataConfig(Section):
@@ -43,6 +46,7 @@ class DataConfig(Section):
 
 
 class ClipConfig(Section):
+    runtime_only = frozenset({"loader_workers", "memory_cache_mb"})  # the same clips, decoded in other processes
     frames: int = 16                     # T: frames per clip
     stride: int = 1                      # frame step inside a training clip
     height: int = 112
@@ -229,8 +233,9 @@ class PipelineConfig(Section):
     listen: ListenConfig = Field(default_factory=ListenConfig)
 
     def section_hash(self, name: str) -> str:
-        """Content hash of one section: part of every stage's cache key."""
-        return _hash_json(getattr(self, name).model_dump(mode="json"))
+        """Content hash of one section without its runtime-only fields: part of every stage's cache key."""
+        section = getattr(self, name)
+        return _hash_json(section.model_dump(mode="json", exclude=set(section.runtime_only)))
 
     def config_hash(self) -> str:
         return _hash_json(self.model_dump(mode="json"))

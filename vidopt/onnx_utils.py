@@ -47,6 +47,9 @@ FAST_INT8_CHANNEL_MULTIPLE = 4
 # torchvision registers detection ops (roi_align, nms) without type annotations, and the exporter warns about each on
 # its first export in a process. This package exports none of them.
 logging.getLogger("torch.onnx._internal.exporter._schemas").setLevel(logging.ERROR)
+# The exporter's optimizer logs every pass at INFO (~20 lines per export), which buries a benchmark's own output.
+for _name in ("onnx_ir", "onnxscript"):
+    logging.getLogger(_name).setLevel(logging.WARNING)
 
 
 def export_onnx(model: nn.Module, input_shape: Sequence[int], path: str | Path, dynamic_batch: bool = True,

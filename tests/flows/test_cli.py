@@ -1,4 +1,13 @@
-"""The `vidopt` command: config errors exit 2 naming the key; benchmarks receive their own --options."""
+"""The `vidopt` command: config errors exit 2 naming the key; benchmarks receive their own --options; SIGTERM stops a
+run cleanly."""
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
 from flows.cli import main
 
 
@@ -17,3 +26,45 @@ def test_bench_passes_leading_options_through(sample_dir, tmp_path, capsys):
     assert main(["bench", "decode", str(sample_dir), "--clips", "4", "--repeats", "1", "--frames", "4",
                  "--size", "32", "32", "--json", str(out)]) == 0
     assert "pyav" in capsys.readouterr().out and out.exists()
+
+
+def test_sigterm_stops_the_run_and_its_temporary_prefect_server(sample_dir, tmp_path):
+    """`kill` of a running `vidopt run` must not leave Prefect's temporary server (a child process) behind."""
+    command = [sys.executable, "-m", "flows.cli", "run", "--profile", "tiny", f"run.project_dir={tmp_path / 'p'}",
+               f"data.source={sample_dir}"]
+    run = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                           cwd=Path(__file__).resolve().parents[2])
+    try:
+        address = None
+        for line in run.stdout:  # the server is up once Prefect says where
+            if match := re.search(r"Starting temporary server on (http://[\d.]+:\d+)", line):
+                address = match.group(1)
+                break
+        assert address, "the run never started Prefect's temporary server"
+        host, port = address.removeprefix("http://").split(":")
+        assert _wait_until(lambda: _listens(host, int(port)), 60), f"nothing ever listened on {address}"
+        time.sleep(2)  # the flow is running now
+        run.send_signal(signal.SIGTERM)
+        assert run.wait(timeout=60) == 128 + signal.SIGTERM
+    finally:
+        run.kill()
+        run.stdout.close()
+    assert _wait_until(lambda: not _listens(host, int(port)), 15), \
+        f"Prefect's temporary server still listens on {address} after the run was terminated"
+
+
+def _listens(host: str, port: int) -> bool:
+    try:
+        socket.create_connection((host, port), timeout=1).close()
+        return True
+    except OSError:
+        return False
+
+
+def _wait_until(condition, seconds: float) -> bool:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.25)
+    return True

@@ -58,6 +58,13 @@ def test_section_hash_changes_only_with_its_section():
     assert a.config_hash() != b.config_hash()
 
 
+def test_section_hash_ignores_how_clips_are_decoded():
+    """Decoding in more processes or in memory gives the same clips: the stages' cache keys must not change."""
+    a = load_config("tiny")
+    b = load_config("tiny", ["clips.loader_workers=4", "clips.memory_cache_mb=0"])
+    assert a.section_hash("clips") == b.section_hash("clips") and a.config_hash() != b.config_hash()
+
+
 def test_redact_masks_secrets_and_uri_credentials():
     raw = {"tracking": {"uri": "http://bob:hunter2@mlflow:5000", "api_token": "abc"}, "data": {"source": "s3://b/p"}}
     flat = flatten(redact(raw))
