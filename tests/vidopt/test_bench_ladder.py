@@ -9,7 +9,7 @@ from vidopt.bench import ladder
 from vidopt.checkpoint import save_model_dir
 from vidopt.metrics import count_macs
 from vidopt.models import StudentArch, TeacherArch, build_model
-from vidopt.onnx_utils import export_onnx, quantize_int8
+from vidopt.onnx_utils import quantize_model_int8
 
 
 @pytest.mark.parametrize("arch, published_gflops", [("r3d_18", 40.70), ("r2plus1d_18", 40.52)])
@@ -37,8 +37,8 @@ def _fake_project(root: Path) -> Path:
         model = build_model(arch).eval()
         extra = {}
         if stage == "quantize":
-            fp32 = export_onnx(model, SHAPE, root / "pruned_fp32.onnx")
-            extra["model_int8.onnx"] = quantize_int8(fp32, root / "pruned_int8.onnx", [torch.randn(4, *SHAPE)])
+            extra["model_int8.onnx"] = quantize_model_int8(model, SHAPE, root / "pruned_int8.onnx",
+                                                           [torch.randn(4, *SHAPE)])
         save_model_dir(out, model, arch, {"test_top1_clip": 0.5 + i / 10, "test_top1_video": 0.6}, config, extra)
     return root
 
@@ -78,6 +78,15 @@ def test_ladder_reports_full_size_and_trained_rows(tmp_path):
         assert 0 < r["p50_ms.t1"] <= r["p95_ms.t1"] and r["b8_clips_s.t1"] > 0
         assert r["vs_teacher"]["speedup"] == pytest.approx(t["teacher fp32"]["p50_ms.t1"] / r["p50_ms.t1"])
     assert t["teacher fp32"]["vs_teacher"] == {"speedup": 1.0, "size_ratio": 1.0}
+    # Every bar is computed from the rows and marked as they say; each appears in the table.
+    bars = {(b["rung"], b["baseline"], b["measure"]): b for b in trained["bars"]}
+    assert len(bars) == len(ladder.TRAINED_BARS)
+    prune_speed = bars["pruned fp32", "student fp32", "speedup"]
+    assert prune_speed["value"] == pytest.approx(t["student fp32"]["p50_ms.t1"] / t["pruned fp32"]["p50_ms.t1"])
+    assert prune_speed["met"] == (prune_speed["value"] >= 1.7)
+    loss = bars["pruned int8", "teacher fp32", "top1_loss_points"]
+    assert loss["value"] == pytest.approx(-30.0) and loss["met"]  # 0.5 -> 0.8: no loss at all
+    assert "pruned fp32 vs student fp32: " in table and table.count(" met)") == len(bars)
     for name in t:
         assert f"| {name} |" in table
 

@@ -6,7 +6,8 @@
     16x112x112, batch 1, 1 thread. Random weights: latency and file size depend on shapes, not on weight values, so this
     needs no training, and it says nothing about accuracy. The project's bars: >= 100x faster, >= 100x smaller.
 (b) With --project-dir of a finished run: the trained models side by side (params, size, GMACs, p50/p95 at batch 1 and
-    throughput at batch 8 with 1 and 2 threads, test top-1 from each model dir's metrics.json).
+    throughput at batch 8 with 1 and 2 threads, test top-1 from each model dir's metrics.json), and the compression
+    bars (TRAINED_BARS) each marked met or not.
 Every latency is measured interleaved across the models compared and is the median over rounds: the machine is noisy.
 """
 from __future__ import annotations
@@ -26,6 +27,13 @@ from vidopt.storage import atomic_write_text
 
 FULL_SIZE_INPUT, FULL_SIZE_CLASSES = (16, 112, 112), 400  # T, H, W and classes of the published r2plus1d_18
 BARS = {"speedup": 100.0, "size_ratio": 100.0}  # the project's goal: teacher fp32 vs deployed student int8
+# The trained ladder's bars (batch 1, the first thread count; top-1 losses in points of the test split):
+# (rung, baseline, measure, bar, higher is better)
+TRAINED_BARS = [("pruned fp32", "student fp32", "speedup", 1.7, True),
+                ("pruned fp32", "student fp32", "top1_loss_points", 1.0, False),
+                ("pruned int8", "pruned fp32", "speedup", 2.0, True),
+                ("pruned int8", "teacher fp32", "speedup", 10.0, True),
+                ("pruned int8", "teacher fp32", "top1_loss_points", 2.0, False)]
 MIN_SECONDS = 0.25  # (b): each measurement times calls for at least this long (~600 of a 0.4 ms student)
 FULL_SIZE_NOTE = ("full-size architectures with random weights: latency and size only (they do not depend on weight "
                   "values); int8 calibrated on random clips; no accuracy")
@@ -100,7 +108,26 @@ def trained_ladder(project: Path, work: Path, threads: list[int], rounds: int = 
         row["vs_teacher"] = None if teacher is None else {
             "speedup": teacher[f"p50_ms.t{threads[0]}"] / row[f"p50_ms.t{threads[0]}"],
             "size_ratio": teacher["size_mb"] / row["size_mb"]}
-    return {"project": str(project), "input": list(shape), "threads": threads, "rows": rows, "missing": missing}
+    return {"project": str(project), "input": list(shape), "threads": threads, "rows": rows, "missing": missing,
+            "bars": trained_bars(rows, threads[0])}
+
+
+def trained_bars(rows: dict, threads: int) -> list[dict]:
+    """Each TRAINED_BARS entry whose two rows were measured: the value, the bar and whether it is met."""
+    out = []
+    for rung, base, measure, bar, higher in TRAINED_BARS:
+        if rung not in rows or base not in rows:
+            continue
+        r, b = rows[rung], rows[base]
+        if measure == "speedup":
+            value = b[f"p50_ms.t{threads}"] / r[f"p50_ms.t{threads}"]
+        elif r["test_top1_clip"] is None or b["test_top1_clip"] is None:
+            continue
+        else:
+            value = 100 * (b["test_top1_clip"] - r["test_top1_clip"])
+        out.append({"rung": rung, "baseline": base, "measure": measure, "value": value, "bar": bar,
+                    "met": value >= bar if higher else value <= bar})
+    return out
 
 
 def markdown(report: dict) -> str:
@@ -133,6 +160,11 @@ def markdown(report: dict) -> str:
             lines.append("| " + " | ".join(cells) + " |")
         if trained["missing"]:
             lines += ["", f"not found: {', '.join(trained['missing'])}"]
+        lines.append("")
+        for bar in trained["bars"]:
+            what = (f"{bar['value']:.2f}x faster (bar >= {bar['bar']:g}x" if bar["measure"] == "speedup" else
+                    f"{bar['value']:+.2f} points of test top-1 lost (bar <= {bar['bar']:g}")
+            lines.append(f"- {bar['rung']} vs {bar['baseline']}: {what}, {'met' if bar['met'] else 'NOT met'})")
     return "\n".join(lines) + "\n"
 
 
