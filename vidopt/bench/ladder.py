@@ -163,7 +163,7 @@ def markdown(report: dict) -> str:
         lines.append("")
         for bar in trained["bars"]:
             what = (f"{bar['value']:.2f}x faster (bar >= {bar['bar']:g}x" if bar["measure"] == "speedup" else
-                    f"{bar['value']:+.2f} points of test top-1 lost (bar <= {bar['bar']:g}")
+                    f"test top-1 {-bar['value']:+.2f} points (bar: at most {bar['bar']:g} lost")
             lines.append(f"- {bar['rung']} vs {bar['baseline']}: {what}, {'met' if bar['met'] else 'NOT met'})")
     return "\n".join(lines) + "\n"
 
