@@ -33,9 +33,16 @@ def model_name(target: str) -> str:
     return f"vidopt-{target}"
 
 
+# Where tasks/export.py logged a result, not what was verified: an export task run again after Prefect's results were
+# lost logs the same verified results under new MLflow runs, and that is no reason to register new versions.
+LOGGED_AT = ("mlflow_run_id", "mlflow_artifact_uri")
+
+
 def work_dir(cfg: PipelineConfig, dataset: DatasetArtifact, teacher: ModelArtifact,
              targets: list[TargetResult]) -> Path:
-    results = json.dumps([t.model_dump(mode="json") for t in targets], sort_keys=True)
+    verified = [t.model_copy(update={"extra": {k: v for k, v in t.extra.items() if k not in LOGGED_AT}})
+                for t in targets]
+    results = json.dumps([t.model_dump(mode="json") for t in verified], sort_keys=True)
     return stage_dir(cfg, "register", SECTIONS, [artifact_hash(dataset), artifact_hash(teacher),
                                                  hashlib.sha256(results.encode()).hexdigest()])
 
