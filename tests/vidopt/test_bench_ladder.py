@@ -87,6 +87,7 @@ def test_ladder_reports_full_size_and_trained_rows(tmp_path):
     loss = bars["pruned int8", "teacher fp32", "top1_loss_points"]
     assert loss["value"] == pytest.approx(-30.0) and loss["met"]  # 0.5 -> 0.8: no loss at all
     assert "pruned fp32 vs student fp32: " in table and table.count(" met)") == len(bars)
+    assert (out / "ladder.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"  # the same ladder, plotted
     for name in t:
         assert f"| {name} |" in table
 

@@ -23,7 +23,7 @@ from vidopt.checkpoint import load_model_dir
 from vidopt.metrics import count_macs, count_params
 from vidopt.models import StudentArch, TeacherArch, arch_from_dict, build_model
 from vidopt.onnx_utils import compare_latency, export_onnx, file_mb, quantize_model_int8
-from vidopt.storage import atomic_write_text
+from vidopt.storage import atomic_path, atomic_write_text
 
 FULL_SIZE_INPUT, FULL_SIZE_CLASSES = (16, 112, 112), 400  # T, H, W and classes of the published r2plus1d_18
 BARS = {"speedup": 100.0, "size_ratio": 100.0}  # the project's goal: teacher fp32 vs deployed student int8
@@ -168,12 +168,50 @@ def markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def ladder_png(trained: dict) -> bytes:
+    """The trained ladder at a glance: p50 latency per rung (log scale, batch 1, first thread count) beside its test
+    top-1, the teacher's top-1 as a line. Agg canvas, no pyplot state."""
+    import io
+
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    names, rows, threads = list(trained["rows"]), trained["rows"], trained["threads"][0]
+    fig = Figure(figsize=(10, 3.8), dpi=110, layout="constrained")
+    FigureCanvasAgg(fig)
+    speed, accuracy = fig.subplots(1, 2)
+    latency = [rows[n][f"p50_ms.t{threads}"] for n in names]
+    bars = speed.barh(names, latency, color="#1f77b4")
+    speed.bar_label(bars, labels=[f"{v:.2f} ms" for v in latency], padding=3, fontsize=8)
+    speed.set_xscale("log")
+    speed.set_xlim(min(latency) / 2, max(latency) * 4)
+    speed.invert_yaxis()
+    speed.set_xlabel(f"p50 latency, batch 1, {threads} thread(s), onnxruntime CPU (log scale)")
+    top1 = [100 * (rows[n]["test_top1_clip"] or 0) for n in names]
+    bars = accuracy.barh(names, top1, color="#2ca02c")
+    accuracy.bar_label(bars, labels=[f"{v:.1f}%" if rows[n]["test_top1_clip"] is not None else "n/a"
+                                     for v, n in zip(top1, names)], padding=3, fontsize=8)
+    accuracy.set_xlim(max(0.0, min(top1) - 10), 100)
+    accuracy.invert_yaxis()
+    accuracy.set_yticklabels([])
+    accuracy.set_xlabel("test top-1 per clip (%)")
+    teacher = rows.get("teacher fp32", {}).get("test_top1_clip")
+    if teacher is not None:
+        accuracy.axvline(100 * teacher, color="grey", ls=":", lw=1, label="teacher")
+        accuracy.legend(fontsize=8, loc="lower right")
+    fig.suptitle(f"trained ladder, input {'x'.join(map(str, trained['input'][1:]))}", fontsize=10)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    return buffer.getvalue()
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(prog="vidopt bench ladder", description=__doc__.split("\n")[0])
     parser.add_argument("--arch", type=Path, help="student arch.json for (a), e.g. a run's final model dir; its widths "
                         "are used at 16x112x112 with 400 classes (default: StudentArch's widths)")
     parser.add_argument("--project-dir", type=Path, help="a finished run's project dir: adds the trained ladder (b)")
-    parser.add_argument("--out", type=Path, default=Path(".vidopt/bench/ladder"), help="writes ladder.json, ladder.md")
+    parser.add_argument("--out", type=Path, default=Path(".vidopt/bench/ladder"),
+                        help="writes ladder.json, ladder.md (and ladder.png with --project-dir)")
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2], help="(b) onnxruntime intra-op threads")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds; medians over rounds")
     parser.add_argument("--iters", type=int, default=3, help="timed runs per model per round")
@@ -201,6 +239,9 @@ def main(argv: list[str] | None = None) -> dict:
     table = markdown(report)
     atomic_write_text(args.out / "ladder.json", json.dumps(report, indent=2))
     atomic_write_text(args.out / "ladder.md", table)
+    if "trained" in report:
+        with atomic_path(args.out / "ladder.png") as tmp:
+            tmp.write_bytes(ladder_png(report["trained"]))
     print(table, end="")
     return report
 
