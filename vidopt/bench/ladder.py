@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import tempfile
 from pathlib import Path
 
@@ -25,6 +26,7 @@ from vidopt.models import StudentArch, TeacherArch, arch_from_dict, build_model
 from vidopt.onnx_utils import compare_latency, export_onnx, file_mb, quantize_model_int8
 from vidopt.storage import atomic_path, atomic_write_text
 
+log = logging.getLogger("vidopt.bench.ladder")
 FULL_SIZE_INPUT, FULL_SIZE_CLASSES = (16, 112, 112), 400  # T, H, W and classes of the published r2plus1d_18
 BARS = {"speedup": 100.0, "size_ratio": 100.0}  # the project's goal: teacher fp32 vs deployed student int8
 # The trained ladder's bars (batch 1, the first thread count; top-1 losses in points of the test split):
@@ -56,9 +58,11 @@ def full_size_ladder(student: StudentArch, teacher: TeacherArch, work: Path, rou
     shape = (3, student.frames, student.height, student.width)  # [C, T, H, W]
     torch.manual_seed(0)
     models = {"teacher fp32": build_model(teacher), "student fp32": build_model(student)}
+    log.info("ladder (a): exporting and quantizing at %s", "x".join(map(str, shape[1:])))
     paths = {name: export_onnx(m, shape, work / f"full_{name.replace(' ', '_')}.onnx") for name, m in models.items()}
     paths["student int8"] = quantize_model_int8(models["student fp32"], shape, work / "full_student_int8.onnx",
                                                 _random_clips(shape, batches=2))
+    log.info("ladder (a): timing %d models, %d rounds", len(paths), rounds)
     latency = compare_latency(paths, shape, batch=1, threads=1, rounds=rounds, warmup=1, iters=iters)
     rows = {name: {"params": count_params(models[name.replace("int8", "fp32")]),
                    "gmacs": count_macs(models[name.replace("int8", "fp32")], shape) / 1e9,
@@ -97,6 +101,7 @@ def trained_ladder(project: Path, work: Path, threads: list[int], rounds: int = 
                       "gmacs": count_macs(model, shape) / 1e9, "size_mb": file_mb(paths[name]),
                       **{k: metrics.get(k) for k in ("test_top1_clip", "test_top1_video")}}
     for n in threads:
+        log.info("ladder (b): timing %d models at %d thread(s), batch 1 and 8, %d rounds", len(paths), n, rounds)
         single = compare_latency(paths, shape, batch=1, threads=n, rounds=rounds, iters=iters, min_seconds=MIN_SECONDS)
         batched = compare_latency(paths, shape, batch=8, threads=n, rounds=rounds, iters=max(2, iters // 2),
                                   min_seconds=MIN_SECONDS)
