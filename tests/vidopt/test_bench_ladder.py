@@ -95,3 +95,11 @@ def test_ladder_reports_full_size_and_trained_rows(tmp_path):
 def test_ladder_without_models_says_what_to_do(tmp_path):
     with pytest.raises(SystemExit, match="run the pipeline first"):
         ladder.trained_ladder(tmp_path, tmp_path, threads=[1])
+
+
+def test_full_size_student_is_the_projects_final_one_unless_an_arch_is_given(tmp_path):
+    project = _fake_project(tmp_path / "project")
+    assert ladder.full_size_student(None, project).conv_widths == PRUNED.conv_widths  # the quantize stage's model
+    (tmp_path / "arch.json").write_text(STUDENT.model_dump_json())
+    assert ladder.full_size_student(tmp_path / "arch.json", project).conv_widths == STUDENT.conv_widths
+    assert ladder.full_size_student(None, None) == StudentArch()

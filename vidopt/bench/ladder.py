@@ -139,8 +139,9 @@ def markdown(report: dict) -> str:
     lines = []
     full = report.get("full_size")
     if full:
+        widths = f"{full['student']['conv_widths']} / {full['student']['temporal_widths']}"
         lines += [f"## (a) Full size at {'x'.join(map(str, full['input'][1:]))}, batch 1, 1 thread",
-                  f"_{full['note']}._", "", "| model | params | GMACs | size MB | p50 ms | p95 ms |",
+                  f"_{full['note']}; student widths {widths}._", "", "| model | params | GMACs | size MB | p50 ms | p95 ms |",
                   "|---|---:|---:|---:|---:|---:|"]
         lines += [f"| {name} | {r['params']:,} | {r['gmacs']:.3f} | {r['size_mb']:.2f} | {r['p50_ms']:.2f} | "
                   f"{r['p95_ms']:.2f} |" for name, r in full["rows"].items()]
@@ -210,10 +211,20 @@ def ladder_png(trained: dict) -> bytes:
     return buffer.getvalue()
 
 
+def full_size_student(arch_file: Path | None, project: Path | None) -> StudentArch:
+    """(a)'s student: `arch_file`, else the final (quantize stage) student of `project`, else StudentArch's widths."""
+    final = find_model_dir(project.resolve(), "quantize") if project and arch_file is None else None
+    arch_file = arch_file or (final / "arch.json" if final else None)
+    student = arch_from_dict(json.loads(arch_file.read_text())) if arch_file else StudentArch()
+    if student.kind != "student":
+        raise SystemExit(f"bench.ladder: {arch_file} describes a {student.kind}, not a student")
+    return student
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(prog="vidopt bench ladder", description=__doc__.split("\n")[0])
-    parser.add_argument("--arch", type=Path, help="student arch.json for (a), e.g. a run's final model dir; its widths "
-                        "are used at 16x112x112 with 400 classes (default: StudentArch's widths)")
+    parser.add_argument("--arch", type=Path, help="student arch.json for (a); its widths are used at 16x112x112 with "
+                        "400 classes (default: the final student of --project-dir, else StudentArch's widths)")
     parser.add_argument("--project-dir", type=Path, help="a finished run's project dir: adds the trained ladder (b)")
     parser.add_argument("--out", type=Path, default=Path(".vidopt/bench/ladder"),
                         help="writes ladder.json, ladder.md (and ladder.png with --project-dir)")
@@ -230,9 +241,7 @@ def main(argv: list[str] | None = None) -> dict:
     with tempfile.TemporaryDirectory(prefix="vidopt-ladder-") as tmp:
         work = Path(tmp)
         if not args.no_full_size:
-            student = arch_from_dict(json.loads(args.arch.read_text())) if args.arch else StudentArch()
-            if student.kind != "student":
-                raise SystemExit(f"bench.ladder: {args.arch} describes a {student.kind}, not a student")
+            student = full_size_student(args.arch, args.project_dir)
             # A trained arch.json keeps its widths; input and classes become Kinetics-400's, like the teacher's.
             size = dict(zip(("frames", "height", "width"), args.shape or FULL_SIZE_INPUT))
             student = student.model_copy(update={**size, "num_classes": FULL_SIZE_CLASSES})
