@@ -52,10 +52,16 @@ def load_model_dir(path: str | Path) -> tuple[nn.Module, TeacherArch | StudentAr
     return model.eval(), arch
 
 
+TORCHVISION_WEIGHTS = "torchvision:"  # teacher.init=torchvision:R2Plus1D_18_Weights.KINETICS400_V1
+
+
 def load_state_dict_uri(uri: str) -> dict[str, torch.Tensor]:
-    """A user-supplied checkpoint: safetensors, or a torch file loaded with weights_only=True (untrusted input)."""
+    """A user-supplied checkpoint: safetensors, a torch file loaded with weights_only=True (untrusted input), or
+    `torchvision:<weights name>`, torchvision's published weights."""
     from vidopt.storage import is_s3, s3_client, split_s3
 
+    if uri.startswith(TORCHVISION_WEIGHTS):
+        return torchvision_state_dict(uri.removeprefix(TORCHVISION_WEIGHTS))
     if is_s3(uri):
         with tempfile.TemporaryDirectory(prefix="vidopt-init-") as tmp:  # removed once loaded into memory
             local = Path(tmp) / Path(uri).name
@@ -63,6 +69,25 @@ def load_state_dict_uri(uri: str) -> dict[str, torch.Tensor]:
             s3_client().download_file(bucket, key, str(local))
             return _load_state_dict_file(str(local))
     return _load_state_dict_file(uri)
+
+
+def torchvision_state_dict(name: str) -> dict[str, torch.Tensor]:
+    """torchvision's weights `name` (e.g. R2Plus1D_18_Weights.KINETICS400_V1) through torch hub's cache: downloaded
+    once where the machine reaches download.pytorch.org (the file's hash checked against its name), read from
+    <torch hub dir>/checkpoints/ after that, or where someone put the file; loaded with weights_only=True."""
+    from torchvision.models import get_weight
+
+    try:
+        weights = get_weight(name)
+    except (KeyError, ValueError) as err:
+        raise ValueError(f"teacher.init torchvision:{name}: not a torchvision weights name ({err}); e.g. "
+                         "torchvision:R2Plus1D_18_Weights.KINETICS400_V1") from err
+    try:
+        return torch.hub.load_state_dict_from_url(weights.url, map_location="cpu", check_hash=True, weights_only=True)
+    except OSError as err:  # URLError, a DNS failure, a full disk
+        raise RuntimeError(
+            f"teacher.init torchvision:{name}: could not fetch {weights.url} ({err}). Without access to it, copy the "
+            f"file into {Path(torch.hub.get_dir()) / 'checkpoints'} or pass its path as teacher.init") from err
 
 
 def _load_state_dict_file(path: str) -> dict[str, torch.Tensor]:

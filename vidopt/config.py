@@ -67,7 +67,9 @@ class TeacherConfig(Section):
     frame_differences: bool = False      # 6-channel input like the student's (vidopt/models.py); False keeps the stem
     #                                      torchvision checkpoints and `init` weights fit
     augment: bool = False                # the student's clip augmentation (vidopt/augment.py) in teacher training too
-    init: str | None = None              # state_dict checkpoint (path or s3:// URI, .pt or .safetensors) to start from
+    init: str | None = None              # state_dict to start from: a path or s3:// URI (.pt or .safetensors), or
+    #   torchvision:<weights name> (e.g. torchvision:R2Plus1D_18_Weights.KINETICS400_V1; teacher.width 1.0), fetched
+    #   into torch hub's cache where the machine reaches download.pytorch.org
     epochs: int = Field(12, ge=1)
     lr: float = 1e-3                     # AdamW peak of the one-cycle schedule (vidopt/training.py). 3e-3 never
     #   left chance on the demo data (r3d_18 w0.25 from scratch, 800 steps); 1e-3 reached 90% test top-1 in 400 steps

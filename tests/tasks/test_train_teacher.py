@@ -173,3 +173,36 @@ def test_teacher_with_frame_differences_and_augmentation_resumes_to_the_same_wei
     assert started == [1]  # from the checkpoint, not from scratch
     # The resumed run drew the same clip offsets, order and augmentations for its second epoch.
     assert resumed.weights_sha256 == whole.weights_sha256 and resumed.metrics == whole.metrics
+
+
+def test_teacher_init_takes_torchvision_weights_by_name_from_torch_hubs_cache(tmp_path, monkeypatch):
+    """`torchvision:<weights name>` resolves the name and loads the file torch hub would download. This machine has
+    no route to download.pytorch.org, so the file is put where hub keeps it, as a user without that route would."""
+    import torchvision
+
+    from vidopt.checkpoint import TORCHVISION_WEIGHTS
+
+    monkeypatch.setattr(torch.hub, "_hub_dir", str(tmp_path / "hub"))
+    published = torchvision.models.video.mc3_18()  # the published architecture, 400 classes
+    name = "MC3_18_Weights.KINETICS400_V1"
+    cached = tmp_path / "hub" / "checkpoints" / Path(torchvision.models.get_weight(name).url).name
+    cached.parent.mkdir(parents=True)
+    torch.save(published.state_dict(), cached)
+
+    teacher = build_model(TeacherArch(arch="mc3_18", width=1.0, num_classes=8))  # width 1.0: torchvision's own layout
+    summary = train_teacher.load_init(teacher, TORCHVISION_WEIGHTS + name)
+    assert re.match(rf"loaded \d+/\d+ tensors from torchvision:{name}; fresh: fc.bias, fc.weight$", summary)
+    assert torch.equal(teacher.state_dict()["layer4.1.conv2.0.weight"],
+                       published.state_dict()["layer4.1.conv2.0.weight"])
+
+    with pytest.raises(ValueError, match="torchvision:MC3_18_Weights.NOPE: not a torchvision weights name"):
+        train_teacher.load_init(teacher, TORCHVISION_WEIGHTS + "MC3_18_Weights.NOPE")
+    # Not cached, and no route to the server (a proxy on a closed local port refuses at once, network or not): the
+    # error says where to put the file.
+    cached.unlink()
+    for variable in ("https_proxy", "HTTPS_PROXY"):
+        monkeypatch.setenv(variable, "http://127.0.0.1:9")
+    monkeypatch.delenv("no_proxy", raising=False)
+    monkeypatch.delenv("NO_PROXY", raising=False)
+    with pytest.raises(RuntimeError, match=re.escape(str(cached.parent))):
+        train_teacher.load_init(teacher, TORCHVISION_WEIGHTS + name)
