@@ -5,6 +5,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -34,21 +35,24 @@ def test_sigterm_stops_the_run_and_its_temporary_prefect_server(sample_dir, tmp_
                f"data.source={sample_dir}"]
     run = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                            cwd=Path(__file__).resolve().parents[2])
+    lines: list[str] = []  # read all along, so the run never blocks on a full pipe
+    reader = threading.Thread(target=lambda: lines.extend(run.stdout), daemon=True)
+    reader.start()
     try:
-        address = None
-        for line in run.stdout:  # the server is up once Prefect says where
-            if match := re.search(r"Starting temporary server on (http://[\d.]+:\d+)", line):
-                address = match.group(1)
-                break
-        assert address, "the run never started Prefect's temporary server"
+        # Prefect says where its server is, then the flow starts on it.
+        assert _wait_until(lambda: any("Beginning flow run" in line for line in lines), 120), "".join(lines)
+        address = next(m.group(1) for line in lines
+                       if (m := re.search(r"Starting temporary server on (http://[\d.]+:\d+)", line)))
         host, port = address.removeprefix("http://").split(":")
-        assert _wait_until(lambda: _listens(host, int(port)), 60), f"nothing ever listened on {address}"
-        time.sleep(2)  # the flow is running now
+        assert _listens(host, int(port)), f"nothing listens on {address} while the flow runs"
+        time.sleep(1)
         run.send_signal(signal.SIGTERM)
-        assert run.wait(timeout=60) == 128 + signal.SIGTERM
+        assert run.wait(timeout=60) == 128 + signal.SIGTERM, "".join(lines[-20:])
     finally:
         run.kill()
-        run.stdout.close()
+        reader.join(timeout=10)  # an orphaned server holding the pipe open would keep the reader (and close) waiting
+        if not reader.is_alive():
+            run.stdout.close()
     assert _wait_until(lambda: not _listens(host, int(port)), 15), \
         f"Prefect's temporary server still listens on {address} after the run was terminated"
 
