@@ -13,8 +13,7 @@ from vidopt.artifacts import DatasetArtifact, ModelArtifact, TargetResult
 def tracking(tmp_path):
     """A sqlite MLflow store of this test's own; the process-wide tracking URI is put back afterwards."""
     previous = mlflow.get_tracking_uri()
-    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
-    mlflow.set_experiment("register-test")
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")  # runs go to its Default experiment
     yield
     mlflow.set_tracking_uri(previous)
 

@@ -141,8 +141,8 @@ def markdown(report: dict) -> str:
     if full:
         widths = f"{full['student']['conv_widths']} / {full['student']['temporal_widths']}"
         lines += [f"## (a) Full size at {'x'.join(map(str, full['input'][1:]))}, batch 1, 1 thread",
-                  f"_{full['note']}; student widths {widths}._", "", "| model | params | GMACs | size MB | p50 ms | p95 ms |",
-                  "|---|---:|---:|---:|---:|---:|"]
+                  f"_{full['note']}; student widths {widths}._", "",
+                  "| model | params | GMACs | size MB | p50 ms | p95 ms |", "|---|---:|---:|---:|---:|---:|"]
         lines += [f"| {name} | {r['params']:,} | {r['gmacs']:.3f} | {r['size_mb']:.2f} | {r['p50_ms']:.2f} | "
                   f"{r['p95_ms']:.2f} |" for name, r in full["rows"].items()]
         bars = full["meets_bars"]
