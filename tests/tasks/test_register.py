@@ -13,7 +13,8 @@ from vidopt.artifacts import DatasetArtifact, ModelArtifact, TargetResult
 def tracking(tmp_path):
     """A sqlite MLflow store of this test's own; the process-wide tracking URI is put back afterwards."""
     previous = mlflow.get_tracking_uri()
-    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")  # runs go to its Default experiment
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    mlflow.set_experiment("register-test")  # explicit: the active experiment is process-wide, set by earlier tests
     yield
     mlflow.set_tracking_uri(previous)
 
