@@ -112,7 +112,8 @@ class PruneConfig(Section):
     channel_multiple: int = Field(16, ge=1)  # kept widths are multiples of this, and narrower convs stay whole:
     #   onnxruntime's CPU kernels work on 16-channel blocks (fp32 NCHWc on AVX-512; the fast int8 conv needs >= 16
     #   output channels). Demo student, 8x64x64: widths [8, 16, 24, 48] ran no faster than [16, 16, 32, 48] in fp32
-    #   and ~1.5x slower in int8
+    #   and ~1.5x slower in int8. (int8 gains more on wider convs, 1.4x at 16 and 2.4x at 32: `vidopt bench
+    #   int8-widths`; but multiple 32 gave the demo a slower int8 model, [16, 32, 32, 96] at 0.54 vs 0.46 ms)
     sparsity: float = Field(0.5, ge=0, lt=1)           # l1_unstructured: fraction of weights set to zero
     finetune_epochs: int = Field(8, ge=0)              # distillation fine-tuning after pruning (after the last step)
     steps: int = Field(1, ge=1)                        # structured: prune in this many rounds, the MACs falling
