@@ -43,6 +43,7 @@ CALIBRATION = CalibrationMethod.MinMax
 # ([16, 16, 32, 48], 8x64x64) that made int8 1.25-1.3x faster than its fp32 where a stem kept in fp32 gave ~1.0x,
 # test top-1 within 0.5 points, argmax agreement 0.995-1.0. Any other conv whose input channels do not fit stays fp32.
 FAST_INT8_CHANNEL_MULTIPLE = 4
+PARITY_TOLERANCE = 1e-4  # max |logit| difference allowed between PyTorch and an fp32 export on onnxruntime
 
 # torchvision registers detection ops (roi_align, nms) without type annotations, and the exporter warns about each on
 # its first export in a process. This package exports none of them.
@@ -109,14 +110,35 @@ class ClipCalibrationReader(CalibrationDataReader):
         return None if batch is None else {INPUT_NAME: batch}
 
 
+class ExportParityError(ValueError):
+    """An exported model computes something else than the PyTorch model it came from."""
+
+
+def check_parity(model: nn.Module, path: str | Path, batch: torch.Tensor, tolerance: float = PARITY_TOLERANCE) -> float:
+    """Max |logit| difference between `model` (in eval mode) and its export at `path` on `batch`; raises
+    ExportParityError above `tolerance`."""
+    was_training = model.training
+    with torch.no_grad():
+        expected = model.eval()(batch).numpy()
+    model.train(was_training)
+    difference = float(np.abs(ort_predict(ort_session(path), [batch]) - expected).max())
+    if difference > tolerance:
+        raise ExportParityError(f"{path}: onnxruntime differs from PyTorch by {difference:.2e} (> {tolerance}); "
+                                "the export is wrong, do not ship it")
+    return difference
+
+
 def quantize_model_int8(model: nn.Module, input_shape: Sequence[int], int8_path: str | Path,
                         calibration_batches: Iterable, per_channel: bool = True) -> Path:
-    """`model` exported in its int8-ready form (a student's stem input padded to FAST_INT8_CHANNEL_MULTIPLE), then
-    quantize_int8. The fp32 model to compare it with is export_onnx(model) without the padding."""
+    """`model` exported in its int8-ready form (a student's stem input padded to FAST_INT8_CHANNEL_MULTIPLE), checked
+    against PyTorch on the first calibration batch (check_parity), then quantize_int8. The fp32 model to compare it
+    with is export_onnx(model) without the padding."""
+    batches = [torch.as_tensor(x) for x in calibration_batches]
     with tempfile.TemporaryDirectory(prefix="vidopt-int8-source-") as work:
         source = export_onnx(model, input_shape, Path(work) / "int8_source.onnx",
                              channel_multiple=FAST_INT8_CHANNEL_MULTIPLE)
-        return quantize_int8(source, int8_path, calibration_batches, per_channel=per_channel)
+        check_parity(model, source, batches[0])
+        return quantize_int8(source, int8_path, batches, per_channel=per_channel)
 
 
 def quantize_int8(fp32_path: str | Path, int8_path: str | Path, calibration_batches: Iterable,

@@ -9,6 +9,7 @@ import torch
 from vidopt.models import DeployedStudent, StudentArch, TeacherArch, build_model
 from vidopt.onnx_utils import (
     OPSET,
+    ExportParityError,
     compare_latency,
     export_onnx,
     file_mb,
@@ -144,6 +145,21 @@ def test_int8_quantization_is_qdq_smaller_and_close_to_fp32(student, student_onn
     quantized = ort_predict(ort_session(int8), [x])
     # int8 noise is a few percent of the logits' spread on data like the calibration data; a wrong scale is not.
     assert np.abs(quantized - fp32).mean() < 0.1 * fp32.std()
+
+
+def test_int8_source_that_is_not_the_model_is_refused(student, tmp_path, monkeypatch):
+    """The padded form quantization starts from is checked against PyTorch: a padding plane read with a non-zero
+    weight (a wrong inference form) stops quantization before an int8 model is written."""
+    class WrongPadding(DeployedStudent):
+        def __init__(self, model, channel_multiple=1):
+            super().__init__(model, channel_multiple)
+            with torch.no_grad():
+                self.encoder.convs[0][0].weight[:, -1] += 0.5
+
+    monkeypatch.setattr("vidopt.onnx_utils.DeployedStudent", WrongPadding)
+    with pytest.raises(ExportParityError, match="differs from PyTorch"):
+        quantize_model_int8(student, SHAPE, tmp_path / "int8.onnx", [torch.randn(4, *SHAPE)])
+    assert not (tmp_path / "int8.onnx").exists()
 
 
 def test_int8_keeps_a_conv_without_fast_kernel_and_its_input_path_in_fp32(student, student_onnx, tmp_path):
