@@ -142,41 +142,59 @@ class DeployedStudent(nn.Module):
     """The inference form of a trained student: the same function in fewer, cheaper ops (for ONNX export).
 
     Student.forward builds the encoder input with Slice / Sub / Concat / Transpose over the whole clip; on
-    onnxruntime CPU that data movement was a quarter of the demo student's batch-1 latency. Here one Gather picks,
-    for each frame, the planes the stem reads, and the frame difference moves into the stem's weights: a conv is
-    linear, so W_a * x_t + W_b * (x_{t+1} - x_t) = (W_a - W_b) * x_t + W_b * x_{t+1} (RepVGG-style re-
-    parameterisation; equal up to float rounding). With `channel_multiple`, the stem's input channels are padded to
-    a multiple of it by repeating a plane under zero weights (int8 conv kernels need multiples of 4)."""
+    onnxruntime CPU that data movement was a quarter of the demo student's batch-1 latency. Here one Gather picks the
+    planes the stem reads, and the frame difference moves into the stem's weights: a conv is linear, so
+    W_a * x_t + W_b * (x_{t+1} - x_t) = (W_a - W_b) * x_t + W_b * x_{t+1} (RepVGG-style re-parameterisation, with the
+    stem's BatchNorm folded in too; equal up to float rounding).
+    `channel_multiple` pads the stem's input channels to a multiple of it by repeating a plane under zero weights (int8
+    conv kernels need multiples of 4). `frames_per_stem` = G > 1 runs G consecutive frames' stems as one conv: input
+    the planes of frames t..t+G (each frame's next one included), output G blocks of the stem's channels, frame-major,
+    which a Reshape turns back into G frames. onnxruntime's int8 conv computes 64 output channels per pass and pays per
+    input channel, so a 16-wide stem packed by 4 does the work of 4 frames in about the time of 2
+    (onnx_utils.int8_stem_packings)."""
 
-    def __init__(self, student: Student, channel_multiple: int = 1):
+    def __init__(self, student: Student, channel_multiple: int = 1, frames_per_stem: int = 1):
         super().__init__()
         student = copy.deepcopy(student).eval()
-        stem = student.encoder.convs[0][0]
-        t, pairs = student.frames, student.frame_differences
-        weight = stem.weight.detach()                                   # [O, C', k, k], C' = 6 (or 3)
-        if pairs:                                                       # on (x_t, x_{t+1} - x_t) -> on (x_t, x_{t+1})
-            weight = torch.cat([weight[:, :3] - weight[:, 3:], weight[:, 3:]], dim=1)
-        per_frame = weight.shape[1] + (-weight.shape[1]) % channel_multiple
-        padded = nn.Conv2d(per_frame, stem.out_channels, stem.kernel_size, stem.stride, stem.padding, bias=False)
-        padded.weight.data = torch.cat([weight, weight.new_zeros(weight.shape[0], per_frame - weight.shape[1],
-                                                                  *weight.shape[2:])], dim=1)
-        student.encoder.convs[0][0] = padded
-        # Input planes [B, 3*T, H, W] are channel-major (plane c*T + t); frame t reads x_t's 3 planes, then x_{t+1}'s
+        conv, bn = student.encoder.convs[0][0], student.encoder.convs[0][1]
+        t, pairs, g = student.frames, student.frame_differences, frames_per_stem
+        if t % g:
+            raise ValueError(f"DeployedStudent: frames_per_stem={g} does not divide the student's {t} frames")
+        scale = (bn.weight / torch.sqrt(bn.running_var + bn.eps)).detach()   # eval-mode BN: y = scale * conv + shift
+        weight = conv.weight.detach() * scale[:, None, None, None]           # [O, C', k, k], C' = 6 (or 3)
+        # Per frame: the weights on its own 3 planes and (with frame differences) on its next frame's 3 planes.
+        own, following = (weight[:, :3] - weight[:, 3:], weight[:, 3:]) if pairs else (weight, None)
+        slots = g + 1 if pairs else g                                        # frames whose planes one stem conv reads
+        per_conv = 3 * slots + (-3 * slots) % channel_multiple
+        out = weight.shape[0]
+        packed = weight.new_zeros(g * out, per_conv, *weight.shape[2:])      # block j = frame j of the group
+        for j in range(g):
+            packed[j * out:(j + 1) * out, 3 * j:3 * j + 3] = own
+            if pairs:
+                packed[j * out:(j + 1) * out, 3 * j + 3:3 * j + 6] = following
+        shift = (bn.bias - bn.running_mean * scale).detach()
+        self.stem = nn.Conv2d(per_conv, g * out, conv.kernel_size, conv.stride, conv.padding, bias=True)
+        self.stem.weight.data, self.stem.bias.data = packed, shift.repeat(g)
+        self.stem_relu = nn.ReLU()
+        # Input planes [B, 3*T, H, W] are channel-major (plane c*T + t). Group of frames s..s+G-1 reads frames s..s+G
         # (the last frame is its own next, as in with_frame_differences), then repeats of its first plane as padding.
         planes = []
-        for frame in range(t):
-            reads = [c * t + frame for c in range(3)] + ([c * t + min(frame + 1, t - 1) for c in range(3)] if pairs
-                                                           else [])
-            planes += reads + [reads[0]] * (per_frame - len(reads))
+        for first in range(0, t, g):
+            reads = [c * t + min(frame, t - 1) for frame in range(first, first + slots) for c in range(3)]
+            planes += reads + [reads[0]] * (per_conv - len(reads))
         self.register_buffer("planes", torch.tensor(planes), persistent=False)
-        self.frames, self.per_frame = t, per_frame
-        self.encoder, self.head = student.encoder, student.head
+        self.frames_per_stem, self.per_conv, self.stem_channels = g, per_conv, out
+        self.body, self.pool, self.flatten = student.encoder.convs[1:], student.encoder.pool, student.encoder.flatten
+        self.head = student.head
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, c, t, h, w = x.shape
-        frames = x.reshape(b, c * t, h, w).index_select(1, self.planes)   # [B, T*C'', H, W], one Gather
-        features = self.encoder(frames.reshape(b * t, self.per_frame, h, w))  # [B*T, D]
-        return self.head(features.reshape(b, t, -1).transpose(1, 2))      # [B, D, T] -> logits
+        groups = x.reshape(b, c * t, h, w).index_select(1, self.planes)     # [B, (T/G)*C'', H, W], one Gather
+        y = self.stem_relu(self.stem(groups.reshape(b * t // self.frames_per_stem, self.per_conv, h, w)))
+        # y: [B*T/G, G*O, H', W']
+        y = y.reshape(b * t, self.stem_channels, y.shape[-2], y.shape[-1])  # -> [B*T, O, H', W'] (frame-major blocks)
+        features = self.flatten(self.pool(self.body(y)))                    # [B*T, D]
+        return self.head(features.reshape(b, t, -1).transpose(1, 2))        # [B, D, T] -> logits
 
 
 def build_model(spec: TeacherArch | StudentArch) -> nn.Module:

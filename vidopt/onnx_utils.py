@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -23,6 +24,8 @@ from torch import nn
 
 from vidopt.models import DeployedStudent, Student
 from vidopt.storage import atomic_path
+
+log = logging.getLogger("vidopt.onnx_utils")
 
 INPUT_NAME, OUTPUT_NAME = "clips", "logits"
 OPSET = 18  # the dynamo exporter's native opset (per-channel QDQ needs >= 13)
@@ -44,6 +47,13 @@ CALIBRATION = CalibrationMethod.MinMax
 # test top-1 within 0.5 points, argmax agreement 0.995-1.0. Any other conv whose input channels do not fit stays fp32.
 FAST_INT8_CHANNEL_MULTIPLE = 4
 PARITY_TOLERANCE = 1e-4  # max |logit| difference allowed between PyTorch and an fp32 export on onnxruntime
+# MLAS's int8 conv on AVX-512 (VNNI) computes up to 64 output channels per pass (KernelChannelCount in convsym.cpp) and
+# pays per pixel and input channel, whatever the width: a 16-wide stem leaves 3/4 of each pass idle (`vidopt bench
+# int8-widths`: int8 1.4x fp32 at width 16, 3.4x at 64). Packing 4 frames into the stem conv fills it: on the demo's
+# pruned student int8 went from 1.32-1.34x to 1.50-1.59x its fp32 (8x64x64, batch 1, 1 thread). On AVX2 the kernel
+# works in 16-channel passes and packing would cost, so both forms are timed and the faster kept.
+INT8_CONV_CHANNELS_PER_PASS = 64
+PACKING_ROUNDS, PACKING_MIN_SECONDS = 3, 0.05  # timing the int8 forms: ~0.5 s for the demo student
 
 # torchvision registers detection ops (roi_align, nms) without type annotations, and the exporter warns about each on
 # its first export in a process. This package exports none of them.
@@ -54,14 +64,15 @@ for _name in ("onnx_ir", "onnxscript"):
 
 
 def export_onnx(model: nn.Module, input_shape: Sequence[int], path: str | Path, dynamic_batch: bool = True,
-                channel_multiple: int = 1) -> Path:
+                channel_multiple: int = 1, frames_per_stem: int = 1) -> Path:
     """Export `model` in eval mode for input [B, C, T, H, W] (`input_shape` = [C, T, H, W]) to one self-contained
     .onnx file (no external weights file), checked with onnx.checker. Written atomically. A student is exported in
-    its inference form (DeployedStudent: the same function, less data movement; `channel_multiple` pads its stem)."""
+    its inference form (DeployedStudent: the same function, less data movement; `channel_multiple` pads its stem,
+    `frames_per_stem` packs frames into one stem conv)."""
     path = Path(path)
     was_training = model.training
     model.eval()
-    exported = DeployedStudent(model, channel_multiple) if isinstance(model, Student) else model
+    exported = DeployedStudent(model, channel_multiple, frames_per_stem) if isinstance(model, Student) else model
     # Batch 2, not 1: torch.export specialises a dimension whose example size is 1 into a constant.
     example = torch.randn(2 if dynamic_batch else 1, *input_shape, generator=torch.Generator().manual_seed(0))
     dynamic = ({0: torch.export.Dim("batch")},) if dynamic_batch else None
@@ -128,17 +139,43 @@ def check_parity(model: nn.Module, path: str | Path, batch: torch.Tensor, tolera
     return difference
 
 
+def int8_stem_packings(model: nn.Module) -> list[int]:
+    """The frames_per_stem values quantize_model_int8 tries: 1, and for a student the most frames (dividing T) whose
+    stems fill one pass of the int8 conv (INT8_CONV_CHANNELS_PER_PASS): 4 for a 16-wide stem."""
+    if not isinstance(model, Student):
+        return [1]
+    packed = max(1, INT8_CONV_CHANNELS_PER_PASS // model.encoder.convs[0][0].out_channels)
+    while model.frames % packed:
+        packed -= 1
+    return sorted({1, packed})
+
+
 def quantize_model_int8(model: nn.Module, input_shape: Sequence[int], int8_path: str | Path,
                         calibration_batches: Iterable, per_channel: bool = True) -> Path:
-    """`model` exported in its int8-ready form (a student's stem input padded to FAST_INT8_CHANNEL_MULTIPLE), checked
-    against PyTorch on the first calibration batch (check_parity), then quantize_int8. The fp32 model to compare it
-    with is export_onnx(model) without the padding."""
+    """`model` exported in its int8-ready forms (a student's stem input padded to FAST_INT8_CHANNEL_MULTIPLE, its
+    frames packed into the stem conv as int8_stem_packings says), each checked against PyTorch on the first
+    calibration batch (check_parity) and quantized (quantize_int8); the fastest at batch 1 on 1 thread, on this
+    machine, is kept. Every form is the same function, so the choice changes speed only. The fp32 model to compare
+    it with is export_onnx(model), unpadded and unpacked (the faster fp32 form)."""
     batches = [torch.as_tensor(x) for x in calibration_batches]
-    with tempfile.TemporaryDirectory(prefix="vidopt-int8-source-") as work:
-        source = export_onnx(model, input_shape, Path(work) / "int8_source.onnx",
-                             channel_multiple=FAST_INT8_CHANNEL_MULTIPLE)
-        check_parity(model, source, batches[0])
-        return quantize_int8(source, int8_path, batches, per_channel=per_channel)
+    with tempfile.TemporaryDirectory(prefix="vidopt-int8-source-") as tmp:
+        work, candidates = Path(tmp), {}
+        for packing in int8_stem_packings(model):
+            source = export_onnx(model, input_shape, work / f"source_{packing}.onnx", frames_per_stem=packing,
+                                 channel_multiple=FAST_INT8_CHANNEL_MULTIPLE)
+            check_parity(model, source, batches[0])
+            candidates[packing] = quantize_int8(source, work / f"int8_{packing}.onnx", batches, per_channel)
+        chosen = min(candidates)
+        if len(candidates) > 1:
+            timed = compare_latency(candidates, input_shape, batch=1, threads=1, rounds=PACKING_ROUNDS,
+                                    min_seconds=PACKING_MIN_SECONDS)
+            chosen = min(timed, key=lambda packing: timed[packing]["p50_ms"])
+            log.info("int8: stem packing %s", ", ".join(f"{p} frame(s) per conv {timed[p]['p50_ms']:.3f} ms" +
+                                                        (" (kept)" if p == chosen else "") for p in timed))
+        int8_path = Path(int8_path)
+        with atomic_path(int8_path) as out:
+            shutil.copyfile(candidates[chosen], out)
+    return int8_path
 
 
 def quantize_int8(fp32_path: str | Path, int8_path: str | Path, calibration_batches: Iterable,

@@ -91,7 +91,10 @@ def test_qat_weights_map_back_to_the_plain_student_exactly(trained):
 
 
 def test_qat_runs_when_ptq_misses_the_budget(trained):
-    cfg = _config(trained["root"] / "project", trained["source"], "quantize.qat_epochs=1", "quantize.qat_lr=3e-4")
+    # 4 clips per test video (52 clips, not 13): the tiny student's logits are close together, and on 13 clips the
+    # int8 rounding of one clip moved argmax agreement from 0.92 to 0.85 between two int8 forms of equal error.
+    cfg = _config(trained["root"] / "project", trained["source"], "quantize.qat_epochs=1", "quantize.qat_lr=3e-4",
+                  "clips.eval_clips_per_video=4")
     # A budget below zero forces QAT whatever PTQ scores (the config refuses it; tests bypass validation).
     cfg = cfg.model_copy(update={"quantize": cfg.quantize.model_copy(update={"max_top1_drop": -1.0})})
     art = quantize.run(cfg, trained["dataset"], trained["student"])

@@ -13,6 +13,7 @@ from vidopt.onnx_utils import (
     compare_latency,
     export_onnx,
     file_mb,
+    int8_stem_packings,
     measure_latency,
     op_counts,
     ort_predict,
@@ -90,21 +91,41 @@ def test_teacher_export_folds_bn_and_matches_pytorch(tmp_path):
 
 
 @pytest.mark.parametrize("frame_differences", [True, False])
-@pytest.mark.parametrize("channel_multiple", [1, 4])
-def test_deployed_student_is_the_same_function(frame_differences, channel_multiple):
+@pytest.mark.parametrize("channel_multiple, frames_per_stem", [(1, 1), (4, 1), (4, 2), (4, 4)])
+def test_deployed_student_is_the_same_function(frame_differences, channel_multiple, frames_per_stem):
     torch.manual_seed(0)
     arch = StudentArch(frames=4, height=32, width=32, conv_widths=[8, 16], conv_strides=[2, 2], temporal_widths=[8],
                        frame_differences=frame_differences, num_classes=5)
     student = _with_bn_statistics(build_model(arch))
-    deployed = DeployedStudent(student, channel_multiple).eval()
-    stem = deployed.encoder.convs[0][0]
-    channels = arch.input_channels()
-    assert stem.in_channels == channels + (-channels) % channel_multiple  # 6 -> 8, 3 -> 4 with a multiple of 4
-    assert not stem.weight[:, channels:].any()                           # padding planes are read with zero weights
-    assert student.encoder.convs[0][0].in_channels == channels           # the trained student is not touched
+    deployed = DeployedStudent(student, channel_multiple, frames_per_stem).eval()
+    stem = deployed.stem
+    # One conv reads the planes of its frames (and, with differences, of the next frame): 6 -> 8 and 3 -> 4 planes
+    # unpacked, 15 -> 16 and 12 with 4 frames per conv; it writes the stem's 8 channels for each of its frames.
+    planes = 3 * (frames_per_stem + frame_differences)
+    assert stem.in_channels == planes + (-planes) % channel_multiple
+    assert stem.out_channels == 8 * frames_per_stem
+    assert not stem.weight[:, planes:].any()                             # padding planes are read with zero weights
+    for j in range(frames_per_stem):  # frame j of a group reads only its own planes and its next frame's
+        block = stem.weight[8 * j:8 * (j + 1)]
+        assert not block[:, :3 * j].any() and not block[:, 3 * j + 3 * (1 + frame_differences):].any()
+    assert student.encoder.convs[0][0].in_channels == arch.input_channels()  # the trained student is not touched
     x = torch.randn(3, *SHAPE)
     with torch.no_grad():
         assert (deployed(x) - student(x)).abs().max() < 1e-5
+
+
+def test_stem_packing_must_divide_the_frames(student):
+    with pytest.raises(ValueError, match="frames_per_stem=3 does not divide"):
+        DeployedStudent(student, 4, frames_per_stem=3)
+
+
+@pytest.mark.parametrize("stem_width, frames, expected", [(16, 8, [1, 4]), (16, 6, [1, 3]), (32, 8, [1, 2]),
+                                                          (64, 8, [1]), (16, 5, [1])])
+def test_int8_stem_packings_fill_one_pass_of_the_int8_conv(stem_width, frames, expected):
+    arch = StudentArch(frames=frames, height=16, width=16, conv_widths=[stem_width, 16], conv_strides=[2, 2],
+                       temporal_widths=[8], num_classes=3)
+    assert int8_stem_packings(build_model(arch)) == expected
+    assert int8_stem_packings(build_model(TeacherArch(arch="r3d_18", width=0.125, num_classes=3))) == [1]
 
 
 def _upstream_ops(model: onnx.ModelProto, node: onnx.NodeProto) -> list[str]:
@@ -132,7 +153,10 @@ def test_int8_quantization_is_qdq_smaller_and_close_to_fp32(student, student_onn
     model = onnx.load(str(int8))
     assert not _weights(model, onnx.TensorProto.FLOAT)
     int8_weights = _weights(model, onnx.TensorProto.INT8)
-    assert len(int8_weights) == 5 and [8, 8, 3, 3] in [list(t.dims) for t in int8_weights]  # 3 Conv2d, Conv1d, Linear
+    assert len(int8_weights) == 5  # 3 Conv2d, Conv1d, Linear
+    # The stem is whichever int8 form was faster here: one frame per conv (6 planes padded to 8 in, 8 out), or 4
+    # frames per conv (15 planes padded to 16 in, 4 x 8 out).
+    assert {(8, 8, 3, 3), (32, 16, 3, 3)} & {tuple(t.dims) for t in int8_weights}
     assert file_mb(int8) < file_mb(student_onnx)
     # The clip is quantized first: the frame planes move as uint8 into the int8 stem.
     stem = next(n for n in model.graph.node if n.op_type == "Conv")
@@ -151,10 +175,10 @@ def test_int8_source_that_is_not_the_model_is_refused(student, tmp_path, monkeyp
     """The padded form quantization starts from is checked against PyTorch: a padding plane read with a non-zero
     weight (a wrong inference form) stops quantization before an int8 model is written."""
     class WrongPadding(DeployedStudent):
-        def __init__(self, model, channel_multiple=1):
-            super().__init__(model, channel_multiple)
+        def __init__(self, model, channel_multiple=1, frames_per_stem=1):
+            super().__init__(model, channel_multiple, frames_per_stem)
             with torch.no_grad():
-                self.encoder.convs[0][0].weight[:, -1] += 0.5
+                self.stem.weight[:, -1] += 0.5
 
     monkeypatch.setattr("vidopt.onnx_utils.DeployedStudent", WrongPadding)
     with pytest.raises(ExportParityError, match="differs from PyTorch"):
