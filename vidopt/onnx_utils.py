@@ -50,10 +50,11 @@ PARITY_TOLERANCE = 1e-4  # max |logit| difference allowed between PyTorch and an
 # MLAS's int8 conv on AVX-512 (VNNI) computes up to 64 output channels per pass (KernelChannelCount in convsym.cpp) and
 # pays per pixel and input channel, whatever the width: a 16-wide stem leaves 3/4 of each pass idle (`vidopt bench
 # int8-widths`: int8 1.4x fp32 at width 16, 3.4x at 64). Packing 4 frames into the stem conv fills it: on the demo's
-# pruned student int8 went from 1.32-1.34x to 1.50-1.59x its fp32 (8x64x64, batch 1, 1 thread). On AVX2 the kernel
-# works in 16-channel passes and packing would cost, so both forms are timed and the faster kept.
+# pruned student int8 went from 1.32-1.34x to 1.50-1.59x its fp32 (8x64x64, batch 1, 1 thread); folding the pooling
+# into the head as well, to 1.84-1.90x. On AVX2 the kernel works in 16-channel passes and packing would cost, so every
+# form is timed and the fastest kept.
 INT8_CONV_CHANNELS_PER_PASS = 64
-PACKING_ROUNDS, PACKING_MIN_SECONDS = 3, 0.05  # timing the int8 forms: ~0.5 s for the demo student
+FORM_ROUNDS, FORM_MIN_SECONDS = 3, 0.05  # timing the int8 forms: ~1 s for the demo student
 
 # torchvision registers detection ops (roi_align, nms) without type annotations, and the exporter warns about each on
 # its first export in a process. This package exports none of them.
@@ -64,15 +65,16 @@ for _name in ("onnx_ir", "onnxscript"):
 
 
 def export_onnx(model: nn.Module, input_shape: Sequence[int], path: str | Path, dynamic_batch: bool = True,
-                channel_multiple: int = 1, frames_per_stem: int = 1) -> Path:
+                channel_multiple: int = 1, frames_per_stem: int = 1, pool_into_head: bool = False) -> Path:
     """Export `model` in eval mode for input [B, C, T, H, W] (`input_shape` = [C, T, H, W]) to one self-contained
     .onnx file (no external weights file), checked with onnx.checker. Written atomically. A student is exported in
     its inference form (DeployedStudent: the same function, less data movement; `channel_multiple` pads its stem,
-    `frames_per_stem` packs frames into one stem conv)."""
+    `frames_per_stem` packs frames into one stem conv, `pool_into_head` folds the feature pooling into the head)."""
     path = Path(path)
     was_training = model.training
     model.eval()
-    exported = DeployedStudent(model, channel_multiple, frames_per_stem) if isinstance(model, Student) else model
+    exported = (DeployedStudent(model, channel_multiple, frames_per_stem, pool_into_head) if isinstance(model, Student)
+                else model)
     # Batch 2, not 1: torch.export specialises a dimension whose example size is 1 into a constant.
     example = torch.randn(2 if dynamic_batch else 1, *input_shape, generator=torch.Generator().manual_seed(0))
     dynamic = ({0: torch.export.Dim("batch")},) if dynamic_batch else None
@@ -139,6 +141,15 @@ def check_parity(model: nn.Module, path: str | Path, batch: torch.Tensor, tolera
     return difference
 
 
+def int8_forms(model: nn.Module) -> list[dict]:
+    """The inference forms quantize_model_int8 tries, as DeployedStudent options: every stem packing of
+    int8_stem_packings, with the feature pooling kept and folded into the head. One plain form for other models."""
+    if not isinstance(model, Student):
+        return [{}]
+    return [{"frames_per_stem": packing, "pool_into_head": folded}
+            for packing in int8_stem_packings(model) for folded in (False, True)]
+
+
 def int8_stem_packings(model: nn.Module) -> list[int]:
     """The frames_per_stem values quantize_model_int8 tries: 1, and for a student the most frames (dividing T) whose
     stems fill one pass of the int8 conv (INT8_CONV_CHANNELS_PER_PASS): 4 for a 16-wide stem."""
@@ -152,26 +163,28 @@ def int8_stem_packings(model: nn.Module) -> list[int]:
 
 def quantize_model_int8(model: nn.Module, input_shape: Sequence[int], int8_path: str | Path,
                         calibration_batches: Iterable, per_channel: bool = True) -> Path:
-    """`model` exported in its int8-ready forms (a student's stem input padded to FAST_INT8_CHANNEL_MULTIPLE, its
-    frames packed into the stem conv as int8_stem_packings says), each checked against PyTorch on the first
-    calibration batch (check_parity) and quantized (quantize_int8); the fastest at batch 1 on 1 thread, on this
-    machine, is kept. Every form is the same function, so the choice changes speed only. The fp32 model to compare
-    it with is export_onnx(model), unpadded and unpacked (the faster fp32 form)."""
+    """`model` exported in its int8-ready forms (int8_forms: a student's stem input padded to
+    FAST_INT8_CHANNEL_MULTIPLE, its frames packed into the stem conv or not, its feature pooling folded into the head
+    or not), each checked against PyTorch on the first calibration batch (check_parity) and quantized
+    (quantize_int8); the fastest at batch 1 on 1 thread, on this machine, is kept. Every form is the same function,
+    so the choice changes speed only. The fp32 model to compare it with is export_onnx(model): unpadded, unpacked
+    and pooled, the fastest fp32 form."""
     batches = [torch.as_tensor(x) for x in calibration_batches]
     with tempfile.TemporaryDirectory(prefix="vidopt-int8-source-") as tmp:
         work, candidates = Path(tmp), {}
-        for packing in int8_stem_packings(model):
-            source = export_onnx(model, input_shape, work / f"source_{packing}.onnx", frames_per_stem=packing,
-                                 channel_multiple=FAST_INT8_CHANNEL_MULTIPLE)
+        for form in int8_forms(model):
+            name = ", ".join(f"{k}={v}" for k, v in form.items()) or "plain"
+            source = export_onnx(model, input_shape, work / f"source_{len(candidates)}.onnx",
+                                 channel_multiple=FAST_INT8_CHANNEL_MULTIPLE, **form)
             check_parity(model, source, batches[0])
-            candidates[packing] = quantize_int8(source, work / f"int8_{packing}.onnx", batches, per_channel)
-        chosen = min(candidates)
+            candidates[name] = quantize_int8(source, work / f"int8_{len(candidates)}.onnx", batches, per_channel)
+        chosen = next(iter(candidates))
         if len(candidates) > 1:
-            timed = compare_latency(candidates, input_shape, batch=1, threads=1, rounds=PACKING_ROUNDS,
-                                    min_seconds=PACKING_MIN_SECONDS)
-            chosen = min(timed, key=lambda packing: timed[packing]["p50_ms"])
-            log.info("int8: stem packing %s", ", ".join(f"{p} frame(s) per conv {timed[p]['p50_ms']:.3f} ms" +
-                                                        (" (kept)" if p == chosen else "") for p in timed))
+            timed = compare_latency(candidates, input_shape, batch=1, threads=1, rounds=FORM_ROUNDS,
+                                    min_seconds=FORM_MIN_SECONDS)
+            chosen = min(timed, key=lambda name: timed[name]["p50_ms"])
+            log.info("int8 forms: %s", "; ".join(f"{n} {timed[n]['p50_ms']:.3f} ms" + (" (kept)" if n == chosen else "")
+                                                for n in timed))
         int8_path = Path(int8_path)
         with atomic_path(int8_path) as out:
             shutil.copyfile(candidates[chosen], out)

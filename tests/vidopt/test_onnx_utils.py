@@ -13,6 +13,7 @@ from vidopt.onnx_utils import (
     compare_latency,
     export_onnx,
     file_mb,
+    int8_forms,
     int8_stem_packings,
     measure_latency,
     op_counts,
@@ -92,12 +93,13 @@ def test_teacher_export_folds_bn_and_matches_pytorch(tmp_path):
 
 @pytest.mark.parametrize("frame_differences", [True, False])
 @pytest.mark.parametrize("channel_multiple, frames_per_stem", [(1, 1), (4, 1), (4, 2), (4, 4)])
-def test_deployed_student_is_the_same_function(frame_differences, channel_multiple, frames_per_stem):
+@pytest.mark.parametrize("pool_into_head", [False, True])
+def test_deployed_student_is_the_same_function(frame_differences, channel_multiple, frames_per_stem, pool_into_head):
     torch.manual_seed(0)
     arch = StudentArch(frames=4, height=32, width=32, conv_widths=[8, 16], conv_strides=[2, 2], temporal_widths=[8],
                        frame_differences=frame_differences, num_classes=5)
     student = _with_bn_statistics(build_model(arch))
-    deployed = DeployedStudent(student, channel_multiple, frames_per_stem).eval()
+    deployed = DeployedStudent(student, channel_multiple, frames_per_stem, pool_into_head).eval()
     stem = deployed.stem
     # One conv reads the planes of its frames (and, with differences, of the next frame): 6 -> 8 and 3 -> 4 planes
     # unpacked, 15 -> 16 and 12 with 4 frames per conv; it writes the stem's 8 channels for each of its frames.
@@ -114,6 +116,23 @@ def test_deployed_student_is_the_same_function(frame_differences, channel_multip
         assert (deployed(x) - student(x)).abs().max() < 1e-5
 
 
+@pytest.mark.parametrize("size, temporal_widths", [(28, [8]), (28, []), (32, [])])
+def test_pool_folded_into_the_head_is_the_same_function(size, temporal_widths):
+    """28 px: a 7x7 final map pooled to 2x2 by overlapping 4x4 windows (stride 3); no temporal conv: the classifier
+    is the layer that takes the folded weights."""
+    torch.manual_seed(0)
+    arch = StudentArch(frames=4, height=size, width=size, conv_widths=[8, 16], conv_strides=[2, 2],
+                       temporal_widths=temporal_widths, num_classes=5)
+    student = _with_bn_statistics(build_model(arch))
+    deployed = DeployedStudent(student, pool_into_head=True).eval()
+    first = deployed.head.convs[0] if temporal_widths else deployed.head.fc
+    height, width = arch.final_map()
+    assert first.weight.shape[1] == 16 * height * width and isinstance(deployed.pool, torch.nn.Identity)
+    x = torch.randn(3, 3, 4, size, size)
+    with torch.no_grad():
+        assert (deployed(x) - student(x)).abs().max() < 1e-5
+
+
 def test_stem_packing_must_divide_the_frames(student):
     with pytest.raises(ValueError, match="frames_per_stem=3 does not divide"):
         DeployedStudent(student, 4, frames_per_stem=3)
@@ -125,7 +144,9 @@ def test_int8_stem_packings_fill_one_pass_of_the_int8_conv(stem_width, frames, e
     arch = StudentArch(frames=frames, height=16, width=16, conv_widths=[stem_width, 16], conv_strides=[2, 2],
                        temporal_widths=[8], num_classes=3)
     assert int8_stem_packings(build_model(arch)) == expected
-    assert int8_stem_packings(build_model(TeacherArch(arch="r3d_18", width=0.125, num_classes=3))) == [1]
+    assert [form["frames_per_stem"] for form in int8_forms(build_model(arch))] == [g for g in expected for _ in "ab"]
+    teacher = build_model(TeacherArch(arch="r3d_18", width=0.125, num_classes=3))
+    assert int8_stem_packings(teacher) == [1] and int8_forms(teacher) == [{}]
 
 
 def _upstream_ops(model: onnx.ModelProto, node: onnx.NodeProto) -> list[str]:
@@ -175,8 +196,8 @@ def test_int8_source_that_is_not_the_model_is_refused(student, tmp_path, monkeyp
     """The padded form quantization starts from is checked against PyTorch: a padding plane read with a non-zero
     weight (a wrong inference form) stops quantization before an int8 model is written."""
     class WrongPadding(DeployedStudent):
-        def __init__(self, model, channel_multiple=1, frames_per_stem=1):
-            super().__init__(model, channel_multiple, frames_per_stem)
+        def __init__(self, model, channel_multiple=1, frames_per_stem=1, pool_into_head=False):
+            super().__init__(model, channel_multiple, frames_per_stem, pool_into_head)
             with torch.no_grad():
                 self.stem.weight[:, -1] += 0.5
 
