@@ -151,12 +151,12 @@ class DeployedStudent(nn.Module):
     the planes of frames t..t+G (each frame's next one included), output G blocks of the stem's channels, frame-major,
     which a Reshape turns back into G frames. onnxruntime's int8 conv computes 64 output channels per pass and pays per
     input channel, so a 16-wide stem packed by 4 does the work of 4 frames in about the time of 2
-    (onnx_utils.int8_stem_packings). `pool_into_head` drops the encoder's AvgPool2d and gives the head's first layer
-    the weights that read the whole final map instead (pool_folded_weight): onnxruntime's int8 average pool was 34 us
-    of the demo int8 model's ~400 (fp32's pool: 6 us)."""
+    (onnx_utils.int8_stem_packings). `pool_as_conv` computes the feature pooling as a depthwise conv with constant
+    weights 1 / window (the same average): onnxruntime's int8 average pool was 34 us of the demo int8 model's ~400
+    (fp32's pool: 6 us), while its int8 depthwise conv has a fast kernel."""
 
     def __init__(self, student: Student, channel_multiple: int = 1, frames_per_stem: int = 1,
-                 pool_into_head: bool = False):
+                 pool_as_conv: bool = False):
         super().__init__()
         student = copy.deepcopy(student).eval()
         conv, bn = student.encoder.convs[0][0], student.encoder.convs[0][1]
@@ -189,11 +189,11 @@ class DeployedStudent(nn.Module):
         self.frames_per_stem, self.per_conv, self.stem_channels = g, per_conv, out
         self.body, self.pool, self.flatten = student.encoder.convs[1:], student.encoder.pool, student.encoder.flatten
         self.head = student.head
-        if pool_into_head:
-            first = self.head.convs[0] if len(self.head.convs) else self.head.fc  # the first layer reading features
-            first.weight.data = pool_folded_weight(first.weight.detach(), self.pool, student.encoder.convs[-1][0])
-            setattr(first, "in_channels" if isinstance(first, nn.Conv1d) else "in_features", first.weight.shape[1])
-            self.pool = nn.Identity()
+        if pool_as_conv:
+            channels = student.encoder.convs[-1][0].out_channels
+            self.pool = nn.Conv2d(channels, channels, self.pool.kernel_size, self.pool.stride, groups=channels,
+                                  bias=False)
+            self.pool.weight.data.fill_(1.0 / self.pool.weight[0, 0].numel())  # [C, 1, kh, kw]: the window's mean
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, c, t, h, w = x.shape
@@ -203,22 +203,6 @@ class DeployedStudent(nn.Module):
         y = y.reshape(b * t, self.stem_channels, y.shape[-2], y.shape[-1])  # -> [B*T, O, H', W'] (frame-major blocks)
         features = self.flatten(self.pool(self.body(y)))                    # [B*T, D]
         return self.head(features.reshape(b, t, -1).transpose(1, 2))        # [B, D, T] -> logits
-
-
-def pool_folded_weight(weight: torch.Tensor, pool: nn.AvgPool2d, last_conv: nn.Conv2d) -> torch.Tensor:
-    """Weights [O, C*g*g, ...] of a layer reading the pooled g x g grid -> [O, C*H*W, ...] reading the H x W map the
-    pool averaged (a mean is linear: each map position gets the weights of every window it is in, over the window's
-    size). H = (g - 1) * stride + kernel, as StudentArch.pool_window builds it."""
-    (kh, kw), (sh, sw) = (tuple(v) if isinstance(v, tuple) else (v, v) for v in (pool.kernel_size, pool.stride))
-    channels = last_conv.out_channels
-    grid = round((weight.shape[1] // channels) ** 0.5)
-    height, width = (grid - 1) * sh + kh, (grid - 1) * sw + kw
-    per_cell = weight.reshape(weight.shape[0], channels, grid, grid, *weight.shape[2:])
-    folded = weight.new_zeros(weight.shape[0], channels, height, width, *weight.shape[2:])
-    for i in range(grid):
-        for j in range(grid):
-            folded[:, :, i * sh:i * sh + kh, j * sw:j * sw + kw] += per_cell[:, :, i:i + 1, j:j + 1] / (kh * kw)
-    return folded.reshape(weight.shape[0], channels * height * width, *weight.shape[2:])
 
 
 def build_model(spec: TeacherArch | StudentArch) -> nn.Module:

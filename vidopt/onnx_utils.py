@@ -50,8 +50,8 @@ PARITY_TOLERANCE = 1e-4  # max |logit| difference allowed between PyTorch and an
 # MLAS's int8 conv on AVX-512 (VNNI) computes up to 64 output channels per pass (KernelChannelCount in convsym.cpp) and
 # pays per pixel and input channel, whatever the width: a 16-wide stem leaves 3/4 of each pass idle (`vidopt bench
 # int8-widths`: int8 1.4x fp32 at width 16, 3.4x at 64). Packing 4 frames into the stem conv fills it: on the demo's
-# pruned student int8 went from 1.32-1.34x to 1.50-1.59x its fp32 (8x64x64, batch 1, 1 thread); folding the pooling
-# into the head as well, to 1.84-1.90x. On AVX2 the kernel works in 16-channel passes and packing would cost, so every
+# pruned student int8 went from 1.32-1.34x to 1.50-1.59x its fp32 (8x64x64, batch 1, 1 thread); pooling with a
+# depthwise conv as well, to 1.82-1.84x. On AVX2 the kernel works in 16-channel passes and packing would cost, so every
 # form is timed and the fastest kept.
 INT8_CONV_CHANNELS_PER_PASS = 64
 FORM_ROUNDS, FORM_MIN_SECONDS = 5, 0.1  # timing the int8 forms: ~3 s for the demo student (3 x 0.05 s misranked
@@ -66,15 +66,15 @@ for _name in ("onnx_ir", "onnxscript"):
 
 
 def export_onnx(model: nn.Module, input_shape: Sequence[int], path: str | Path, dynamic_batch: bool = True,
-                channel_multiple: int = 1, frames_per_stem: int = 1, pool_into_head: bool = False) -> Path:
+                channel_multiple: int = 1, frames_per_stem: int = 1, pool_as_conv: bool = False) -> Path:
     """Export `model` in eval mode for input [B, C, T, H, W] (`input_shape` = [C, T, H, W]) to one self-contained
     .onnx file (no external weights file), checked with onnx.checker. Written atomically. A student is exported in
     its inference form (DeployedStudent: the same function, less data movement; `channel_multiple` pads its stem,
-    `frames_per_stem` packs frames into one stem conv, `pool_into_head` folds the feature pooling into the head)."""
+    `frames_per_stem` packs frames into one stem conv, `pool_as_conv` pools with a depthwise conv)."""
     path = Path(path)
     was_training = model.training
     model.eval()
-    exported = (DeployedStudent(model, channel_multiple, frames_per_stem, pool_into_head) if isinstance(model, Student)
+    exported = (DeployedStudent(model, channel_multiple, frames_per_stem, pool_as_conv) if isinstance(model, Student)
                 else model)
     # Batch 2, not 1: torch.export specialises a dimension whose example size is 1 into a constant.
     example = torch.randn(2 if dynamic_batch else 1, *input_shape, generator=torch.Generator().manual_seed(0))
@@ -144,11 +144,12 @@ def check_parity(model: nn.Module, path: str | Path, batch: torch.Tensor, tolera
 
 def int8_forms(model: nn.Module) -> list[dict]:
     """The inference forms quantize_model_int8 tries, as DeployedStudent options: every stem packing of
-    int8_stem_packings, with the feature pooling kept and folded into the head. One plain form for other models."""
+    int8_stem_packings, with the feature pooling as an average pool and as a depthwise conv. One plain form for other
+    models."""
     if not isinstance(model, Student):
         return [{}]
-    return [{"frames_per_stem": packing, "pool_into_head": folded}
-            for packing in int8_stem_packings(model) for folded in (False, True)]
+    return [{"frames_per_stem": packing, "pool_as_conv": as_conv}
+            for packing in int8_stem_packings(model) for as_conv in (False, True)]
 
 
 def int8_stem_packings(model: nn.Module) -> list[int]:
@@ -165,8 +166,8 @@ def int8_stem_packings(model: nn.Module) -> list[int]:
 def quantize_model_int8(model: nn.Module, input_shape: Sequence[int], int8_path: str | Path,
                         calibration_batches: Iterable, per_channel: bool = True) -> Path:
     """`model` exported in its int8-ready forms (int8_forms: a student's stem input padded to
-    FAST_INT8_CHANNEL_MULTIPLE, its frames packed into the stem conv or not, its feature pooling folded into the head
-    or not), each checked against PyTorch on the first calibration batch (check_parity) and quantized
+    FAST_INT8_CHANNEL_MULTIPLE, its frames packed into the stem conv or not, its feature pooling an average pool or a
+    depthwise conv), each checked against PyTorch on the first calibration batch (check_parity) and quantized
     (quantize_int8); the fastest at batch 1 on 1 thread, on this machine, is kept. Every form is the same function,
     so the choice changes speed only. The fp32 model to compare it with is export_onnx(model): unpadded, unpacked
     and pooled, the fastest fp32 form."""
