@@ -172,6 +172,8 @@ def quantize_model_int8(model: nn.Module, input_shape: Sequence[int], int8_path:
     so the choice changes speed only. The fp32 model to compare it with is export_onnx(model): unpadded, unpacked
     and pooled, the fastest fp32 form."""
     batches = [torch.as_tensor(x) for x in calibration_batches]
+    if not batches:
+        raise ValueError(f"quantize_model_int8 {int8_path}: no calibration batches; static int8 needs activation ranges")
     with tempfile.TemporaryDirectory(prefix="vidopt-int8-source-") as tmp:
         work, candidates = Path(tmp), {}
         for form in int8_forms(model):

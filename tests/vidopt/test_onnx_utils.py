@@ -199,6 +199,8 @@ def test_int8_source_that_is_not_the_model_is_refused(student, tmp_path, monkeyp
             with torch.no_grad():
                 self.stem.weight[:, -1] += 0.5
 
+    with pytest.raises(ValueError, match="no calibration batches"):
+        quantize_model_int8(student, SHAPE, tmp_path / "int8.onnx", [])
     monkeypatch.setattr("vidopt.onnx_utils.DeployedStudent", WrongPadding)
     with pytest.raises(ExportParityError, match="differs from PyTorch"):
         quantize_model_int8(student, SHAPE, tmp_path / "int8.onnx", [torch.randn(4, *SHAPE)])
