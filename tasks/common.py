@@ -55,10 +55,12 @@ def train_val_rows(dataset: DatasetArtifact, stage: str) -> tuple[list[dict], li
 
 def score_fn_with_fallback(stage: str, has_val: bool, val_score: Callable[[nn.Module], float],
                            train_score: Callable[[nn.Module], float]) -> Callable[[nn.Module], float]:
-    """Early stopping and best-epoch choice need a score; with no val videos (tiny datasets) train top-1 stands in."""
+    """Early stopping and best-epoch choice need a score; with no val videos (tiny datasets) the same score on the
+    training clips stands in."""
     if has_val:
         return val_score
-    log.warning("%s: the val split is empty; choosing the best epoch by train top-1 instead (it will overfit)", stage)
+    log.warning("%s: the val split is empty; choosing the best epoch on the training clips instead (it will overfit)",
+                stage)
     return train_score
 
 

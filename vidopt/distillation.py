@@ -89,3 +89,18 @@ def clip_set_top1(model: nn.Module, clip_set: ClipSet, batch_size: int) -> float
         for x, y, _ in clip_set.batches(batch_size, shuffle=False):
             correct += int((model(x).argmax(1) == y).sum())
     return correct / max(len(clip_set.labels), 1)
+
+
+def clip_set_distillation_loss(model: nn.Module, clip_set: ClipSet, batch_size: int, alpha: float,
+                               temperature: float) -> float:
+    """Mean distillation_loss over a clip set with teacher logits attached: the distillation objective on held-out clips.
+    Unlike top-1 on a small split it does not saturate (72 clips: top-1 moves in steps of 1.4 points and can read 100%
+    while the model still drifts from its teacher)."""
+    if clip_set.teacher_logits is None:
+        raise ValueError("clip_set_distillation_loss needs the teacher's logits attached (attach_teacher_logits)")
+    model.eval()
+    total = 0.0
+    with torch.no_grad():
+        for x, y, teacher_logits in clip_set.batches(batch_size, shuffle=False):
+            total += float(distillation_loss(model(x), teacher_logits, y, alpha, temperature)) * len(y)
+    return total / max(len(clip_set.labels), 1)

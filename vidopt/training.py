@@ -1,6 +1,6 @@
 """The one training loop every stage uses (teacher, distillation, pruning fine-tune, QAT): AdamW with a one-cycle
 schedule (warm-up, then cosine decay, stepped per batch), a checkpoint after every epoch, resume from it after a crash,
-early stopping on validation top-1, best weights kept.
+early stopping on a validation score (top-1 by default, or a loss to minimise), best weights kept.
 """
 from __future__ import annotations
 
@@ -33,6 +33,8 @@ class FitSpec:
     patience: int = 1000           # epochs without a better val score before stopping
     stage: str = "train"           # prefix of logged metric names and progress lines
     channels_last: bool = False    # train with conv weights in channels-last order (see conv_layout)
+    score_name: str = "val_top1"   # what score_fn measures: logged as <stage>.<score_name>
+    maximize: bool = True          # False: score_fn returns a loss, and the lowest is best
 
 
 # Warm-up share of the one-cycle schedule. Without warm-up (plain cosine from the peak) the demo teacher (r3d_18 w0.25
@@ -58,7 +60,7 @@ def fit(model: nn.Module, loss_fn: LossFn, train_batches: Iterable, score_fn: Ca
                                                     pct_start=WARMUP_FRACTION)
     # best_epoch: the weights kept (ties go to the later epoch); improved_epoch: the last strictly better score, which
     # patience counts from, so a plateau of equal scores still stops early
-    state = {"epoch": 0, "best_score": -1.0, "best_epoch": -1, "improved_epoch": -1, "history": [], "best_model": None}
+    state = {"epoch": 0, "best_score": None, "best_epoch": -1, "improved_epoch": -1, "history": [], "best_model": None}
     saved = load_checkpoint(checkpoint)
     resumed_from = 0
     if saved is not None:
@@ -68,13 +70,13 @@ def fit(model: nn.Module, loss_fn: LossFn, train_batches: Iterable, score_fn: Ca
         saved = {"improved_epoch": saved["best_epoch"], **saved}  # older checkpoints: best_epoch was strictly better
         state = {k: saved[k] for k in state}
         resumed_from = state["epoch"]
-        log.info("%s: resumed from checkpoint after epoch %d (best val top-1 %.3f)", spec.stage, resumed_from,
-                 state["best_score"])
+        log.info("%s: resumed from checkpoint after epoch %d (best %s %s)", spec.stage, resumed_from,
+                 spec.score_name, state["best_score"])
 
     for epoch in range(state["epoch"], spec.epochs):
         if epoch - state["improved_epoch"] > spec.patience and state["improved_epoch"] >= 0:
-            log.info("%s: early stop after epoch %d (no better val top-1 for %d epochs)", spec.stage, epoch,
-                     spec.patience)
+            log.info("%s: early stop after epoch %d (no better %s for %d epochs)", spec.stage, epoch,
+                     spec.score_name, spec.patience)
             break
         if on_epoch_start:
             on_epoch_start(epoch)
@@ -84,20 +86,21 @@ def fit(model: nn.Module, loss_fn: LossFn, train_batches: Iterable, score_fn: Ca
         seconds = time.monotonic() - started
         # >=: a small val split ties often (72 clips: 0.931 at epochs 18, 25, 27, 29 and 30 of the demo teacher), and
         # of equal scores the later epoch has trained longer, further down the one-cycle schedule
-        if score > state["best_score"]:
+        gain = None if state["best_score"] is None else (score - state["best_score"]) * (1 if spec.maximize else -1)
+        if gain is None or gain > 0:
             state["improved_epoch"] = epoch
-        if score >= state["best_score"]:
+        if gain is None or gain >= 0:
             state.update(best_score=score, best_epoch=epoch,
                          best_model={k: v.detach().clone() for k, v in model.state_dict().items()})
         state["history"].append({"epoch": epoch, "loss": loss, "score": score, "seconds": seconds})
         state["epoch"] = epoch + 1
         save_checkpoint(checkpoint, {**state, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                                      "scheduler": scheduler.state_dict()})
-        log.info("%s: epoch %d/%d loss %.4f val top-1 %.3f (%.1f s)", spec.stage, epoch + 1, spec.epochs, loss,
-                 score, seconds)
+        log.info("%s: epoch %d/%d loss %.4f %s %.4f (%.1f s)", spec.stage, epoch + 1, spec.epochs, loss,
+                 spec.score_name, score, seconds)
         if logger is not None:
             logger.log(f"{spec.stage}.loss", loss, step=epoch)
-            logger.log(f"{spec.stage}.val_top1", score, step=epoch)
+            logger.log(f"{spec.stage}.{spec.score_name}", score, step=epoch)
             logger.log(f"{spec.stage}.epoch_seconds", seconds, step=epoch)
 
     if state["best_model"] is not None:

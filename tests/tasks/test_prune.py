@@ -12,7 +12,7 @@ from torch import nn
 from tasks import ingest, prune
 from tasks.distill import EpochBatches
 from vidopt.artifacts import ModelArtifact
-from vidopt.checkpoint import load_model_dir, save_model_dir
+from vidopt.checkpoint import load_checkpoint, load_model_dir, save_model_dir
 from vidopt.config import load_config
 from vidopt.distillation import decode_clip_set
 from vidopt.metrics import count_macs
@@ -153,6 +153,13 @@ def test_structured_stage_fine_tunes_back_what_pruning_lost(upstream, tiny_cfg):
     unpruned_val = m["val_top1_clip"] - m["val_top1_clip_change"]
     assert m["val_top1_clip_before_finetune"] < unpruned_val              # pruning cost something
     assert m["val_top1_clip"] >= m["val_top1_clip_before_finetune"]      # fine-tuning won it back
+    # The kept epoch is the one closest to the unpruned student on the val clips (lowest distillation loss), which
+    # fine-tuning brought below where pruning left it.
+    history = load_checkpoint(Path(pruned.uri).parent / prune.CHECKPOINT)["history"]
+    val_losses = [h["score"] for h in history]
+    assert m["best_epoch"] == min(range(len(val_losses)), key=lambda e: (val_losses[e], -e))
+    assert m["val_kd_loss"] == min(val_losses) < m["val_kd_loss_before_finetune"]
+    assert f"kept epoch {int(m['best_epoch']) + 1} (lowest val distillation loss)" in pruned.notes["finetune"]
     for key in ("val_top1_video", "test_top1_clip", "test_top1_video", "test_top1_clip_change", "size_bytes"):
         assert key in m
     widths_before, widths_after = (json.loads(pruned.notes[k]) for k in ("widths_before", "widths_after"))

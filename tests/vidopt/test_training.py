@@ -50,3 +50,30 @@ def test_a_plateau_of_equal_scores_still_stops_early(tmp_path):
     result = fit(model, lambda m, b: F.cross_entropy(m(b[0]), b[1]), [(x, y)], lambda m: 0.5,
                  FitSpec(epochs=10, lr=1e-2, patience=2), tmp_path / "last.pt")
     assert result["epochs_run"] == 3 and result["best_epoch"] == 2  # stopped after 2 epochs without improvement
+
+
+def test_a_loss_score_keeps_the_lowest_epoch_and_stops_on_patience(tmp_path):
+    """maximize=False: score_fn returns a loss; the kept weights are the lowest-loss epoch's, patience counts from it."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(12, 3))
+    x, y = torch.randn(6, 3, 4), torch.randint(0, 3, (6,))
+    losses = iter([0.9, 0.4, 0.6, 0.5, 0.45, 0.3])
+    seen = {}
+
+    def loss(m):
+        seen[len(seen)] = m[1].weight.detach().clone()
+        return next(losses)
+
+    logged = []
+
+    class Logger:
+        def log(self, name, value, step=None):
+            logged.append(name)
+
+    result = fit(model, lambda m, b: F.cross_entropy(m(b[0]), b[1]), [(x, y)], loss,
+                 FitSpec(epochs=6, lr=1e-2, patience=3, score_name="val_kd_loss", maximize=False),
+                 tmp_path / "last.pt", logger=Logger())
+    assert result["best_epoch"] == 1 and result["best_score"] == 0.4
+    assert result["epochs_run"] == 5                 # epochs 2-4 were no lower than 0.4: stopped before 0.3
+    assert torch.equal(model[1].weight, seen[1])
+    assert "train.val_kd_loss" in logged and "train.val_top1" not in logged
