@@ -94,7 +94,8 @@ class DistillConfig(Section):
     cached_clips_per_video: int = Field(4, ge=1)  # fixed training clips per video whose teacher logits are cached
     augment: bool = True                 # colour / brightness / shift per clip (vidopt/augment.py) in every student
     #                                      stage: without it the student memorised the training videos
-    patience: int = Field(6, ge=1)
+    patience: int = Field(6, ge=1)       # early stopping, here and in prune's fine-tune: epochs without a better
+    #                                      val top-1 (distill) or a lower val distillation loss (prune)
 
     @model_validator(mode="after")
     def _one_stride_per_conv(self) -> "DistillConfig":
