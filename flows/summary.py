@@ -30,8 +30,10 @@ def ladder_lines(ladder: dict) -> list[str]:
         notes = artifact.get("notes", {})
         note = notes.get("quantization", "") if name == "int8" else ""
         if name == "int8" and "speedup.b1.t1" in m:
+            quiet = m.get("speedup_quietest.b1.t1")
             note += f"; {m['speedup.b1.t1']:.2f}x vs fp32 (batch 1, 1 thread: " \
-                    f"{m['latency.fp32.b1.t1.p50_ms']:.2f} -> {m['latency.int8.b1.t1.p50_ms']:.2f} ms)"
+                    f"{m['latency.fp32.b1.t1.p50_ms']:.2f} -> {m['latency.int8.b1.t1.p50_ms']:.2f} ms" \
+                    + (f"; quietest rounds {quiet:.2f}x)" if quiet else ")")
         lines.append(f"{name:<14} {_pct(m.get('test_top1_clip'))} / {_pct(m.get('test_top1_video'))}        "
                      f"{m.get('macs', 0) / 1e9:7.3f}  {m.get('params', 0):9,.0f}  {size:9.3f}   {note}")
     return lines

@@ -84,6 +84,10 @@ def test_ladder_reports_full_size_and_trained_rows(tmp_path):
     prune_speed = bars["pruned fp32", "student fp32", "speedup"]
     assert prune_speed["value"] == pytest.approx(t["student fp32"]["p50_ms.t1"] / t["pruned fp32"]["p50_ms.t1"])
     assert prune_speed["met"] == (prune_speed["value"] >= 1.7)
+    assert prune_speed["quietest"] == pytest.approx(t["student fp32"]["best_p50_ms.t1"] /
+                                                    t["pruned fp32"]["best_p50_ms.t1"])
+    assert all(0 < r["best_p50_ms.t1"] <= r["p50_ms.t1"] for r in t.values())
+    assert table.count("between each model's quietest rounds") == sum(b["measure"] == "speedup" for b in bars.values())
     loss = bars["pruned int8", "teacher fp32", "top1_loss_points"]
     assert loss["value"] == pytest.approx(-30.0) and loss["met"]  # 0.5 -> 0.8: no loss at all
     assert "pruned fp32 vs student fp32: " in table and table.count(" met)") == len(bars)

@@ -237,3 +237,5 @@ def test_compare_latency_ranks_a_much_bigger_model_slower(student_onnx, tmp_path
     timed = compare_latency({"small": student_onnx, "big": big_onnx}, SHAPE, batch=1, threads=1, rounds=3, iters=5)
     assert set(timed) == {"small", "big"}
     assert timed["big"]["p50_ms"] > 3 * timed["small"]["p50_ms"]
+    assert timed["big"]["best_p50_ms"] > 3 * timed["small"]["best_p50_ms"]
+    assert all(0 < t["best_p50_ms"] <= t["p50_ms"] for t in timed.values())  # the lowest round's p50 <= the median
