@@ -168,9 +168,9 @@ def quantize_model_int8(model: nn.Module, input_shape: Sequence[int], int8_path:
     """`model` exported in its int8-ready forms (int8_forms: a student's stem input padded to
     FAST_INT8_CHANNEL_MULTIPLE, its frames packed into the stem conv or not, its feature pooling an average pool or a
     depthwise conv), each checked against PyTorch on the first calibration batch (check_parity) and quantized
-    (quantize_int8); the fastest at batch 1 on 1 thread, on this machine, is kept. Every form is the same function,
-    so the choice changes speed only. The fp32 model to compare it with is export_onnx(model): unpadded, unpacked
-    and pooled, the fastest fp32 form."""
+    (quantize_int8); the fastest at batch 1 on 1 thread, on this machine (by its quietest round: compare_latency),
+    is kept. Every form is the same function, so the choice changes speed only. The fp32 model to compare it with is
+    export_onnx(model): unpadded, unpacked and pooled, the fastest fp32 form."""
     batches = [torch.as_tensor(x) for x in calibration_batches]
     if not batches:
         raise ValueError(f"quantize_model_int8 {int8_path}: no calibration batches; static int8 needs activation ranges")
