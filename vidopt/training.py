@@ -60,16 +60,23 @@ def fit(model: nn.Module, loss_fn: LossFn, train_batches: Iterable, score_fn: Ca
                                                     pct_start=WARMUP_FRACTION)
     # best_epoch: the weights kept (ties go to the later epoch); improved_epoch: the last strictly better score, which
     # patience counts from, so a plateau of equal scores still stops early
-    state = {"epoch": 0, "best_score": None, "best_epoch": -1, "improved_epoch": -1, "history": [], "best_model": None}
+    state = {"epoch": 0, "best_score": None, "best_epoch": -1, "improved_epoch": -1, "history": [], "best_model": None,
+             "score_name": spec.score_name}
     saved = load_checkpoint(checkpoint)
     resumed_from = 0
     if saved is not None:
         model.load_state_dict(saved["model"])
         optimizer.load_state_dict(saved["optimizer"])
         scheduler.load_state_dict(saved["scheduler"])
-        saved = {"improved_epoch": saved["best_epoch"], **saved}  # older checkpoints: best_epoch was strictly better
+        # older checkpoints: best_epoch was strictly better, and every stage chose epochs by val top-1
+        saved = {"improved_epoch": saved["best_epoch"], "score_name": "val_top1", **saved}
         state = {k: saved[k] for k in state}
         resumed_from = state["epoch"]
+        if state["score_name"] != spec.score_name:  # scores of another kind do not compare: choose among new epochs
+            log.warning("%s: the checkpoint chose epochs by %s, this run by %s; only epochs from %d on compete",
+                        spec.stage, state["score_name"], spec.score_name, resumed_from + 1)
+            state.update(best_score=None, best_epoch=-1, improved_epoch=-1, best_model=None,
+                         score_name=spec.score_name)
         log.info("%s: resumed from checkpoint after epoch %d (best %s %s)", spec.stage, resumed_from,
                  spec.score_name, state["best_score"])
 

@@ -1,4 +1,5 @@
 """The one training loop: channels-last conv weights while training, the caller's layout back afterwards."""
+import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -77,3 +78,27 @@ def test_a_loss_score_keeps_the_lowest_epoch_and_stops_on_patience(tmp_path):
     assert result["epochs_run"] == 5                 # epochs 2-4 were no lower than 0.4: stopped before 0.3
     assert torch.equal(model[1].weight, seen[1])
     assert "train.val_kd_loss" in logged and "train.val_top1" not in logged
+
+
+def test_a_checkpoint_scored_another_way_resumes_without_comparing_scores(tmp_path, caplog):
+    """A crashed run whose checkpoint chose epochs by val top-1, resumed by a version that minimises a loss: the old
+    best (a top-1 of 0.1) says nothing about losses, so only the resumed epochs compete."""
+    model = nn.Sequential(nn.Flatten(), nn.Linear(12, 3))
+    x, y = torch.randn(6, 3, 4), torch.randint(0, 3, (6,))
+    train = lambda m, b: F.cross_entropy(m(b[0]), b[1])  # noqa: E731
+    top1 = iter([0.1, 0.1])  # read as losses, 0.1 would beat every real one below
+
+    def crash_after_two_epochs(m):
+        score = next(top1, None)
+        if score is None:
+            raise KeyboardInterrupt("crash")
+        return score
+
+    with pytest.raises(KeyboardInterrupt):
+        fit(model, train, [(x, y)], crash_after_two_epochs, FitSpec(epochs=4, lr=1e-2), tmp_path / "last.pt")
+    losses = iter([0.5, 0.7])
+    with caplog.at_level("WARNING", logger="vidopt"):
+        result = fit(model, train, [(x, y)], lambda m: next(losses),
+                     FitSpec(epochs=4, lr=1e-2, score_name="val_kd_loss", maximize=False), tmp_path / "last.pt")
+    assert result["resumed_from"] == 2 and result["best_epoch"] == 2 and result["best_score"] == 0.5
+    assert "the checkpoint chose epochs by val_top1, this run by val_kd_loss" in caplog.text
