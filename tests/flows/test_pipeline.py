@@ -68,6 +68,9 @@ def test_pipeline_runs_every_stage_and_tracks_it_in_mlflow(prefect_server, tiny_
     for row in ("teacher", "student", "pruned", "int8", "cpu"):
         assert f"\n{row} " in table
     assert "vidopt-cpu" in table and f"report: {result['report']['html_uri']}" in table
+    int8 = result["ladder"]["int8"]["metrics"]  # the int8 row shows both speed-ups the quantize stage measured
+    assert f"{int8['speedup.b1.t1']:.2f}x vs fp32" in table
+    assert f"quietest rounds {int8['speedup_quietest.b1.t1']:.2f}x)" in table
 
 
 def test_reruns_come_from_prefects_cache_and_a_quantize_change_reruns_only_what_follows(prefect_server, tiny_ladder):
