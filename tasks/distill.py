@@ -85,7 +85,7 @@ def run(cfg: PipelineConfig, dataset: DatasetArtifact, teacher: ModelArtifact, l
     batches = EpochBatches(train_set, batch, cfg.run.seed, augment=d.augment)
     result = fit(student, loss_fn, batches, score,
                  FitSpec(epochs=d.epochs, lr=d.lr, weight_decay=d.weight_decay, patience=d.patience, stage=STAGE,
-                         channels_last=True),
+                         channels_last=True, score_name="val_top1" if val_set is not None else "train_top1"),
                  checkpoint=work / CHECKPOINT, logger=logger, on_epoch_start=batches.start_epoch)
 
     metrics = model_metrics(student, cfg, dataset, result)

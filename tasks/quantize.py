@@ -256,7 +256,8 @@ def qat_finetune(student: nn.Module, arch: StudentArch, train: ClipSet, val: Cli
     bs = cfg.clips.batch_size
     score = score_fn_with_fallback("quantize", val is not None, lambda m: clip_set_top1(m, val, bs),
                                    lambda m: clip_set_top1(m, train, bs))
-    spec = FitSpec(epochs=cfg.quantize.qat_epochs, lr=cfg.quantize.qat_lr, weight_decay=d.weight_decay, stage="qat")
+    spec = FitSpec(epochs=cfg.quantize.qat_epochs, lr=cfg.quantize.qat_lr, weight_decay=d.weight_decay, stage="qat",
+                   score_name="val_top1" if val is not None else "train_top1")
     fit(qat, loss_fn, batches, score, spec, checkpoint, logger, on_epoch_start)
     tuned = copy.deepcopy(student)
     tuned.load_state_dict(student_state_from_qat(qat))  # strict: every student weight must come back

@@ -86,7 +86,7 @@ def run(cfg: PipelineConfig, dataset: DatasetArtifact, logger=None) -> ModelArti
              arch.num_classes, len(train_rows), len(val_rows), work)
     result = fit(model, cross_entropy, train_loader, score,
                  FitSpec(epochs=t.epochs, lr=t.lr, weight_decay=t.weight_decay, patience=t.patience, stage=STAGE,
-                         channels_last=True),
+                         channels_last=True, score_name="val_top1" if val_rows else "train_top1"),
                  checkpoint=work / CHECKPOINT, logger=logger, on_epoch_start=start_epoch)
     metrics = model_metrics(model, cfg, dataset, result)
     log.info("%s: done after %d epochs (best %d): %s", STAGE, result["epochs_run"], result["best_epoch"] + 1,

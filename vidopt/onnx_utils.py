@@ -285,8 +285,9 @@ def compare_latency(paths: dict[str, str | Path], input_shape: Sequence[int], ba
     -> {name: {p50_ms, p95_ms, throughput_clips_s, best_p50_ms}}.
 
     best_p50_ms is what to rank models by: a neighbour on a shared machine only ever adds time, and it does not add
-    it evenly (on this 2-vCPU VM int8's VNNI convs slowed more than fp32 under contention: a median ratio of 1.14x in
-    one ladder pass where the quiet rounds gave 1.8x). The median is what a user of that machine would typically see."""
+    it evenly (on this 2-vCPU VM int8 slowed more than fp32 under load: one ladder pass gave int8 1.65x its fp32 in
+    the median rounds and 1.95x between each model's quietest). The median is what a user of that machine would
+    typically see."""
     per_round: dict[str, list[dict[str, float]]] = {name: [] for name in paths}
     for _ in range(rounds):
         for name, path in paths.items():
