@@ -12,7 +12,6 @@ from fractions import Fraction
 from pathlib import Path
 from typing import Callable
 
-import av
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -246,6 +245,7 @@ def write_mp4(frames: np.ndarray, path: Path, fps: int) -> None:
     The same frames give the same bytes with the same FFmpeg build; across CPUs and builds that is not promised
     (nor are numpy's sin/cos bit-exact across CPUs, so the rendered frames may differ by a rounding there too).
     """
+    import av  # here, not at the top: vidopt.config imports this module, and export hosts need no video library
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}-", suffix=".mp4.part")
     os.close(fd)

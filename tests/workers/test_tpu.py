@@ -1,6 +1,5 @@
 """TPU target on PJRT CPU: StableHLO exported in one child process, reloaded and run in another, compared here."""
 import importlib.util
-import subprocess
 import sys
 import tarfile
 import time
@@ -10,13 +9,14 @@ import torch
 
 from workers import tpu
 
+from .import_check import import_without
+
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="torch-xla wheels are Linux-only")
 
 
 def test_module_imports_without_torch_xla():
-    code = "import sys, workers.tpu; print(sorted({'torch_xla', 'tensorrt', 'ray', 'prefect'} & set(sys.modules)))"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    assert out.strip().splitlines()[-1] == "[]"
+    child = import_without("workers.tpu")
+    assert child.returncode == 0 and child.stdout.strip() == "imported", child.stderr[-2000:]
 
 
 def test_missing_torch_xla_skips(demo_job, tmp_path, monkeypatch):
