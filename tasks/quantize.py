@@ -25,7 +25,6 @@ from tasks.retry import IO_RETRY_DELAYS, only_io_errors
 from vidopt.artifacts import DatasetArtifact, ModelArtifact
 from vidopt.checkpoint import load_model_dir, save_model_dir
 from vidopt.config import PipelineConfig
-from vidopt.data import normalise_clips
 from vidopt.distillation import ClipSet, attach_teacher_logits, clip_set_top1, distillation_loss
 from vidopt.metrics import count_macs, count_params, top1, top1_per_video
 from vidopt.models import StudentArch
@@ -137,7 +136,7 @@ def _calibration_batches(train: ClipSet, cfg: PipelineConfig) -> list[torch.Tens
     order = torch.randperm(len(train.labels), generator=torch.Generator().manual_seed(cfg.run.seed))
     chosen = order[: cfg.quantize.calibration_clips]
     step = cfg.clips.batch_size
-    return [normalise_clips(train.clips[chosen[i:i + step]]) for i in range(0, len(chosen), step)]
+    return [train.clips[chosen[i:i + step]] for i in range(0, len(chosen), step)]   # uint8 [B, T, H, W, C], as stored
 
 
 def _export_quantize_evaluate(student: nn.Module, shape, calibration, test: ClipSet, fp32_path: Path, int8_path: Path,
@@ -148,8 +147,8 @@ def _export_quantize_evaluate(student: nn.Module, shape, calibration, test: Clip
     quantize_model_int8(student, shape, int8_path, calibration, per_channel=cfg.quantize.per_channel)
     batch = cfg.clips.batch_size
     torch_logits, labels, videos = predict(student, test.batches(batch, shuffle=False))
-    clips = [x for x, _, _ in test.batches(batch, shuffle=False)]
-    fp32_logits = ort_predict(ort_session(fp32_path), clips)
+    clips = [test.clips[i:i + batch] for i in range(0, len(test.labels), batch)]   # stored uint8: ort_predict
+    fp32_logits = ort_predict(ort_session(fp32_path), clips)                         # gives each model its input
     int8_logits = ort_predict(ort_session(int8_path), clips)
     parity = float(np.abs(fp32_logits - torch_logits).max())
     if parity > PARITY_TOLERANCE:

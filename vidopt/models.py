@@ -14,6 +14,10 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
+from vidopt.data import KINETICS_MEAN, KINETICS_STD
+
+PIXEL_MAX = 255   # uint8 pixels; the value of DeployedStudent's constant plane
+
 class TeacherArch(BaseModel):
     model_config = ConfigDict(extra="forbid")
     kind: Literal["teacher"] = "teacher"
@@ -156,7 +160,7 @@ class DeployedStudent(nn.Module):
     (fp32's pool: 6 us), while its int8 depthwise conv has a fast kernel."""
 
     def __init__(self, student: Student, channel_multiple: int = 1, frames_per_stem: int = 1,
-                 pool_as_conv: bool = False):
+                 pool_as_conv: bool = False, pixel_input: bool = False):
         super().__init__()
         student = copy.deepcopy(student).eval()
         conv, bn = student.encoder.convs[0][0], student.encoder.convs[0][1]
@@ -168,25 +172,33 @@ class DeployedStudent(nn.Module):
         # Per frame: the weights on its own 3 planes and (with frame differences) on its next frame's 3 planes.
         own, following = (weight[:, :3] - weight[:, 3:], weight[:, 3:]) if pairs else (weight, None)
         slots = g + 1 if pairs else g                                        # frames whose planes one stem conv reads
-        per_conv = 3 * slots + (-3 * slots) % channel_multiple
+        read = 3 * slots + (1 if pixel_input else 0)                         # + the constant plane (below)
+        per_conv = read + (-read) % channel_multiple
         out = weight.shape[0]
         packed = weight.new_zeros(g * out, per_conv, *weight.shape[2:])      # block j = frame j of the group
         for j in range(g):
             packed[j * out:(j + 1) * out, 3 * j:3 * j + 3] = own
             if pairs:
                 packed[j * out:(j + 1) * out, 3 * j + 3:3 * j + 6] = following
+        if pixel_input:
+            packed = self._weights_for_pixels(packed, 3 * slots)
         shift = (bn.bias - bn.running_mean * scale).detach()
         self.stem = nn.Conv2d(per_conv, g * out, conv.kernel_size, conv.stride, conv.padding, bias=True)
         self.stem.weight.data, self.stem.bias.data = packed, shift.repeat(g)
         self.stem_relu = nn.ReLU()
-        # Input planes [B, 3*T, H, W] are channel-major (plane c*T + t). Group of frames s..s+G-1 reads frames s..s+G
-        # (the last frame is its own next, as in with_frame_differences), then repeats of its first plane as padding.
+        # Input planes [B, 3*T, H, W] are channel-major (plane c*T + t); with pixel_input plane 3*T is the constant
+        # one. Group of frames s..s+G-1 reads frames s..s+G (the last frame is its own next, as in
+        # with_frame_differences), then the constant plane, then repeats of its first plane as padding.
         planes = []
         for first in range(0, t, g):
             reads = [c * t + min(frame, t - 1) for frame in range(first, first + slots) for c in range(3)]
+            reads += [3 * t] if pixel_input else []
             planes += reads + [reads[0]] * (per_conv - len(reads))
         self.register_buffer("planes", torch.tensor(planes), persistent=False)
+        self.register_buffer("constant_plane", torch.full((1, 1, 1, 1), PIXEL_MAX, dtype=torch.uint8),
+                             persistent=False)
         self.frames_per_stem, self.per_conv, self.stem_channels = g, per_conv, out
+        self.pixel_input = pixel_input
         self.body, self.pool, self.flatten = student.encoder.convs[1:], student.encoder.pool, student.encoder.flatten
         self.head = student.head
         if pool_as_conv:
@@ -195,10 +207,32 @@ class DeployedStudent(nn.Module):
                                   bias=False)
             self.pool.weight.data.fill_(1.0 / self.pool.weight[0, 0].numel())  # [C, 1, kh, kw]: the window's mean
 
+    @staticmethod
+    def _weights_for_pixels(packed: torch.Tensor, frame_planes: int) -> torch.Tensor:
+        """Stem weights [O', C'', k, k] on normalised planes -> the same conv on raw pixels (0..255).
+
+        A normalised plane of channel c is x = a_c * u + b_c (u the pixel, a_c = 1 / (255 std_c), b_c = -mean_c /
+        std_c): so W * x = (W a) * u + sum over the taps of W b. Scaling the weights is exact; the sum over the taps
+        is not a bias, because the stem zero-pads x (a mid-grey pixel) and a tap that falls in the padding adds
+        nothing. So it rides on one more input plane, constant PIXEL_MAX inside the frame and zero-padded like the
+        others: weights (sum over planes of W b) / PIXEL_MAX on it add exactly the in-frame taps' share at every
+        output position, borders included."""
+        mean, std = torch.tensor(KINETICS_MEAN), torch.tensor(KINETICS_STD)
+        channel = torch.arange(frame_planes) % 3                             # frame planes are frame-major, RGB
+        a, b = 1.0 / (255.0 * std[channel]), -mean[channel] / std[channel]
+        pixels = packed.clone()
+        pixels[:, :frame_planes] = packed[:, :frame_planes] * a[None, :, None, None]
+        pixels[:, frame_planes] = (packed[:, :frame_planes] * b[None, :, None, None]).sum(1) / PIXEL_MAX
+        return pixels
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, c, t, h, w = x.shape
-        groups = x.reshape(b, c * t, h, w).index_select(1, self.planes)     # [B, (T/G)*C'', H, W], one Gather
-        y = self.stem_relu(self.stem(groups.reshape(b * t // self.frames_per_stem, self.per_conv, h, w)))
+        planes = x.reshape(b, c * t, h, w)
+        if self.pixel_input:   # uint8 pixels [B, 3, T, H, W]; + the constant plane; moved as uint8, cast once gathered
+            planes = torch.cat([planes, self.constant_plane.expand(b, 1, h, w)], dim=1)
+        groups = planes.index_select(1, self.planes)                        # [B, (T/G)*C'', H, W], one Gather
+        groups = groups.reshape(b * t // self.frames_per_stem, self.per_conv, h, w)
+        y = self.stem_relu(self.stem(groups.float() if self.pixel_input else groups))
         # y: [B*T/G, G*O, H', W']
         y = y.reshape(b * t, self.stem_channels, y.shape[-2], y.shape[-1])  # -> [B*T, O, H', W'] (frame-major blocks)
         features = self.flatten(self.pool(self.body(y)))                    # [B*T, D]

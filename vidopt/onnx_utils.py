@@ -18,11 +18,13 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import torch
+from onnx import numpy_helper
 from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, quantize_static
 from onnxruntime.quantization.shape_inference import quant_pre_process
 from torch import nn
 
-from vidopt.models import DeployedStudent, Student
+from vidopt.data import normalise_clips
+from vidopt.models import PIXEL_MAX, DeployedStudent, Student
 from vidopt.storage import atomic_path
 
 log = logging.getLogger("vidopt.onnx_utils")
@@ -66,7 +68,8 @@ for _name in ("onnx_ir", "onnxscript"):
 
 
 def export_onnx(model: nn.Module, input_shape: Sequence[int], path: str | Path, dynamic_batch: bool = True,
-                channel_multiple: int = 1, frames_per_stem: int = 1, pool_as_conv: bool = False) -> Path:
+                channel_multiple: int = 1, frames_per_stem: int = 1, pool_as_conv: bool = False,
+                pixel_input: bool = False) -> Path:
     """Export `model` in eval mode for input [B, C, T, H, W] (`input_shape` = [C, T, H, W]) to one self-contained
     .onnx file (no external weights file), checked with onnx.checker. Written atomically. A student is exported in
     its inference form (DeployedStudent: the same function, less data movement; `channel_multiple` pads its stem,
@@ -74,10 +77,12 @@ def export_onnx(model: nn.Module, input_shape: Sequence[int], path: str | Path, 
     path = Path(path)
     was_training = model.training
     model.eval()
-    exported = (DeployedStudent(model, channel_multiple, frames_per_stem, pool_as_conv) if isinstance(model, Student)
-                else model)
+    exported = (DeployedStudent(model, channel_multiple, frames_per_stem, pool_as_conv, pixel_input)
+                if isinstance(model, Student) else model)
     # Batch 2, not 1: torch.export specialises a dimension whose example size is 1 into a constant.
-    example = torch.randn(2 if dynamic_batch else 1, *input_shape, generator=torch.Generator().manual_seed(0))
+    shape, generator = (2 if dynamic_batch else 1, *input_shape), torch.Generator().manual_seed(0)
+    example = (torch.randint(0, PIXEL_MAX + 1, shape, generator=generator, dtype=torch.uint8) if pixel_input
+               else torch.randn(shape, generator=generator))
     dynamic = ({0: torch.export.Dim("batch")},) if dynamic_batch else None
     try:
         with atomic_path(path) as tmp, torch.no_grad():
@@ -102,22 +107,48 @@ def ort_session(path: str | Path, threads: int = 1) -> ort.InferenceSession:
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
-def _as_numpy(batch) -> np.ndarray:
-    return batch.detach().cpu().numpy().astype(np.float32) if isinstance(batch, torch.Tensor) \
-        else np.asarray(batch, dtype=np.float32)
+def takes_pixels(model: ort.InferenceSession | onnx.ModelProto) -> bool:
+    """Whether the model's input is uint8 pixels (a student's int8 form: DeployedStudent(pixel_input=True)) rather
+    than normalised float clips."""
+    if isinstance(model, onnx.ModelProto):
+        return model.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.UINT8
+    return model.get_inputs()[0].type == "tensor(uint8)"
+
+
+def model_input(batch, pixels: bool) -> np.ndarray:
+    """What a model reads, from a batch of clips: stored uint8 clips [B, T, H, W, C] become uint8 [B, C, T, H, W]
+    for a pixel model and normalised float [B, C, T, H, W] (normalise_clips) for the others; a float batch is taken
+    as already normalised [B, C, T, H, W], which a pixel model cannot read."""
+    batch = torch.as_tensor(batch)
+    if batch.dtype == torch.uint8:
+        return (batch.movedim(-1, 1).contiguous() if pixels else normalise_clips(batch)).numpy()
+    if pixels:
+        raise ValueError("this model reads uint8 pixels: pass the stored uint8 clips [B, T, H, W, C], not normalised "
+                         f"float ones (got {batch.dtype} {tuple(batch.shape)})")
+    return batch.detach().cpu().numpy().astype(np.float32)
+
+
+def input_layout(pixels: bool) -> str:
+    """The input contract, in words, for a deployment package's runtime description."""
+    if pixels:
+        return "[B, 3, T, H, W] uint8 RGB pixels as decoded (normalisation is folded into the model)"
+    return ("[B, 3, T, H, W] float32, RGB scaled to [0, 1] then standardised with Kinetics mean/std "
+            "(vidopt.data.normalise_clips)")
 
 
 def ort_predict(session: ort.InferenceSession, batches: Iterable) -> np.ndarray:
-    """Logits [N, classes] over batches of clips [B, C, T, H, W] (torch tensors or arrays)."""
-    outputs = [session.run([OUTPUT_NAME], {INPUT_NAME: _as_numpy(x)})[0] for x in batches]
+    """Logits [N, classes] over batches of clips: stored uint8 [B, T, H, W, C] (converted to what the model reads:
+    model_input) or normalised float [B, C, T, H, W]."""
+    pixels = takes_pixels(session)
+    outputs = [session.run([OUTPUT_NAME], {INPUT_NAME: model_input(x, pixels)})[0] for x in batches]
     return np.concatenate(outputs) if outputs else np.zeros((0, 0), np.float32)
 
 
 class ClipCalibrationReader(CalibrationDataReader):
-    """Feeds calibration batches [B, C, T, H, W] to onnxruntime's calibrator, once."""
+    """Feeds calibration batches (as ort_predict takes them) to onnxruntime's calibrator, once."""
 
-    def __init__(self, batches: Iterable):
-        self._batches: Iterator = iter([_as_numpy(x) for x in batches])
+    def __init__(self, batches: Iterable, pixels: bool):
+        self._batches: Iterator = iter([model_input(x, pixels) for x in batches])
 
     def get_next(self) -> dict | None:
         batch = next(self._batches, None)
@@ -129,11 +160,11 @@ class ExportParityError(ValueError):
 
 
 def check_parity(model: nn.Module, path: str | Path, batch: torch.Tensor, tolerance: float = PARITY_TOLERANCE) -> float:
-    """Max |logit| difference between `model` (in eval mode) and its export at `path` on `batch`; raises
-    ExportParityError above `tolerance`."""
+    """Max |logit| difference between `model` (in eval mode) and its export at `path` on `batch` (stored uint8 clips
+    or normalised float ones, as ort_predict takes them); raises ExportParityError above `tolerance`."""
     was_training = model.training
     with torch.no_grad():
-        expected = model.eval()(batch).numpy()
+        expected = model.eval()(normalise_clips(batch) if batch.dtype == torch.uint8 else batch).numpy()
     model.train(was_training)
     difference = float(np.abs(ort_predict(ort_session(path), [batch]) - expected).max())
     if difference > tolerance:
@@ -144,11 +175,11 @@ def check_parity(model: nn.Module, path: str | Path, batch: torch.Tensor, tolera
 
 def int8_forms(model: nn.Module) -> list[dict]:
     """The inference forms quantize_model_int8 tries, as DeployedStudent options: every stem packing of
-    int8_stem_packings, with the feature pooling as an average pool and as a depthwise conv. One plain form for other
-    models."""
+    int8_stem_packings, with the feature pooling as an average pool and as a depthwise conv, each reading uint8
+    pixels. One plain form for other models."""
     if not isinstance(model, Student):
         return [{}]
-    return [{"frames_per_stem": packing, "pool_as_conv": as_conv}
+    return [{"frames_per_stem": packing, "pool_as_conv": as_conv, "pixel_input": True}
             for packing in int8_stem_packings(model) for as_conv in (False, True)]
 
 
@@ -167,10 +198,11 @@ def quantize_model_int8(model: nn.Module, input_shape: Sequence[int], int8_path:
                         calibration_batches: Iterable, per_channel: bool = True) -> Path:
     """`model` exported in its int8-ready forms (int8_forms: a student's stem input padded to
     FAST_INT8_CHANNEL_MULTIPLE, its frames packed into the stem conv or not, its feature pooling an average pool or a
-    depthwise conv), each checked against PyTorch on the first calibration batch (check_parity) and quantized
-    (quantize_int8); the fastest at batch 1 on 1 thread, on this machine (by its quietest round: compare_latency),
-    is kept. Every form is the same function, so the choice changes speed only. The fp32 model to compare it with is
-    export_onnx(model): unpadded, unpacked and pooled, the fastest fp32 form."""
+    depthwise conv; a student's forms read uint8 pixels), each checked against PyTorch on the first calibration batch
+    (check_parity) and quantized (quantize_int8); the fastest at batch 1 on 1 thread, on this machine (by its quietest
+    round: compare_latency), is kept. Every form is the same function, so the choice changes speed only. The fp32
+    model to compare it with is export_onnx(model): unpadded, unpacked and pooled, on normalised float input, the
+    fastest fp32 form. `calibration_batches`: a student's as stored, uint8 [B, T, H, W, C]."""
     batches = [torch.as_tensor(x) for x in calibration_batches]
     if not batches:
         raise ValueError(f"quantize_model_int8 {int8_path}: no calibration batches; static int8 needs activation ranges")
@@ -208,15 +240,57 @@ def quantize_int8(fp32_path: str | Path, int8_path: str | Path, calibration_batc
     with tempfile.TemporaryDirectory(prefix="vidopt-quant-") as work:
         prepared = Path(work) / "prepared.onnx"
         quant_pre_process(str(fp32_path), str(prepared))
-        kept_fp32 = kept_in_fp32(onnx.load(str(prepared)))
+        source = onnx.load(str(prepared))
+        pixels = takes_pixels(source)
         with atomic_path(int8_path) as tmp:
-            quantize_static(str(prepared), str(tmp), ClipCalibrationReader(calibration_batches),
+            quantize_static(str(prepared), str(tmp), ClipCalibrationReader(calibration_batches, pixels),
                             quant_format=QuantFormat.QDQ, per_channel=per_channel, reduce_range=False,
                             activation_type=activation_type, weight_type=QuantType.QInt8,
-                            calibrate_method=calibrate_method, nodes_to_exclude=kept_fp32,
+                            calibrate_method=calibrate_method, nodes_to_exclude=kept_in_fp32(source),
                             extra_options={"ForceQuantizeNoInputCheck": True})
+            if pixels:
+                quantized = drop_pixel_requantization(onnx.load(str(tmp)))
+                onnx.save(quantized, str(tmp))
             onnx.checker.check_model(str(tmp))
     return int8_path
+
+
+def drop_pixel_requantization(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Cast(uint8 -> float) then QuantizeLinear(scale 1, zero point 0, uint8) is the identity on pixels 0..255: the
+    pair the quantizer leaves where a pixel model's gathered planes enter the stem. Removed, the int8 stem reads the
+    pixels as they came (onnxruntime's QuantizeLinear over the float clip was ~23 us of the demo int8 model's ~200).
+    The calibrated scale is exactly 1 because the quantizer's range always includes 0 and the constant plane is 255;
+    anything else is not the identity and raises."""
+    graph = model.graph
+    inits = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
+    producer = {out: node for node in graph.node for out in node.output}
+    typed = onnx.shape_inference.infer_shapes(model).graph
+    dropped = []
+    for node in graph.node:
+        cast = producer.get(node.input[0]) if node.op_type == "QuantizeLinear" else None
+        to = next((a.i for a in cast.attribute if a.name == "to"), None) if cast and cast.op_type == "Cast" else None
+        if to != onnx.TensorProto.FLOAT or not _uint8_tensor(typed, cast.input[0]):
+            continue
+        scale, zero = inits[node.input[1]], inits[node.input[2]]
+        if float(scale) != 1.0 or int(zero) != 0 or zero.dtype != np.uint8:
+            raise ValueError(f"{node.name}: pixels quantized with scale {float(scale)} and zero point {int(zero)} "
+                             f"({zero.dtype}), not 1 and 0 (uint8): the calibration did not span 0..{PIXEL_MAX}")
+        for user in graph.node:
+            user.input[:] = [cast.input[0] if name == node.output[0] else name for name in user.input]
+        dropped += [cast, node]
+    if not dropped:
+        raise ValueError("drop_pixel_requantization: no Cast(uint8) -> QuantizeLinear pair in this model")
+    for node in dropped:
+        graph.node.remove(node)
+    return model
+
+
+def _uint8_tensor(graph: onnx.GraphProto, name: str) -> bool:
+    """Whether shape inference or the graph's input typed `name` as uint8."""
+    for value in [*graph.input, *graph.value_info]:
+        if value.name == name:
+            return value.type.tensor_type.elem_type == onnx.TensorProto.UINT8
+    return False
 
 
 def convs_without_fast_int8_kernel(model: onnx.ModelProto) -> list[str]:
@@ -264,7 +338,10 @@ def measure_latency(path: str | Path, input_shape: Sequence[int], batch: int = 1
     runs: p50/p95 per call in ms, and clips per second at the median (batch / p50; the median resists the noisy
     neighbours a shared machine has). A sub-millisecond model needs the time floor: 5 calls gave its p50 +-20%."""
     session = ort_session(path, threads)
-    x = np.random.default_rng(seed).standard_normal((batch, *input_shape), dtype=np.float32)
+    random = np.random.default_rng(seed)
+    shape = (batch, *input_shape)
+    x = (random.integers(0, PIXEL_MAX + 1, shape, dtype=np.uint8) if takes_pixels(session)
+         else random.standard_normal(shape, dtype=np.float32))
     feed = {INPUT_NAME: x}
     for _ in range(warmup):
         session.run([OUTPUT_NAME], feed)

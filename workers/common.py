@@ -19,8 +19,15 @@ EVAL_BATCH = 8
 
 def load_eval_clips(job: ExportJob) -> tuple[torch.Tensor, np.ndarray]:
     """-> (clips [N, C, T, H, W] float normalised, labels [N]) from the job's uint8 clip file."""
+    stored, labels = load_stored_clips(job)
+    return normalise_clips(stored), labels
+
+
+def load_stored_clips(job: ExportJob) -> tuple[torch.Tensor, np.ndarray]:
+    """-> (clips [N, T, H, W, C] uint8 as stored, labels [N]): what an ONNX model is fed through
+    vidopt.onnx_utils.ort_predict, which gives a pixel model its pixels and a float model normalised clips."""
     saved = torch.load(job.eval_clips, map_location="cpu", weights_only=True)
-    return normalise_clips(saved["clips"]), saved["labels"].numpy()
+    return saved["clips"], saved["labels"].numpy()
 
 
 def batches(x: torch.Tensor, size: int = EVAL_BATCH):

@@ -15,8 +15,9 @@ from pathlib import Path
 import onnxruntime as ort
 
 from vidopt.artifacts import ExportJob, TargetResult
-from vidopt.onnx_utils import INPUT_NAME, OUTPUT_NAME, measure_latency, ort_predict, ort_session
-from workers.common import archive, batches, load_eval_clips, parity, reference_logits, top1
+from vidopt.onnx_utils import (INPUT_NAME, OUTPUT_NAME, input_layout, measure_latency, ort_predict, ort_session,
+                               takes_pixels)
+from workers.common import archive, batches, load_eval_clips, load_stored_clips, parity, reference_logits, top1
 
 INT8_FILE = "model_int8.onnx"
 
@@ -31,15 +32,15 @@ def run_target(job: ExportJob) -> TargetResult:
     package.mkdir(parents=True, exist_ok=True)
     shutil.copy2(source, package / "student_int8.onnx")
     x, labels = load_eval_clips(job)
+    stored, _ = load_stored_clips(job)
+    session = ort_session(package / "student_int8.onnx", threads)
     (package / "runtime.json").write_text(json.dumps({
         "runtime": f"onnxruntime>={ort.__version__}", "provider": "CPUExecutionProvider",
         "intra_op_num_threads": threads, "inter_op_num_threads": 1, "execution_mode": "ORT_SEQUENTIAL",
-        "input": {"name": INPUT_NAME, "layout": "[B, 3, T, H, W] float32, RGB scaled to [0, 1] then standardised "
-                  "with Kinetics mean/std (vidopt.data.normalise_clips)", "shape": list(x.shape[1:])},
+        "input": {"name": INPUT_NAME, "layout": input_layout(takes_pixels(session)), "shape": list(x.shape[1:])},
         "output": {"name": OUTPUT_NAME, "layout": "[B, classes] logits"},
     }, indent=2))
-    session = ort_session(package / "student_int8.onnx", threads)
-    logits = ort_predict(session, batches(x))
+    logits = ort_predict(session, batches(stored))
     latency = measure_latency(package / "student_int8.onnx", tuple(x.shape[1:]), batch=1, threads=threads)
     artifact = archive(package, Path(job.out_dir) / "cpu_int8.tar.gz")
     return TargetResult(

@@ -28,7 +28,7 @@ import torch
 
 from vidopt.artifacts import ExportJob, TargetResult
 from vidopt.checkpoint import load_model_dir
-from workers.common import archive, batches, load_eval_clips, parity, reference_logits, top1
+from workers.common import archive, batches, load_eval_clips, load_stored_clips, parity, reference_logits, top1
 
 FP32_TOL = 1e-4           # max |logit| difference allowed for fp32 back-ends
 FP16_REL_TOL = 1e-2       # fp16 keeps 11 mantissa bits; max |diff| against max |logit|, reported (not gated)
@@ -46,6 +46,7 @@ def run_target(job: ExportJob) -> TargetResult:
     package = Path(job.out_dir) / "package"     # everything deployable; archived as a whole
     package.mkdir(parents=True, exist_ok=True)
     x, labels = load_eval_clips(job)             # [N, C, T, H, W] float
+    stored, _ = load_stored_clips(job)           # [N, T, H, W, C] uint8: ONNX files are fed through ort_predict
     reference = reference_logits(job, x)
     model, _ = load_model_dir(job.model_dir)
     threads = int(job.options.get("threads", 1))
@@ -59,12 +60,12 @@ def run_target(job: ExportJob) -> TargetResult:
         variants["ort_int8"] = {"error": f"{job.int8_dir}/model_int8.onnx: not found (run the quantize stage)"}
     for name, path in onnx_files.items():
         precision = "fp16" if name == "fp16" else "int8"
-        variants[f"ort_{name}"] = _guarded(lambda: _ort_variant(path, x, labels, reference, threads, precision))
+        variants[f"ort_{name}"] = _guarded(lambda: _ort_variant(path, stored, labels, reference, threads, precision))
     if _tensorrt_usable(cuda):
         for precision, source in (("fp16", onnx_files.get("fp16")), ("int8", onnx_files.get("int8_symmetric"))):
             if source:
                 variants[f"tensorrt_{precision}"] = _guarded(
-                    lambda: _tensorrt_variant(source, x, labels, reference, precision))
+                    lambda: _tensorrt_variant(source, stored, labels, reference, precision))
     variants["aoti"] = _guarded(lambda: _aoti_variant(model, x, labels, reference, package, cuda, threads))
 
     problems = [f"{k}: {v['error']}" if "error" in v else f"{k}: parity {v['parity']} outside {v['tolerance']}"
@@ -146,22 +147,24 @@ def _onnx_files(job: ExportJob, model, input_shape: tuple, package: Path) -> dic
     return files
 
 
-def _ort_variant(path: Path, x, labels, reference, threads: int, precision: str) -> dict:
+def _ort_variant(path: Path, stored, labels, reference, threads: int, precision: str) -> dict:
+    """`stored`: the eval clips as stored, uint8 [N, T, H, W, C]; ort_predict gives each file the input it reads."""
     import onnxruntime as ort
 
-    from vidopt.onnx_utils import INPUT_NAME, measure_latency, ort_predict, ort_session
+    from vidopt.onnx_utils import INPUT_NAME, measure_latency, model_input, ort_predict, ort_session, takes_pixels
 
     if "CUDAExecutionProvider" in ort.get_available_providers():
         session = ort.InferenceSession(str(path), providers=["CUDAExecutionProvider", "CPUExecutionProvider"])
     else:
         session = ort_session(path, threads)
     providers = session.get_providers()   # what onnxruntime registered, not what we asked for
-    logits = ort_predict(session, batches(x))
+    logits = ort_predict(session, batches(stored))
+    shape = tuple(model_input(stored[:1], takes_pixels(session)).shape[1:])   # [C, T, H, W]
     if providers[0] == "CPUExecutionProvider":
-        latency = measure_latency(path, tuple(x.shape[1:]), batch=1, threads=threads)["p50_ms"]
+        latency = measure_latency(path, shape, batch=1, threads=threads)["p50_ms"]
         runtime = f"onnxruntime {ort.__version__} CPUExecutionProvider ({threads} thread(s))"
     else:
-        feed = {INPUT_NAME: x[:1].numpy()}
+        feed = {INPUT_NAME: model_input(stored[:1], takes_pixels(session))}
         latency = _p50_ms(lambda: session.run(None, feed))
         runtime = f"onnxruntime {ort.__version__} {providers[0]}"
     result = {"runtime": runtime, "providers": providers, "on_gpu": providers[0] != "CPUExecutionProvider",
@@ -182,13 +185,15 @@ def _tensorrt_usable(cuda: bool) -> bool:
     return True
 
 
-def _tensorrt_variant(onnx_path: Path, x, labels, reference, precision: str) -> dict:
+def _tensorrt_variant(onnx_path: Path, stored, labels, reference, precision: str) -> dict:
     """Build a TensorRT engine from the ONNX file and run it on CUDA tensors. The files carry their precision (fp16
     tensors; int8 Q/DQ), so the network is strongly typed and TensorRT builds exactly that: no FP16/INT8 builder flags
-    (weak typing is deprecated since TensorRT 10.12 and removed in 11)."""
+    (weak typing is deprecated since TensorRT 10.12 and removed in 11). `stored`: uint8 clips [N, T, H, W, C], given
+    to the engine as the file reads them (model_input: pixels for the int8 file, normalised floats for fp16)."""
+    import onnx
     import tensorrt as trt
 
-    from vidopt.onnx_utils import INPUT_NAME, OUTPUT_NAME
+    from vidopt.onnx_utils import INPUT_NAME, OUTPUT_NAME, model_input, takes_pixels
 
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
@@ -198,7 +203,8 @@ def _tensorrt_variant(onnx_path: Path, x, labels, reference, precision: str) -> 
     if not parser.parse(onnx_path.read_bytes()):
         raise RuntimeError("; ".join(str(parser.get_error(i)) for i in range(parser.num_errors)))
     config = builder.create_builder_config()
-    shape = tuple(x.shape[1:])
+    pixels = takes_pixels(onnx.load(str(onnx_path)))
+    shape = model_input(stored[:1], pixels).shape[1:]   # [C, T, H, W]
     profile = builder.create_optimization_profile()
     profile.set_shape(INPUT_NAME, (1, *shape), (1, *shape), (MAX_BATCH, *shape))
     config.add_optimization_profile(profile)
@@ -213,8 +219,8 @@ def _tensorrt_variant(onnx_path: Path, x, labels, reference, precision: str) -> 
     context = engine.create_execution_context()
     stream = torch.cuda.current_stream()
 
-    def infer(batch: torch.Tensor) -> torch.Tensor:
-        batch = batch.cuda().float().contiguous()
+    def infer(clips: torch.Tensor) -> torch.Tensor:
+        batch = torch.from_numpy(model_input(clips, pixels)).cuda().contiguous()
         context.set_input_shape(INPUT_NAME, tuple(batch.shape))
         out = torch.empty(tuple(context.get_tensor_shape(OUTPUT_NAME)), device="cuda", dtype=torch.float32)
         context.set_tensor_address(INPUT_NAME, batch.data_ptr())
@@ -222,8 +228,8 @@ def _tensorrt_variant(onnx_path: Path, x, labels, reference, precision: str) -> 
         context.execute_async_v3(stream.cuda_stream)
         return out
 
-    logits = np.concatenate([infer(b).cpu().numpy() for b in batches(x)])
-    first = x[:1].cuda()
+    logits = np.concatenate([infer(b).cpu().numpy() for b in batches(stored)])
+    first = stored[:1]
     return {"runtime": f"TensorRT {trt.__version__} {precision} on {torch.cuda.get_device_name()}", "on_gpu": True,
             "latency_ms": _p50_ms(lambda: infer(first), torch.cuda.synchronize), "build_s": build_s,
             "file": engine_path.name, "bytes": engine_path.stat().st_size} | _score(logits, reference, labels,
@@ -339,7 +345,7 @@ def make_demo_job(root: Path, with_int8: bool = True, target: str = "gpu") -> Ex
             from vidopt.onnx_utils import export_onnx, quantize_model_int8
             shape = (3, arch.frames, arch.height, arch.width)
             export_onnx(model, shape, root / "int8" / "model_fp32.onnx")
-            calibration = [normalise_clips(b) for b in batches(train_x[:32])]
+            calibration = batches(train_x[:32])   # uint8 [B, T, H, W, C], as the quantize stage passes them
             quantize_model_int8(model, shape, root / "int8" / "model_int8.onnx", calibration)
             int8_dir = root / "int8"
         except ImportError as error:

@@ -9,7 +9,8 @@
   symmetric int8 scale max(|lo|, |hi|) / 127, so no calibration data is needed. onnxruntime's quantizer drops a Relu
   whose output range starts at 0 (the uint8 clamp at zero point 0 *is* the ReLU); a symmetric int8 range keeps
   negatives, so the Relu goes back in front of those QuantizeLinear nodes. int32 bias DequantizeLinear nodes are
-  folded into float biases (TensorRT computes the bias in float anyway).
+  folded into float biases (TensorRT computes the bias in float anyway). A pixel model's uint8 input is cast to
+  float and quantized to int8 where it enters the stem (`_float_pixels_for_tensorrt`).
 """
 from __future__ import annotations
 
@@ -77,7 +78,40 @@ def to_fp16(src: str | Path, dest: str | Path) -> Path:
     nodes = casts_in + list(graph.node) + casts_out
     del graph.node[:]
     graph.node.extend(nodes)
+    del graph.value_info[:]   # it typed the moved tensors uint8; the checker infers them again
     return _save(model, Path(dest))
+
+
+def _float_pixels_for_tensorrt(graph: onnx.GraphProto, inits: dict[str, onnx.TensorProto]) -> None:
+    """A pixel model (vidopt.onnx_utils.takes_pixels) moves uint8 pixels through Reshape / Concat / Gather into a
+    DequantizeLinear that nothing quantized; TensorRT takes uint8 only at the network's edge and in Cast, and int8 only
+    from its own Q/DQ. So: one Cast to float right after the uint8 input, float constants beside it, and a
+    QuantizeLinear in front of that DequantizeLinear with the (already symmetric) scale the loop above gave it. The
+    file still reads uint8 pixels, like the onnxruntime one."""
+    source = graph.input[0]
+    if source.type.tensor_type.elem_type != TensorProto.UINT8:
+        return
+    quantized = {out for node in graph.node if node.op_type == "QuantizeLinear" for out in node.output}
+    entries = [n for n in graph.node if n.op_type == "DequantizeLinear" and n.input[0] not in inits
+               and n.input[0] not in quantized]
+    as_float = f"{source.name}_float"
+    _rename_uses(graph, source.name, as_float)
+    nodes = [helper.make_node("Cast", [source.name], [as_float], to=TensorProto.FLOAT, name=as_float)]
+    for node in graph.node:
+        for name in node.input:
+            if node.op_type not in ("QuantizeLinear", "DequantizeLinear") and name in inits \
+                    and inits[name].data_type == TensorProto.UINT8:
+                inits[name].CopyFrom(numpy_helper.from_array(numpy_helper.to_array(inits[name]).astype(np.float32),
+                                                             name))
+        if node in entries:
+            requantized = f"{node.input[0]}_int8"
+            nodes.append(helper.make_node("QuantizeLinear", [node.input[0], *node.input[1:]], [requantized],
+                                          name=requantized))
+            node.input[0] = requantized
+        nodes.append(node)
+    del graph.node[:]
+    graph.node.extend(nodes)
+    del graph.value_info[:]   # it typed the moved tensors uint8; the checker infers them again
 
 
 def to_tensorrt_int8(src: str | Path, dest: str | Path) -> Path:
@@ -119,6 +153,7 @@ def to_tensorrt_int8(src: str | Path, dest: str | Path) -> Path:
             kept.append(node)
     del graph.node[:]
     graph.node.extend(kept)
+    _float_pixels_for_tensorrt(graph, inits)
     used = {name for node in graph.node for name in node.input}
     live = [i for i in graph.initializer if i.name in used]  # drop the int32 bias and its scale / zero point
     del graph.initializer[:]

@@ -3,6 +3,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import onnx
 import pytest
 import torch
 import torch.nn.functional as F
@@ -13,7 +14,7 @@ from vidopt.checkpoint import load_model_dir, save_model_dir
 from vidopt.config import load_config
 from vidopt.distillation import clip_set_top1
 from vidopt.models import StudentArch, build_model
-from vidopt.onnx_utils import op_counts, ort_predict, ort_session
+from vidopt.onnx_utils import op_counts, ort_predict, ort_session, takes_pixels
 from vidopt.storage import sha256_file
 from vidopt.training import FitSpec, fit
 
@@ -46,7 +47,7 @@ def trained(tmp_path_factory, sample_dir):
 
 def _test_clip_logits(model_dir: Path, cfg, dataset, name: str) -> tuple[np.ndarray, np.ndarray]:
     (test,) = quantize._clip_sets(cfg, dataset, ("test",))
-    clips = [x for x, _, _ in test.batches(8, shuffle=False)]
+    clips = [test.clips[i:i + 8] for i in range(0, len(test.labels), 8)]   # as stored: ort_predict adapts them
     return ort_predict(ort_session(model_dir / name), clips), test.labels.numpy()
 
 
@@ -62,6 +63,9 @@ def test_ptq_writes_a_verified_int8_model(trained):
     assert json.loads((out / "metrics.json").read_text()) == pytest.approx(m)
     ops = op_counts(out / "model_int8.onnx")
     assert ops["QuantizeLinear"] >= 4 and ops["DequantizeLinear"] >= 4 and "BatchNormalization" not in ops
+    # int8 reads the decoded uint8 pixels; the fp32 file normalised floats, as PyTorch does
+    assert takes_pixels(onnx.load(str(out / "model_int8.onnx")))
+    assert not takes_pixels(onnx.load(str(out / "model_fp32.onnx")))
 
     assert m["fp32_ort.max_abs_diff"] <= 1e-4
     assert m["ptq.test_argmax_agreement"] >= 0.9

@@ -37,8 +37,9 @@ def _fake_project(root: Path) -> Path:
         model = build_model(arch).eval()
         extra = {}
         if stage == "quantize":
-            extra["model_int8.onnx"] = quantize_model_int8(model, SHAPE, root / "pruned_int8.onnx",
-                                                           [torch.randn(4, *SHAPE)])
+            c, t, h, w = SHAPE   # calibration clips as the pipeline stores them: uint8 [B, T, H, W, C]
+            stored = torch.randint(0, 256, (4, t, h, w, c), dtype=torch.uint8)
+            extra["model_int8.onnx"] = quantize_model_int8(model, SHAPE, root / "pruned_int8.onnx", [stored])
         save_model_dir(out, model, arch, {"test_top1_clip": 0.5 + i / 10, "test_top1_video": 0.6}, config, extra)
     return root
 

@@ -6,11 +6,13 @@ import onnx
 import pytest
 import torch
 
+from vidopt.data import normalise_clips
 from vidopt.models import DeployedStudent, StudentArch, TeacherArch, build_model
 from vidopt.onnx_utils import (
     OPSET,
     ExportParityError,
     compare_latency,
+    drop_pixel_requantization,
     export_onnx,
     file_mb,
     int8_forms,
@@ -21,12 +23,19 @@ from vidopt.onnx_utils import (
     ort_session,
     quantize_int8,
     quantize_model_int8,
+    takes_pixels,
 )
 
 SHAPE = (3, 4, 32, 32)  # [C, T, H, W]
 # What the student may contain after export: BN folded into Conv, ReLU, pooling, the classifier, data movement
 # (one Gather builds every frame's stem input: DeployedStudent).
 STUDENT_OPS = {"Conv", "Relu", "AveragePool", "Gemm", "MatMul", "Reshape", "Transpose", "Flatten", "Gather"}
+
+
+def _stored_clips(n: int, shape=SHAPE, seed: int = 0) -> torch.Tensor:
+    """Random uint8 clips [n, T, H, W, C] as the pipeline stores them (`shape` = [C, T, H, W])."""
+    c, t, h, w = shape
+    return torch.randint(0, 256, (n, t, h, w, c), generator=torch.Generator().manual_seed(seed), dtype=torch.uint8)
 
 
 def _with_bn_statistics(model: torch.nn.Module) -> torch.nn.Module:
@@ -94,26 +103,33 @@ def test_teacher_export_folds_bn_and_matches_pytorch(tmp_path):
 @pytest.mark.parametrize("frame_differences", [True, False])
 @pytest.mark.parametrize("channel_multiple, frames_per_stem", [(1, 1), (4, 1), (4, 2), (4, 4)])
 @pytest.mark.parametrize("pool_as_conv", [False, True])
-def test_deployed_student_is_the_same_function(frame_differences, channel_multiple, frames_per_stem, pool_as_conv):
+@pytest.mark.parametrize("pixel_input", [False, True])
+def test_deployed_student_is_the_same_function(frame_differences, channel_multiple, frames_per_stem, pool_as_conv,
+                                               pixel_input):
     torch.manual_seed(0)
     arch = StudentArch(frames=4, height=32, width=32, conv_widths=[8, 16], conv_strides=[2, 2], temporal_widths=[8],
                        frame_differences=frame_differences, num_classes=5)
     student = _with_bn_statistics(build_model(arch))
-    deployed = DeployedStudent(student, channel_multiple, frames_per_stem, pool_as_conv).eval()
+    deployed = DeployedStudent(student, channel_multiple, frames_per_stem, pool_as_conv, pixel_input).eval()
     stem = deployed.stem
     # One conv reads the planes of its frames (and, with differences, of the next frame): 6 -> 8 and 3 -> 4 planes
-    # unpacked, 15 -> 16 and 12 with 4 frames per conv; it writes the stem's 8 channels for each of its frames.
+    # unpacked, 15 -> 16 and 12 with 4 frames per conv, + 1 constant plane for pixels; it writes the stem's 8 channels
+    # for each of its frames.
     planes = 3 * (frames_per_stem + frame_differences)
-    assert stem.in_channels == planes + (-planes) % channel_multiple
+    read = planes + pixel_input
+    assert stem.in_channels == read + (-read) % channel_multiple
     assert stem.out_channels == 8 * frames_per_stem
-    assert not stem.weight[:, planes:].any()                             # padding planes are read with zero weights
+    assert not stem.weight[:, read:].any()                               # padding planes are read with zero weights
+    assert stem.weight[:, planes:read].any() == pixel_input               # the constant plane carries the mean shift
     for j in range(frames_per_stem):  # frame j of a group reads only its own planes and its next frame's
-        block = stem.weight[8 * j:8 * (j + 1)]
+        block = stem.weight[8 * j:8 * (j + 1), :planes]
         assert not block[:, :3 * j].any() and not block[:, 3 * j + 3 * (1 + frame_differences):].any()
     assert student.encoder.convs[0][0].in_channels == arch.input_channels()  # the trained student is not touched
-    x = torch.randn(3, *SHAPE)
-    with torch.no_grad():
-        assert (deployed(x) - student(x)).abs().max() < 1e-5
+    stored = _stored_clips(3)                                               # uint8 [B, T, H, W, C]
+    x = normalise_clips(stored)
+    with torch.no_grad():   # pixels: the normalisation folded into the stem, borders included
+        got = deployed(stored.movedim(-1, 1).contiguous() if pixel_input else x)
+        assert (got - student(x)).abs().max() < 1e-5
 
 
 def test_pooling_as_a_depthwise_conv_averages_overlapping_windows():
@@ -162,7 +178,7 @@ def _weights(model: onnx.ModelProto, data_type: int) -> list[onnx.TensorProto]:
 
 
 def test_int8_quantization_is_qdq_smaller_and_close_to_fp32(student, student_onnx, tmp_path):
-    calibration = [torch.randn(8, *SHAPE) for _ in range(4)]
+    calibration = [_stored_clips(8, seed=i) for i in range(4)]
     int8 = quantize_model_int8(student, SHAPE, tmp_path / "int8.onnx", calibration)
     ops = op_counts(int8)
     assert ops.get("QuantizeLinear", 0) >= 4 and ops.get("DequantizeLinear", 0) >= 4
@@ -173,19 +189,19 @@ def test_int8_quantization_is_qdq_smaller_and_close_to_fp32(student, student_onn
     int8_weights = _weights(model, onnx.TensorProto.INT8)
     # 3 Conv2d, Conv1d, Linear; and the pooling's depthwise conv [C, 1, k, k] where that form was the faster
     assert len([t for t in int8_weights if t.dims[1] != 1]) == 5 and len(int8_weights) in (5, 6)
-    # The stem is whichever int8 form was faster here: one frame per conv (6 planes padded to 8 in, 8 out), or 4
-    # frames per conv (15 planes padded to 16 in, 4 x 8 out).
+    # The stem is whichever int8 form was faster here: one frame per conv (6 planes + the constant one, padded to 8
+    # in, 8 out), or 4 frames per conv (15 planes + the constant one in, 4 x 8 out).
     assert {(8, 8, 3, 3), (32, 16, 3, 3)} & {tuple(t.dims) for t in int8_weights}
     assert file_mb(int8) < file_mb(student_onnx)
-    # The clip is quantized first: the frame planes move as uint8 into the int8 stem.
+    # It reads uint8 pixels, and they reach the int8 stem as they came: gathered, never quantized again.
+    assert takes_pixels(model) and not takes_pixels(onnx.load(str(student_onnx)))
     stem = next(n for n in model.graph.node if n.op_type == "Conv")
-    assert {"Gather", "QuantizeLinear"} <= set(_upstream_ops(model, stem))
-    readers = [n.op_type for n in model.graph.node if model.graph.input[0].name in n.input]
-    assert readers == ["QuantizeLinear"]
+    upstream = _upstream_ops(model, stem)
+    assert "Gather" in upstream and "QuantizeLinear" not in upstream and "Cast" not in upstream, upstream
 
-    x = torch.randn(16, *SHAPE)
-    fp32 = ort_predict(ort_session(student_onnx), [x])
-    quantized = ort_predict(ort_session(int8), [x])
+    stored = _stored_clips(16, seed=9)
+    fp32 = ort_predict(ort_session(student_onnx), [stored])   # normalised for the fp32 file, pixels for int8
+    quantized = ort_predict(ort_session(int8), [stored])
     # int8 noise is a few percent of the logits' spread on data like the calibration data; a wrong scale is not.
     assert np.abs(quantized - fp32).mean() < 0.1 * fp32.std()
 
@@ -194,23 +210,52 @@ def test_int8_source_that_is_not_the_model_is_refused(student, tmp_path, monkeyp
     """The padded form quantization starts from is checked against PyTorch: a padding plane read with a non-zero
     weight (a wrong inference form) stops quantization before an int8 model is written."""
     class WrongPadding(DeployedStudent):
-        def __init__(self, model, channel_multiple=1, frames_per_stem=1, pool_as_conv=False):
-            super().__init__(model, channel_multiple, frames_per_stem, pool_as_conv)
+        def __init__(self, model, channel_multiple=1, frames_per_stem=1, pool_as_conv=False, pixel_input=False):
+            super().__init__(model, channel_multiple, frames_per_stem, pool_as_conv, pixel_input)
             with torch.no_grad():
                 self.stem.weight[:, -1] += 0.5
 
     with pytest.raises(ValueError, match="no calibration batches"):
         quantize_model_int8(student, SHAPE, tmp_path / "int8.onnx", [])
+    with pytest.raises(ValueError, match="reads uint8 pixels: pass the stored uint8 clips"):
+        quantize_model_int8(student, SHAPE, tmp_path / "int8.onnx", [torch.randn(4, *SHAPE)])
     monkeypatch.setattr("vidopt.onnx_utils.DeployedStudent", WrongPadding)
     with pytest.raises(ExportParityError, match="differs from PyTorch"):
-        quantize_model_int8(student, SHAPE, tmp_path / "int8.onnx", [torch.randn(4, *SHAPE)])
+        quantize_model_int8(student, SHAPE, tmp_path / "int8.onnx", [_stored_clips(4)])
     assert not (tmp_path / "int8.onnx").exists()
+
+
+def _cast_quantize_graph(scale: float, zero_point: int) -> onnx.ModelProto:
+    """uint8 pixels -> Cast(float) -> QuantizeLinear(scale, zero point) -> DequantizeLinear -> Relu, [1, 4]."""
+    from onnx import TensorProto, helper, numpy_helper
+    nodes = [helper.make_node("Cast", ["pixels"], ["as_float"], to=TensorProto.FLOAT, name="cast"),
+             helper.make_node("QuantizeLinear", ["as_float", "s", "z"], ["q"], name="quantize"),
+             helper.make_node("DequantizeLinear", ["q", "s", "z"], ["dq"], name="dequantize"),
+             helper.make_node("Relu", ["dq"], ["out"], name="relu")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("pixels", TensorProto.UINT8, [1, 4])],
+                              [helper.make_tensor_value_info("out", TensorProto.FLOAT, [1, 4])],
+                              [numpy_helper.from_array(np.array(scale, np.float32), "s"),
+                               numpy_helper.from_array(np.array(zero_point, np.uint8), "z")])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
+
+
+def test_pixel_requantization_is_dropped_only_where_it_is_the_identity(tmp_path):
+    model = drop_pixel_requantization(_cast_quantize_graph(1.0, 0))
+    assert [n.op_type for n in model.graph.node] == ["DequantizeLinear", "Relu"]
+    onnx.save(model, str(tmp_path / "dropped.onnx"))
+    pixels = np.array([[0, 1, 128, 255]], np.uint8)
+    out = ort_session(tmp_path / "dropped.onnx").run(None, {"pixels": pixels})[0]
+    np.testing.assert_array_equal(out, pixels.astype(np.float32))
+    with pytest.raises(ValueError, match="scale 0.5 and zero point 0 .* not 1 and 0"):
+        drop_pixel_requantization(_cast_quantize_graph(0.5, 0))
+    with pytest.raises(ValueError, match="no Cast\\(uint8\\) -> QuantizeLinear pair"):
+        drop_pixel_requantization(drop_pixel_requantization(_cast_quantize_graph(1.0, 0)))
 
 
 def test_int8_keeps_a_conv_without_fast_kernel_and_its_input_path_in_fp32(student, student_onnx, tmp_path):
     """An unpadded stem (6 input channels) has no fast int8 kernel: it stays fp32, with everything only feeding it,
     and quantization starts at its output."""
-    int8 = quantize_int8(student_onnx, tmp_path / "int8.onnx", [torch.randn(8, *SHAPE) for _ in range(2)])
+    int8 = quantize_int8(student_onnx, tmp_path / "int8.onnx", [_stored_clips(8, seed=i) for i in range(2)])
     model = onnx.load(str(int8))
     assert [list(t.dims) for t in _weights(model, onnx.TensorProto.FLOAT)] == [[8, 6, 3, 3]]
     assert len(_weights(model, onnx.TensorProto.INT8)) == 4

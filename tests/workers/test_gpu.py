@@ -14,7 +14,8 @@ from onnx import TensorProto
 
 from vidopt.checkpoint import load_model_dir
 from workers import gpu
-from workers.common import load_eval_clips, reference_logits
+from vidopt.onnx_utils import ort_predict, ort_session, takes_pixels
+from workers.common import batches, load_eval_clips, load_stored_clips, reference_logits
 from workers.onnx_passes import to_fp16, to_tensorrt_int8
 
 from .import_check import import_without
@@ -55,8 +56,13 @@ def test_tensorrt_int8_is_symmetric_and_keeps_the_quantizer_relu(demo_job, tmp_p
     assert not [i.name for i in graph.initializer if i.data_type == TensorProto.INT32]  # biases folded to float
     # onnxruntime dropped the Relus (uint8 zero point 0 clamps); without them back, agreement fell to ~50%.
     assert sum(n.op_type == "Relu" for n in graph.node) >= 3
-    x, _ = load_eval_clips(demo_job)
-    original, symmetric = _run(source, x.numpy()), _run(rewritten, x.numpy())
+    # It reads uint8 pixels like its source; TensorRT gets them as float, then int8 from a Q/DQ of its own.
+    assert takes_pixels(onnx.load(str(source))) and graph.input[0].type.tensor_type.elem_type == TensorProto.UINT8
+    readers = [n for n in graph.node if graph.input[0].name in n.input]
+    assert [(n.op_type, n.attribute[0].i) for n in readers] == [("Cast", TensorProto.FLOAT)]
+    stored, _ = load_stored_clips(demo_job)
+    original = ort_predict(ort_session(source), batches(stored))
+    symmetric = ort_predict(ort_session(rewritten), batches(stored))
     assert (original.argmax(1) == symmetric.argmax(1)).mean() >= 0.9
 
 

@@ -48,8 +48,10 @@ STAGES = [  # (row name, stage folder, file run by onnxruntime: exported from th
 
 
 def _random_clips(shape, batches: int, batch: int = 4) -> list[torch.Tensor]:
+    """Random uint8 clips [B, T, H, W, C] as stored (`shape` = [C, T, H, W]), for calibration."""
     generator = torch.Generator().manual_seed(0)
-    return [torch.randn(batch, *shape, generator=generator) for _ in range(batches)]
+    c, t, h, w = shape
+    return [torch.randint(0, 256, (batch, t, h, w, c), generator=generator, dtype=torch.uint8) for _ in range(batches)]
 
 
 def full_size_ladder(student: StudentArch, teacher: TeacherArch, work: Path, rounds: int = 3,
