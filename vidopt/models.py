@@ -195,8 +195,6 @@ class DeployedStudent(nn.Module):
             reads += [3 * t] if pixel_input else []
             planes += reads + [reads[0]] * (per_conv - len(reads))
         self.register_buffer("planes", torch.tensor(planes), persistent=False)
-        self.register_buffer("constant_plane", torch.full((1, 1, 1, 1), PIXEL_MAX, dtype=torch.uint8),
-                             persistent=False)
         self.frames_per_stem, self.per_conv, self.stem_channels = g, per_conv, out
         self.pixel_input = pixel_input
         self.body, self.pool, self.flatten = student.encoder.convs[1:], student.encoder.pool, student.encoder.flatten
@@ -228,8 +226,8 @@ class DeployedStudent(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, c, t, h, w = x.shape
         planes = x.reshape(b, c * t, h, w)
-        if self.pixel_input:   # uint8 pixels [B, 3, T, H, W]; + the constant plane; moved as uint8, cast once gathered
-            planes = torch.cat([planes, self.constant_plane.expand(b, 1, h, w)], dim=1)
+        if self.pixel_input:   # uint8 pixels [B, 3, T, H, W] + the constant plane (one Pad); cast once gathered
+            planes = nn.functional.pad(planes, (0, 0, 0, 0, 0, 1), value=PIXEL_MAX)
         groups = planes.index_select(1, self.planes)                        # [B, (T/G)*C'', H, W], one Gather
         groups = groups.reshape(b * t // self.frames_per_stem, self.per_conv, h, w)
         y = self.stem_relu(self.stem(groups.float() if self.pixel_input else groups))
