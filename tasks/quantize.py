@@ -15,6 +15,7 @@ import logging
 from pathlib import Path
 
 import numpy as np
+import onnx
 import torch
 from prefect import task
 from torch import nn
@@ -28,8 +29,8 @@ from vidopt.config import PipelineConfig
 from vidopt.distillation import ClipSet, attach_teacher_logits, clip_set_top1, distillation_loss
 from vidopt.metrics import count_macs, count_params, top1, top1_per_video
 from vidopt.models import StudentArch
-from vidopt.onnx_utils import (PARITY_TOLERANCE, compare_latency, export_onnx, file_mb, ort_predict, ort_session,
-                               quantize_model_int8)
+from vidopt.onnx_utils import (PARITY_TOLERANCE, compare_latency, export_onnx, file_mb, input_layout, ort_predict,
+                               ort_session, quantize_model_int8, takes_pixels)
 from vidopt.stages import artifact_hash, split_rows, stage_dir
 from vidopt.storage import atomic_write_text, sha256_file
 from vidopt.tracking import stage_run
@@ -95,7 +96,8 @@ def quantize_student(cfg: PipelineConfig, dataset: DatasetArtifact, student: nn.
     fp32_path, int8_path = work / "onnx" / FP32_FILE, work / "onnx" / INT8_FILE
     metrics = _export_quantize_evaluate(student, shape, calibration, test, fp32_path, int8_path, cfg, "ptq")
     baseline, ptq = metrics["fp32.test_top1_clip"], metrics["ptq.test_top1_clip"]
-    notes = {"quantization": "ptq", "fp32_test_top1": f"{baseline:.4f}", "ptq_test_top1": f"{ptq:.4f}"}
+    notes = {"quantization": "ptq", "fp32_test_top1": f"{baseline:.4f}", "ptq_test_top1": f"{ptq:.4f}",
+             "int8_input": input_layout(takes_pixels(onnx.load(str(int8_path))))}
     final, drop = "ptq", baseline - ptq
     if drop > cfg.quantize.max_top1_drop:
         log.info("quantize: PTQ lost %.3f test top-1 (> %.3f allowed); quantization-aware fine-tuning",

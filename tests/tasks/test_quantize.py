@@ -57,6 +57,7 @@ def test_ptq_writes_a_verified_int8_model(trained):
     out, m = Path(art.uri), art.metrics
 
     assert art.kind == "int8" and art.notes["quantization"] == "ptq"
+    assert art.notes["int8_input"].startswith("[B, 3, T, H, W] uint8 RGB pixels")
     for name in ("model_fp32.onnx", "model_int8.onnx", "arch.json", "metrics.json", "config.json"):
         assert (out / name).is_file(), name
     assert art.weights_sha256 == sha256_file(out / "model_int8.onnx")
