@@ -225,7 +225,8 @@ def test_new_clips_in_the_bucket_start_a_run_that_registers_a_model_version(
 
 
 def assert_cpu_package_runs(package: bytes, classes: int) -> None:
-    """The CPU target's .tar.gz: runtime.json says the input shape; the int8 ONNX gives one logit per class."""
+    """The CPU target's .tar.gz: runtime.json says the input's shape and dtype (uint8 pixels for the int8 file); the
+    int8 ONNX gives one logit per class."""
     import numpy as np
     import onnxruntime as ort
 
@@ -234,6 +235,6 @@ def assert_cpu_package_runs(package: bytes, classes: int) -> None:
         runtime = json.loads(tar.extractfile(members["runtime.json"]).read())
         model = tar.extractfile(members["student_int8.onnx"]).read()
     session = ort.InferenceSession(model, providers=["CPUExecutionProvider"])
-    x = np.zeros([1, *runtime["input"]["shape"]], dtype=np.float32)  # [1, 3, T, H, W]
+    x = np.zeros([1, *runtime["input"]["shape"]], dtype=runtime["input"]["dtype"])  # [1, 3, T, H, W]
     [logits] = session.run([runtime["output"]["name"]], {runtime["input"]["name"]: x})
     assert logits.shape == (1, classes)

@@ -29,7 +29,8 @@ def test_all_targets_export_and_verify_concurrently(tiny_ladder, fresh_ray):
         assert result.runtime and "TensorRT" not in result.runtime and "CUDA" not in result.runtime
     assert by_target["cpu"].parity["argmax_agreement"] >= 0.9
     runtime = json.loads((Path(by_target["cpu"].artifact_uri).parent / "cpu_int8" / "runtime.json").read_text())
-    assert runtime["input"]["layout"].startswith("[B, 3, T, H, W] uint8 RGB pixels")   # what the int8 file reads
+    assert runtime["input"]["dtype"] == "uint8"                                        # what the int8 file reads
+    assert runtime["input"]["layout"].startswith("[B, 3, T, H, W] uint8 RGB pixels")
     assert by_target["tpu"].parity["max_abs_diff"] <= 1e-4
     assert by_target["fpga"].parity["argmax_agreement"] >= 0.9
     saved = json.loads((Path(by_target["cpu"].artifact_uri).parents[1] / "results.json").read_text())
