@@ -202,10 +202,10 @@ def _qconfig_mapping():
 
 def prepare_qat(student: nn.Module, arch: StudentArch) -> nn.Module:
     """A copy of the student whose encoder and head are FX-prepared for QAT: Conv+BN+ReLU fused with fake-quantized
-    folded weights, fake-quant on every activation onnxruntime quantizes. The stem's input is quantized in both, but
-    not alike: onnxruntime quantizes the frame pairs (x_t, x_{t+1}) of the exported form (DeployedStudent), QAT the
-    (x_t, x_{t+1} - x_t) that training sees; both at 8 bits per tensor, so the noise QAT adapts to is of the same
-    size. The two parts are traced separately because
+    folded weights, fake-quant on every activation onnxruntime quantizes. The stem's input is 8 bits in both, but
+    not alike: the int8 file reads the uint8 pixels of x_t and x_{t+1} (DeployedStudent(pixel_input=True)), QAT
+    fake-quantizes the (x_t, x_{t+1} - x_t) that training sees; both 8 bits per tensor, so the noise QAT adapts to is
+    of the same size. The two parts are traced separately because
     the student's [B, C, T, H, W] -> [B*T, C, H, W] reshape unpacks x.shape, which FX cannot trace; the reshapes move
     data only, and int8 tensors pass through them unchanged in onnxruntime as well."""
     from torch.ao.nn.intrinsic.qat import freeze_bn_stats

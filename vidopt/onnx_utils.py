@@ -44,9 +44,10 @@ CALIBRATION = CalibrationMethod.MinMax
 # MLAS's fast int8 convolution (symmetric, VNNI) needs input channels divisible by 4 (and >= 16 output channels:
 # prune.channel_multiple); other convs fall back to im2col + GEMM, which for a 3-channel RGB stem was 2.5x slower than
 # the fp32 conv and ate every gain of the other layers. So a student's stem is exported for int8 with its input padded
-# to a multiple of 4 (DeployedStudent), and its frame pairs are quantized at the input: on the demo's pruned student
-# ([16, 16, 32, 48], 8x64x64) that made int8 1.25-1.3x faster than its fp32 where a stem kept in fp32 gave ~1.0x,
-# test top-1 within 0.5 points, argmax agreement 0.995-1.0. Any other conv whose input channels do not fit stays fp32.
+# to a multiple of 4 (DeployedStudent), and its frame pairs enter it as 8-bit planes (quantized at the input then;
+# uint8 pixels now): on the demo's pruned student ([16, 16, 32, 48], 8x64x64) that made int8 1.25-1.3x faster than its
+# fp32 where a stem kept in fp32 gave ~1.0x, test top-1 within 0.5 points, argmax agreement 0.995-1.0. Any other conv
+# whose input channels do not fit stays fp32.
 FAST_INT8_CHANNEL_MULTIPLE = 4
 PARITY_TOLERANCE = 1e-4  # max |logit| difference allowed between PyTorch and an fp32 export on onnxruntime
 # MLAS's int8 conv on AVX-512 (VNNI) computes up to 64 output channels per pass (KernelChannelCount in convsym.cpp) and
@@ -233,7 +234,9 @@ def quantize_int8(fp32_path: str | Path, int8_path: str | Path, calibration_batc
     """Static QDQ quantization: int8 weights (per output channel if `per_channel`), activations of
     `activation_type` with ranges from the calibration batches; convs without a fast int8 kernel (and what only feeds
     them) stay fp32. Data movement at the input (Reshape / Gather) is quantized too (ForceQuantizeNoInputCheck), so a
-    student's frame planes move as uint8 (a quarter of the bytes) straight into the int8 stem.
+    student's frame planes move as uint8 (a quarter of the bytes) straight into the int8 stem; a pixel source
+    (takes_pixels) moves them as the uint8 pixels it reads, calibrated as such, and its pixels' re-quantization is
+    dropped (drop_pixel_requantization).
     onnxruntime's pre-processing (shape inference + graph optimisation) runs first: without it the QDQ graph keeps
     unfused patterns and int8 was barely faster than fp32 (DESIGN.md: 1.1x vs 2.3x at 1 thread)."""
     int8_path = Path(int8_path)
