@@ -231,8 +231,10 @@ class DeployedStudent(nn.Module):
         groups = planes.index_select(1, self.planes)                        # [B, (T/G)*C'', H, W], one Gather
         groups = groups.reshape(b * t // self.frames_per_stem, self.per_conv, h, w)
         y = self.stem_relu(self.stem(groups.float() if self.pixel_input else groups))
-        # y: [B*T/G, G*O, H', W']
-        y = y.reshape(b * t, self.stem_channels, y.shape[-2], y.shape[-1])  # -> [B*T, O, H', W'] (frame-major blocks)
+        if self.frames_per_stem > 1:   # y: [B*T/G, G*O, H', W'] -> [B*T, O, H', W'] (frame-major blocks). Only then:
+            # a Reshape to the same shape stays in the graph and cuts onnxruntime's blocked-layout chain (fp32: two
+            # reorders, 10% of the pruned demo student; int8: two Transposes)
+            y = y.reshape(b * t, self.stem_channels, y.shape[-2], y.shape[-1])
         features = self.flatten(self.pool(self.body(y)))                    # [B*T, D]
         return self.head(features.reshape(b, t, -1).transpose(1, 2))        # [B, D, T] -> logits
 
