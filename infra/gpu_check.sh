@@ -1,0 +1,43 @@
+#!/bin/bash
+# The GPU target on a lent GPU machine, as one prepared call (the device tool sends the working tree, 64 MiB at most).
+#
+#   bash infra/gpu_check.sh prepare PROJECT_DIR   # here: copy a finished run's int8 model dir and test clips, and
+#                                                 # pydantic's wheels for Python 3.12, into .devrun/ (git-ignored)
+#   bash infra/gpu_check.sh run                   # there (carry .devrun): workers/gpu.py on them with that machine's
+#                                                 # own torch; the result JSON and stderr go to $OUT
+#
+# Seen on a lent H200 (torch 2.11+cu130, no TensorRT, onnxruntime's CPU build, no pydantic, no network): the whole
+# run takes ~2 minutes, most of it AOTInductor's compile.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+case "${1:-}" in
+prepare)
+    project=${2:?usage: bash infra/gpu_check.sh prepare PROJECT_DIR}
+    model=$(ls -td "$project"/stages/quantize/*/model | head -1)
+    clips=$(ls -t "$project"/cache/clip_sets/*-test-*.pt | head -1)
+    grep -qx '/.devrun/' .git/info/exclude 2>/dev/null || echo '/.devrun/' >> .git/info/exclude
+    rm -rf .devrun && mkdir -p .devrun/wheels
+    cp -r "$model" .devrun/model && cp "$clips" .devrun/test.pt
+    .venv/bin/pip download -q --only-binary=:all: --python-version 3.12 --platform manylinux2014_x86_64 \
+        -d .devrun/wheels "pydantic==$(.venv/bin/python -c 'import pydantic; print(pydantic.VERSION)')"
+    echo '{"target": "gpu", "model_dir": ".devrun/model", "int8_dir": ".devrun/model", "eval_clips": ".devrun/test.pt",
+           "out_dir": ".devrun/out", "options": {}}' > .devrun/job.json
+    du -sh .devrun ;;
+run)
+    out=${OUT:-/tmp}
+    python3 -m pip install -q --no-index --no-deps --target /tmp/pydantic-wheels .devrun/wheels/pydantic*.whl \
+        .devrun/wheels/annotated_types*.whl .devrun/wheels/typing_inspection*.whl
+    export PYTHONPATH=/tmp/pydantic-wheels:$PWD PYTHONUNBUFFERED=1
+    nvidia-smi -L || true
+    python3 -m workers.gpu .devrun/job.json > "$out/gpu_result.json" 2> "$out/gpu_stderr.txt" || echo "exit $?"
+    tail -c 2000 "$out/gpu_stderr.txt"
+    python3 - "$out/gpu_result.json" <<'PY'
+import json, sys
+r = json.load(open(sys.argv[1]))
+print(r["status"], r["runtime"], r["top1"], r["latency_ms"], r["reason"][:800])
+for name, v in r["extra"]["variants"].items():
+    print(name, v.get("runtime"), v.get("latency_ms"), v.get("parity"), v.get("error", "")[:400])
+PY
+    ;;
+*) sed -n 2,9p "$0"; exit 2 ;;
+esac
