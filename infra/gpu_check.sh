@@ -13,8 +13,12 @@ cd "$(dirname "$0")/.."
 case "${1:-}" in
 prepare)
     project=${2:?usage: bash infra/gpu_check.sh prepare PROJECT_DIR}
-    model=$(ls -td "$project"/stages/quantize/*/model | head -1)
-    clips=$(ls -t "$project"/cache/clip_sets/*-test-*.pt | head -1)
+    model=$(ls -td "$project"/stages/quantize/*/model 2>/dev/null | head -1 || true)
+    clips=$(ls -t "$project"/cache/clip_sets/*-test-*.pt 2>/dev/null | head -1 || true)
+    if [ -z "$model" ] || [ -z "$clips" ]; then
+        echo "gpu_check: no finished quantize stage or test clip set under $project (run the pipeline first)" >&2
+        exit 1
+    fi
     grep -qx '/.devrun/' .git/info/exclude 2>/dev/null || echo '/.devrun/' >> .git/info/exclude
     rm -rf .devrun && mkdir -p .devrun/wheels
     cp -r "$model" .devrun/model && cp "$clips" .devrun/test.pt

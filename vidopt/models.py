@@ -18,6 +18,7 @@ from vidopt.data import KINETICS_MEAN, KINETICS_STD
 
 PIXEL_MAX = 255   # uint8 pixels; the value of DeployedStudent's constant plane
 
+
 class TeacherArch(BaseModel):
     model_config = ConfigDict(extra="forbid")
     kind: Literal["teacher"] = "teacher"
@@ -157,7 +158,9 @@ class DeployedStudent(nn.Module):
     input channel, so a 16-wide stem packed by 4 does the work of 4 frames in about the time of 2
     (onnx_utils.int8_stem_packings). `pool_as_conv` computes the feature pooling as a depthwise conv with constant
     weights 1 / window (the same average): onnxruntime's int8 average pool was 34 us of the demo int8 model's ~400
-    (fp32's pool: 6 us), while its int8 depthwise conv has a fast kernel."""
+    (fp32's pool: 6 us), while its int8 depthwise conv has a fast kernel. `pixel_input` takes uint8 pixels
+    [B, 3, T, H, W] and folds the normalisation into the stem (_weights_for_pixels): the int8 form, whose clip then
+    needs no quantizing at run time."""
 
     def __init__(self, student: Student, channel_multiple: int = 1, frames_per_stem: int = 1,
                  pool_as_conv: bool = False, pixel_input: bool = False):

@@ -4,6 +4,9 @@ Kept free of Ray, Prefect and accelerator libraries so each back-end stays impor
 """
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import tarfile
 from pathlib import Path
 
@@ -57,3 +60,19 @@ def archive(src: Path, dest: Path) -> Path:
         tar.add(src, arcname=src.name)
     tmp.replace(dest)
     return dest
+
+
+def run_module(module: str, args: list[str], timeout_s: float, env: dict[str, str] | None = None,
+               timeout_note: str = "") -> subprocess.CompletedProcess:
+    """`python -m module args...` in a fresh process that imports `workers` and `vidopt` from wherever this process
+    found them; a child that outlives `timeout_s` (a hung compile, a device that never answers) is killed and comes
+    back as exit -9 with the reason (and `timeout_note`, say the option that sets the limit), a failed job rather
+    than a crash of this one."""
+    root = str(Path(__file__).resolve().parents[1])
+    env = {**os.environ, **(env or {})}
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
+    command = [sys.executable, "-m", module, *args]
+    try:
+        return subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        return subprocess.CompletedProcess(command, -9, "", f"no answer after {timeout_s:g} s {timeout_note}".strip())

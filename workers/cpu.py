@@ -34,11 +34,12 @@ def run_target(job: ExportJob) -> TargetResult:
     x, labels = load_eval_clips(job)
     stored, _ = load_stored_clips(job)
     session = ort_session(package / "student_int8.onnx", threads)
+    pixels = takes_pixels(session)
     (package / "runtime.json").write_text(json.dumps({
         "runtime": f"onnxruntime>={ort.__version__}", "provider": "CPUExecutionProvider",
         "intra_op_num_threads": threads, "inter_op_num_threads": 1, "execution_mode": "ORT_SEQUENTIAL",
-        "input": {"name": INPUT_NAME, "dtype": "uint8" if takes_pixels(session) else "float32",
-                  "layout": input_layout(takes_pixels(session)), "shape": list(x.shape[1:])},
+        "input": {"name": INPUT_NAME, "dtype": "uint8" if pixels else "float32", "layout": input_layout(pixels),
+                  "shape": list(x.shape[1:])},
         "output": {"name": OUTPUT_NAME, "layout": "[B, classes] logits"},
     }, indent=2))
     logits = ort_predict(session, batches(stored))

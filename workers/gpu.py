@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -28,7 +27,8 @@ import torch
 
 from vidopt.artifacts import ExportJob, TargetResult
 from vidopt.checkpoint import load_model_dir
-from workers.common import archive, batches, load_eval_clips, load_stored_clips, parity, reference_logits, top1
+from workers.common import (archive, batches, load_eval_clips, load_stored_clips, parity, reference_logits,
+                            run_module, top1)
 
 FP32_TOL = 1e-4           # max |logit| difference allowed for fp32 back-ends
 FP16_REL_TOL = 1e-2       # fp16 keeps 11 mantissa bits; max |diff| against max |logit|, reported (not gated)
@@ -159,13 +159,12 @@ def _ort_variant(path: Path, stored, labels, reference, threads: int, precision:
         session = ort_session(path, threads)
     providers = session.get_providers()   # what onnxruntime registered, not what we asked for
     logits = ort_predict(session, batches(stored))
-    shape = tuple(model_input(stored[:1], takes_pixels(session)).shape[1:])   # [C, T, H, W]
+    first = model_input(stored[:1], takes_pixels(session))   # [1, C, T, H, W] as this file reads it
     if providers[0] == "CPUExecutionProvider":
-        latency = measure_latency(path, shape, batch=1, threads=threads)["p50_ms"]
+        latency = measure_latency(path, first.shape[1:], batch=1, threads=threads)["p50_ms"]
         runtime = f"onnxruntime {ort.__version__} CPUExecutionProvider ({threads} thread(s))"
     else:
-        feed = {INPUT_NAME: model_input(stored[:1], takes_pixels(session))}
-        latency = _p50_ms(lambda: session.run(None, feed))
+        latency = _p50_ms(lambda: session.run(None, {INPUT_NAME: first}))
         runtime = f"onnxruntime {ort.__version__} {providers[0]}"
     result = {"runtime": runtime, "providers": providers, "on_gpu": providers[0] != "CPUExecutionProvider",
               "latency_ms": latency, "file": path.name, "bytes": path.stat().st_size}
@@ -277,14 +276,8 @@ def _aoti_variant(model, x, labels, reference, package: Path, cuda: bool, thread
 
 
 def _run_aoti_child(package: Path, clips: Path, logits_out: Path, threads: int) -> subprocess.CompletedProcess:
-    root = str(Path(__file__).resolve().parents[1])   # the child imports `workers` from wherever this process did
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)}
-    command = [sys.executable, "-m", "workers.gpu", "--run-aoti", str(package), str(clips), str(logits_out),
-               str(threads)]
-    try:
-        return subprocess.run(command, env=env, capture_output=True, text=True, timeout=AOTI_CHILD_TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        return subprocess.CompletedProcess(command, -9, "", f"no answer after {AOTI_CHILD_TIMEOUT_S} s")
+    return run_module("workers.gpu", ["--run-aoti", str(package), str(clips), str(logits_out), str(threads)],
+                      AOTI_CHILD_TIMEOUT_S)
 
 
 def run_aoti_package(package: str, clips_file: str, logits_out: str, threads: int) -> dict:

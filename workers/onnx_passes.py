@@ -78,12 +78,11 @@ def to_fp16(src: str | Path, dest: str | Path) -> Path:
     nodes = casts_in + list(graph.node) + casts_out
     del graph.node[:]
     graph.node.extend(nodes)
-    del graph.value_info[:]   # it typed the moved tensors uint8; the checker infers them again
     return _save(model, Path(dest))
 
 
 def _float_pixels_for_tensorrt(graph: onnx.GraphProto, inits: dict[str, onnx.TensorProto]) -> None:
-    """A pixel model (vidopt.onnx_utils.takes_pixels) moves uint8 pixels through Reshape / Concat / Gather into a
+    """A pixel model (vidopt.onnx_utils.takes_pixels) moves uint8 pixels through Reshape / Pad / Gather into a
     DequantizeLinear that nothing quantized; TensorRT takes uint8 only at the network's edge and in Cast, and int8 only
     from its own Q/DQ. So: one Cast to float right after the uint8 input, float constants beside it, and a
     QuantizeLinear in front of that DequantizeLinear with the (already symmetric) scale the loop above gave it. The

@@ -20,7 +20,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
-import os
 import subprocess
 import sys
 import time
@@ -29,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from vidopt.artifacts import ExportJob, TargetResult
-from workers.common import archive, load_eval_clips, parity, reference_logits, top1
+from workers.common import archive, load_eval_clips, parity, reference_logits, run_module, top1
 
 FP32_TOL = 1e-4          # max |logit| difference allowed between the reloaded fp32 StableHLO and PyTorch
 BF16_REL_TOL = 5e-2      # bf16 keeps 8 mantissa bits (~4e-3 per rounding); reported against max |logit|, not gated
@@ -113,16 +112,8 @@ def verify_batch(clips: int) -> int:
 
 
 def _child(args: list[str], device: str, job: ExportJob) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PJRT_DEVICE": device}
-    # The child imports `workers` and `vidopt` from wherever this process found them.
-    root = str(Path(__file__).resolve().parents[1])
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
-    command = [sys.executable, "-m", "workers.tpu", *args]
-    limit = float(job.options.get("timeout_s", CHILD_TIMEOUT_S))
-    try:
-        return subprocess.run(command, env=env, capture_output=True, text=True, timeout=limit)
-    except subprocess.TimeoutExpired:   # a hung compile or a device that never answers: a failed job, not a crash
-        return subprocess.CompletedProcess(command, -9, "", f"no answer after {limit:.0f} s (option timeout_s)")
+    return run_module("workers.tpu", args, float(job.options.get("timeout_s", CHILD_TIMEOUT_S)),
+                      env={"PJRT_DEVICE": device}, timeout_note="(option timeout_s)")
 
 
 def _child_failure(step: str, proc: subprocess.CompletedProcess, started: float) -> TargetResult:
