@@ -2,6 +2,7 @@
 import json
 from pathlib import Path
 
+import onnx
 import pytest
 import torch
 
@@ -9,7 +10,7 @@ from vidopt.bench import ladder
 from vidopt.checkpoint import save_model_dir
 from vidopt.metrics import count_macs
 from vidopt.models import StudentArch, TeacherArch, build_model
-from vidopt.onnx_utils import quantize_model_int8
+from vidopt.onnx_utils import quantize_model_int8, takes_pixels
 
 
 @pytest.mark.parametrize("arch, published_gflops", [("r3d_18", 40.70), ("r2plus1d_18", 40.52)])
@@ -68,10 +69,12 @@ def test_ladder_reports_full_size_and_trained_rows(tmp_path):
     assert full["meets_bars"]["size_ratio"] == (full["size_ratio"] >= 100)
 
     trained = report["trained"]
-    assert list(trained["rows"]) == ["teacher fp32", "student fp32", "pruned fp32", "pruned int8"]
+    assert list(trained["rows"]) == ["teacher fp32", "student fp32", "pruned fp32", "pruned fp32 uint8-in",
+                                     "pruned int8"]
     assert trained["missing"] == [] and trained["input"] == list(SHAPE)
     t = trained["rows"]
-    assert [r["test_top1_clip"] for r in t.values()] == pytest.approx([0.5, 0.6, 0.7, 0.8])
+    assert [r["test_top1_clip"] for r in t.values()] == pytest.approx([0.5, 0.6, 0.7, 0.7, 0.8])
+    assert t["pruned fp32 uint8-in"]["model_dir"] == t["pruned fp32"]["model_dir"]  # the same model, another input
     assert t["pruned int8"]["size_mb"] < t["pruned fp32"]["size_mb"] < t["student fp32"]["size_mb"]
     assert t["pruned fp32"]["gmacs"] < t["student fp32"]["gmacs"]
     assert t["pruned int8"]["params"] == t["pruned fp32"]["params"]
@@ -91,10 +94,23 @@ def test_ladder_reports_full_size_and_trained_rows(tmp_path):
     assert table.count("between each model's quietest rounds") == sum(b["measure"] == "speedup" for b in bars.values())
     loss = bars["pruned int8", "teacher fp32", "top1_loss_points"]
     assert loss["value"] == pytest.approx(-30.0) and loss["met"]  # 0.5 -> 0.8: no loss at all
-    assert "pruned fp32 vs student fp32: " in table and table.count(" met)") == len(bars)
+    # int8 against fp32 on the same uint8 input: reported, not judged.
+    same_input = bars["pruned int8", "pruned fp32 uint8-in", "speedup"]
+    assert same_input["value"] == pytest.approx(t["pruned fp32 uint8-in"]["p50_ms.t1"] / t["pruned int8"]["p50_ms.t1"])
+    assert same_input["bar"] is None and same_input["met"] is None
+    assert "pruned int8 vs pruned fp32 uint8-in: " in table and "(the same uint8 input; no bar)" in table
+    judged = [b for b in bars.values() if b["bar"] is not None]
+    assert "pruned fp32 vs student fp32: " in table and table.count(" met)") == len(judged)
     assert (out / "ladder.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"  # the same ladder, plotted
     for name in t:
         assert f"| {name} |" in table
+
+
+def test_same_input_row_is_the_pruned_model_reading_uint8_pixels(tmp_path):
+    project = _fake_project(tmp_path / "project")
+    ladder.trained_ladder(project, tmp_path, threads=[1], rounds=1, iters=2)
+    assert takes_pixels(onnx.load(tmp_path / "pruned_fp32_uint8-in.onnx"))
+    assert not takes_pixels(onnx.load(tmp_path / "pruned_fp32.onnx"))
 
 
 def test_ladder_without_models_says_what_to_do(tmp_path):

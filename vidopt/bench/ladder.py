@@ -7,7 +7,10 @@
     needs no training, and it says nothing about accuracy. The project's bars: >= 100x faster, >= 100x smaller.
 (b) With --project-dir of a finished run: the trained models side by side (params, size, GMACs, p50/p95 at batch 1 and
     throughput at batch 8 with 1 and 2 threads, test top-1 from each model dir's metrics.json), and the compression
-    bars (TRAINED_BARS) each marked met or not.
+    bars (TRAINED_BARS) each marked met or not. One more row, the pruned model in fp32 reading the same uint8 pixels
+    as its int8 file (normalisation folded into the stem, a Cast where the pixels enter), gives int8's speed-up on
+    the same input, reported beside the bar and not judged: the bar's baseline is fp32's fastest form, on
+    normalised float input whose normalisation its client does untimed.
 Every latency is measured interleaved across the models compared and is the median over rounds: the machine is noisy.
 """
 from __future__ import annotations
@@ -35,15 +38,18 @@ TRAINED_BARS = [("pruned fp32", "student fp32", "speedup", 1.7, True),
                 ("pruned fp32", "student fp32", "top1_loss_points", 1.0, False),
                 ("pruned int8", "pruned fp32", "speedup", 2.0, True),
                 ("pruned int8", "teacher fp32", "speedup", 10.0, True),
-                ("pruned int8", "teacher fp32", "top1_loss_points", 2.0, False)]
+                ("pruned int8", "teacher fp32", "top1_loss_points", 2.0, False),
+                ("pruned int8", "pruned fp32 uint8-in", "speedup", None, True)]  # no bar: the same input
 MIN_SECONDS = 0.25  # (b): each measurement times calls for at least this long (~600 of a 0.4 ms student)
 FULL_SIZE_NOTE = ("full-size architectures with random weights: latency and size only (they do not depend on weight "
                   "values); int8 calibrated on random clips; no accuracy")
-STAGES = [  # (row name, stage folder, file run by onnxruntime: exported from the weights, or the stage's own int8)
-    ("teacher fp32", "train_teacher", None),
-    ("student fp32", "distill", None),
-    ("pruned fp32", "prune", None),
-    ("pruned int8", "quantize", "model_int8.onnx"),
+STAGES = [  # (row name, stage folder, file run by onnxruntime: exported from the weights, or the stage's own int8,
+    #          export_onnx options for an exported student)
+    ("teacher fp32", "train_teacher", None, {}),
+    ("student fp32", "distill", None, {}),
+    ("pruned fp32", "prune", None, {}),
+    ("pruned fp32 uint8-in", "prune", None, {"pixel_input": True}),
+    ("pruned int8", "quantize", "model_int8.onnx", {}),
 ]
 
 
@@ -87,17 +93,18 @@ def find_model_dir(project: Path, stage: str) -> Path | None:
 
 def trained_ladder(project: Path, work: Path, threads: list[int], rounds: int = 5, iters: int = 10) -> dict:
     """(b): every stage's model of a finished run, at the clip size the run used."""
-    found = {name: (stage, file, find_model_dir(project, stage)) for name, stage, file in STAGES}
-    missing = [f"{name} ({stage})" for name, (stage, _, d) in found.items() if d is None]
-    present = {name: (file, d) for name, (_, file, d) in found.items() if d is not None}
+    found = {name: (stage, file, options, find_model_dir(project, stage)) for name, stage, file, options in STAGES}
+    missing = [f"{name} ({stage})" for name, (stage, _, _, d) in found.items() if d is None]
+    present = {name: (file, options, d) for name, (_, file, options, d) in found.items() if d is not None}
     if not present:
         raise SystemExit(f"bench.ladder: no model dirs under {project}/stages/*/*/model; run the pipeline first")
-    clips = json.loads((next(iter(present.values()))[1] / "config.json").read_text())["clips"]
+    clips = json.loads((next(iter(present.values()))[2] / "config.json").read_text())["clips"]
     shape = (3, clips["frames"], clips["height"], clips["width"])  # every stage of one run sees the same clips
     rows, paths = {}, {}
-    for name, (file, model_dir) in present.items():
+    for name, (file, options, model_dir) in present.items():
         model, _ = load_model_dir(model_dir)
-        paths[name] = model_dir / file if file else export_onnx(model, shape, work / f"{name.replace(' ', '_')}.onnx")
+        paths[name] = (model_dir / file if file else
+                       export_onnx(model, shape, work / f"{name.replace(' ', '_')}.onnx", **options))
         metrics = json.loads((model_dir / "metrics.json").read_text())
         rows[name] = {"model_dir": str(model_dir), "params": count_params(model),
                       "gmacs": count_macs(model, shape) / 1e9, "size_mb": file_mb(paths[name]),
@@ -123,7 +130,8 @@ def trained_ladder(project: Path, work: Path, threads: list[int], rounds: int = 
 def trained_bars(rows: dict, threads: int) -> list[dict]:
     """Each TRAINED_BARS entry whose two rows were measured: the value, the bar and whether it is met. A speed-up is
     judged on the median rounds (what the machine typically gave); `quietest` is the same ratio of each model's best
-    round (compare_latency: on a shared machine a neighbour slows models unevenly), reported beside it, never judged."""
+    round (compare_latency: on a shared machine a neighbour slows models unevenly), reported beside it, never judged.
+    An entry without a bar is reported with `met` None."""
     out = []
     for rung, base, measure, bar, higher in TRAINED_BARS:
         if rung not in rows or base not in rows:
@@ -136,8 +144,9 @@ def trained_bars(rows: dict, threads: int) -> list[dict]:
             continue
         else:
             value = 100 * (b["test_top1_clip"] - r["test_top1_clip"])
-        out.append({"rung": rung, "baseline": base, "measure": measure, "value": value, "bar": bar,
-                    "met": value >= bar if higher else value <= bar, **extra})
+        met = None if bar is None else value >= bar if higher else value <= bar
+        out.append({"rung": rung, "baseline": base, "measure": measure, "value": value, "bar": bar, "met": met,
+                    **extra})
     return out
 
 
@@ -174,9 +183,13 @@ def markdown(report: dict) -> str:
             lines += ["", f"not found: {', '.join(trained['missing'])}"]
         lines.append("")
         for bar in trained["bars"]:
+            quiet = f"; {bar['quietest']:.2f}x between each model's quietest rounds" if "quietest" in bar else ""
+            if bar["bar"] is None:
+                lines.append(f"- {bar['rung']} vs {bar['baseline']}: {bar['value']:.2f}x faster (the same uint8 input; "
+                             f"no bar){quiet}")
+                continue
             what = (f"{bar['value']:.2f}x faster (bar >= {bar['bar']:g}x" if bar["measure"] == "speedup" else
                     f"test top-1 {-bar['value']:+.2f} points (bar: at most {bar['bar']:g} lost")
-            quiet = f"; {bar['quietest']:.2f}x between each model's quietest rounds" if "quietest" in bar else ""
             lines.append(f"- {bar['rung']} vs {bar['baseline']}: {what}, {'met' if bar['met'] else 'NOT met'}){quiet}")
     return "\n".join(lines) + "\n"
 
