@@ -15,9 +15,10 @@ from pathlib import Path
 import onnxruntime as ort
 
 from vidopt.artifacts import ExportJob, TargetResult
+from vidopt.data import normalise_clips
 from vidopt.onnx_utils import (INPUT_NAME, OUTPUT_NAME, input_layout, measure_latency, ort_predict, ort_session,
                                takes_pixels)
-from workers.common import archive, batches, load_eval_clips, load_stored_clips, parity, reference_logits, top1
+from workers.common import archive, batches, load_stored_clips, parity, reference_logits, top1
 
 INT8_FILE = "model_int8.onnx"
 
@@ -31,8 +32,8 @@ def run_target(job: ExportJob) -> TargetResult:
     package = Path(job.out_dir) / "cpu_int8"
     package.mkdir(parents=True, exist_ok=True)
     shutil.copy2(source, package / "student_int8.onnx")
-    x, labels = load_eval_clips(job)
-    stored, _ = load_stored_clips(job)
+    stored, labels = load_stored_clips(job)      # [N, T, H, W, C] uint8: ort_predict gives the file what it reads
+    x = normalise_clips(stored)                   # [N, C, T, H, W] float, for the PyTorch reference
     session = ort_session(package / "student_int8.onnx", threads)
     pixels = takes_pixels(session)
     (package / "runtime.json").write_text(json.dumps({

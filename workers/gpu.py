@@ -27,8 +27,8 @@ import torch
 
 from vidopt.artifacts import ExportJob, TargetResult
 from vidopt.checkpoint import load_model_dir
-from workers.common import (archive, batches, load_eval_clips, load_stored_clips, parity, reference_logits,
-                            run_module, top1)
+from vidopt.data import normalise_clips
+from workers.common import archive, batches, load_stored_clips, parity, reference_logits, run_module, top1
 
 FP32_TOL = 1e-4           # max |logit| difference allowed for fp32 back-ends
 FP16_REL_TOL = 1e-2       # fp16 keeps 11 mantissa bits; max |diff| against max |logit|, reported (not gated)
@@ -45,8 +45,8 @@ def run_target(job: ExportJob) -> TargetResult:
     started = time.monotonic()
     package = Path(job.out_dir) / "package"     # everything deployable; archived as a whole
     package.mkdir(parents=True, exist_ok=True)
-    x, labels = load_eval_clips(job)             # [N, C, T, H, W] float
-    stored, _ = load_stored_clips(job)           # [N, T, H, W, C] uint8: ONNX files are fed through ort_predict
+    stored, labels = load_stored_clips(job)      # [N, T, H, W, C] uint8: ONNX files are fed through ort_predict
+    x = normalise_clips(stored)                  # [N, C, T, H, W] float, for PyTorch and AOTInductor
     reference = reference_logits(job, x)
     model, _ = load_model_dir(job.model_dir)
     threads = int(job.options.get("threads", 1))
