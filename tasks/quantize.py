@@ -5,7 +5,8 @@
 Post-training quantization (PTQ) first. If int8 loses more than `quantize.max_top1_drop` test top-1 against fp32,
 quantization-aware fine-tuning (QAT) that distils from the fp32 model itself (what int8 must reproduce, and what
 the registry's argmax-agreement gate compares it with), then export and quantize again. The model dir
-holds model_fp32.onnx, model_int8.onnx, the fp32 weights they came from, arch.json, metrics.json and config.json.
+holds model_fp32.onnx, model_int8.onnx (the int8 form fastest here), int8_forms/ (every form, for the CPU target to
+rank on its own machine), the fp32 weights they came from, arch.json, metrics.json and config.json.
 """
 from __future__ import annotations
 
@@ -29,8 +30,8 @@ from vidopt.config import PipelineConfig
 from vidopt.distillation import ClipSet, attach_teacher_logits, clip_set_top1, distillation_loss
 from vidopt.metrics import count_macs, count_params, top1, top1_per_video
 from vidopt.models import StudentArch
-from vidopt.onnx_utils import (PARITY_TOLERANCE, compare_latency, export_onnx, file_mb, input_layout, ort_predict,
-                               ort_session, quantize_model_int8, takes_pixels)
+from vidopt.onnx_utils import (INT8_FORMS_DIR, PARITY_TOLERANCE, compare_latency, export_onnx, file_mb, input_layout,
+                               ort_predict, ort_session, quantize_model_int8, takes_pixels)
 from vidopt.stages import artifact_hash, split_rows, stage_dir
 from vidopt.storage import atomic_write_text, sha256_file
 from vidopt.tracking import stage_run
@@ -78,7 +79,8 @@ def run(cfg: PipelineConfig, dataset: DatasetArtifact, model: ModelArtifact, log
     out = work / "model"
     atomic_write_text(work / NOTES, json.dumps(notes, indent=2, sort_keys=True))
     save_model_dir(out, student, arch, metrics, cfg.model_dump(mode="json"),
-                   extra_files={FP32_FILE: fp32_path, INT8_FILE: int8_path, NOTES: work / NOTES})
+                   extra_files={FP32_FILE: fp32_path, INT8_FILE: int8_path, NOTES: work / NOTES,
+                                INT8_FORMS_DIR: work / "onnx" / INT8_FORMS_DIR})
     artifact = ModelArtifact(uri=str(out.resolve()), kind="int8", arch=arch.model_dump(mode="json"),
                              weights_sha256=sha256_file(out / INT8_FILE), metrics=metrics,
                              data_version=dataset.data_version, notes=notes)
@@ -146,7 +148,8 @@ def _export_quantize_evaluate(student: nn.Module, shape, calibration, test: Clip
     """Export, check fp32 parity with PyTorch, quantize, and score both on the test clips. Keys: fp32.* (PyTorch; only
     in the PTQ pass, the baseline), fp32_ort.* (the exported fp32 model of this pass), `tag`.* (its int8 model)."""
     export_onnx(student, shape, fp32_path)
-    quantize_model_int8(student, shape, int8_path, calibration, per_channel=cfg.quantize.per_channel)
+    quantize_model_int8(student, shape, int8_path, calibration, per_channel=cfg.quantize.per_channel,
+                        forms_dir=int8_path.parent / INT8_FORMS_DIR)
     batch = cfg.clips.batch_size
     torch_logits, labels, videos = predict(student, test.batches(batch, shuffle=False))
     clips = [test.clips[i:i + batch] for i in range(0, len(test.labels), batch)]   # stored uint8: ort_predict

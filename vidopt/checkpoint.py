@@ -33,8 +33,8 @@ def save_model_dir(out: Path, model: nn.Module, arch: TeacherArch | StudentArch,
         (tmp / ARCH).write_text(arch.model_dump_json(indent=2))
         (tmp / METRICS).write_text(json.dumps(metrics, indent=2, sort_keys=True))
         (tmp / CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True))
-        for name, src in (extra_files or {}).items():
-            shutil.copy2(src, tmp / name)
+        for name, src in (extra_files or {}).items():   # files, or folders (the int8 forms)
+            (shutil.copytree if Path(src).is_dir() else shutil.copy2)(src, tmp / name)
         if out.exists():
             shutil.rmtree(out)
         tmp.rename(out)

@@ -6,6 +6,7 @@ TorchScript exporter leaves Shape/Gather/Concat chains computing the same reshap
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -57,6 +58,9 @@ PARITY_TOLERANCE = 1e-4  # max |logit| difference allowed between PyTorch and an
 # depthwise conv as well, to 1.82-1.84x. On AVX2 the kernel works in 16-channel passes and packing would cost, so every
 # form is timed and the fastest kept.
 INT8_CONV_CHANNELS_PER_PASS = 64
+# A model dir's folder of every int8 form quantize_model_int8 made (the CPU target ranks them again on its own
+# machine), and the index in it naming each form and its file.
+INT8_FORMS_DIR, FORMS_INDEX = "int8_forms", "forms.json"
 FORM_ROUNDS, FORM_MIN_SECONDS = 5, 0.1  # timing the int8 forms: ~3 s for the demo student (3 x 0.05 s misranked
 # forms 10% apart on a loaded machine)
 
@@ -196,14 +200,18 @@ def int8_stem_packings(model: nn.Module) -> list[int]:
 
 
 def quantize_model_int8(model: nn.Module, input_shape: Sequence[int], int8_path: str | Path,
-                        calibration_batches: Iterable, per_channel: bool = True) -> Path:
+                        calibration_batches: Iterable, per_channel: bool = True,
+                        forms_dir: str | Path | None = None) -> Path:
     """`model` exported in its int8-ready forms (int8_forms: a student's stem input padded to
     FAST_INT8_CHANNEL_MULTIPLE, its frames packed into the stem conv or not, its feature pooling an average pool or a
     depthwise conv; a student's forms read uint8 pixels), each checked against PyTorch on the first calibration batch
     (check_parity) and quantized (quantize_int8); the fastest at batch 1 on 1 thread, on this machine (by its quietest
     round: compare_latency), is kept. Every form is the same function, so the choice changes speed only. The fp32
     model to compare it with is export_onnx(model): unpadded, unpacked and pooled, on normalised float input, the
-    fastest fp32 form. `calibration_batches`: a student's as stored, uint8 [B, T, H, W, C]."""
+    fastest fp32 form. `calibration_batches`: a student's as stored, uint8 [B, T, H, W, C].
+    `forms_dir` keeps every form's int8 file there (FORMS_INDEX names them), so that a target can rank them again on
+    its own hardware (int8_form_files, rank_int8_forms): the fastest form depends on the CPU's int8 kernels (64 or
+    16 channels per pass) and on its load at the time."""
     batches = [torch.as_tensor(x) for x in calibration_batches]
     if not batches:
         raise ValueError(f"quantize_model_int8 {int8_path}: no calibration batches; static int8 needs activation ranges")
@@ -215,17 +223,52 @@ def quantize_model_int8(model: nn.Module, input_shape: Sequence[int], int8_path:
                                  channel_multiple=FAST_INT8_CHANNEL_MULTIPLE, **form)
             check_parity(model, source, batches[0])
             candidates[name] = quantize_int8(source, work / f"int8_{len(candidates)}.onnx", batches, per_channel)
-        chosen = next(iter(candidates))
-        if len(candidates) > 1:
-            timed = compare_latency(candidates, input_shape, batch=1, threads=1, rounds=FORM_ROUNDS,
-                                    min_seconds=FORM_MIN_SECONDS)
-            chosen = min(timed, key=lambda name: timed[name]["best_p50_ms"])
-            log.info("int8 forms (best round's p50): %s", "; ".join(
-                f"{n} {timed[n]['best_p50_ms']:.3f} ms" + (" (kept)" if n == chosen else "") for n in timed))
+        chosen, timed = rank_int8_forms(candidates, input_shape, threads=1)
         int8_path = Path(int8_path)
+        if forms_dir is not None:
+            _keep_forms(Path(forms_dir), candidates, timed, chosen)
         with atomic_path(int8_path) as out:
             shutil.copyfile(candidates[chosen], out)
     return int8_path
+
+
+def rank_int8_forms(forms: dict[str, Path], input_shape: Sequence[int], threads: int) -> tuple[str, dict[str, float]]:
+    """The fastest of several int8 files of one model at batch 1 on `threads` threads, on this machine, by each
+    one's quietest round (compare_latency) -> (its name, {name: best round's p50 in ms}); nothing timed for one."""
+    if len(forms) == 1:
+        return next(iter(forms)), {}
+    timed = compare_latency(forms, input_shape, batch=1, threads=threads, rounds=FORM_ROUNDS,
+                            min_seconds=FORM_MIN_SECONDS)
+    best = {name: stats["best_p50_ms"] for name, stats in timed.items()}
+    chosen = min(best, key=best.get)
+    log.info("int8 forms at %d thread(s) (best round's p50): %s", threads, "; ".join(
+        f"{n} {ms:.3f} ms" + (" (kept)" if n == chosen else "") for n, ms in best.items()))
+    return chosen, best
+
+
+def _keep_forms(forms_dir: Path, candidates: dict[str, Path], timed: dict[str, float], chosen: str) -> None:
+    """Every form's int8 file as form_<i>.onnx and FORMS_INDEX {"forms": [{name, file, best_p50_ms}], "chosen"}
+    (timed here, at 1 thread), written beside `forms_dir` and renamed into place: a reader sees all or none."""
+    forms_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=forms_dir.parent, prefix=f".{forms_dir.name}."))
+    try:
+        index = []
+        for i, (name, path) in enumerate(candidates.items()):
+            shutil.copyfile(path, staging / f"form_{i}.onnx")
+            index.append({"name": name, "file": f"form_{i}.onnx", "best_p50_ms": timed.get(name)})
+        (staging / FORMS_INDEX).write_text(json.dumps({"forms": index, "chosen": chosen}, indent=2))
+        if forms_dir.exists():
+            shutil.rmtree(forms_dir)
+        staging.rename(forms_dir)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def int8_form_files(forms_dir: str | Path) -> dict[str, Path]:
+    """{name: int8 file} of the forms quantize_model_int8 kept in `forms_dir`, in the order it made them."""
+    forms_dir = Path(forms_dir)
+    index = json.loads((forms_dir / FORMS_INDEX).read_text())
+    return {form["name"]: forms_dir / form["file"] for form in index["forms"]}
 
 
 def quantize_int8(fp32_path: str | Path, int8_path: str | Path, calibration_batches: Iterable,

@@ -302,7 +302,8 @@ def run_aoti_package(package: str, clips_file: str, logits_out: str, threads: in
 
 def make_demo_job(root: Path, with_int8: bool = True, target: str = "gpu") -> ExportJob:
     """A tiny student trained for a few steps on clips whose label is their brightest colour channel (so logits are
-    decisive and argmax agreement means something), 24 eval clips, and, if asked, its int8 QDQ ONNX."""
+    decisive and argmax agreement means something), 24 eval clips, and, if asked, its int8 QDQ ONNX (with every int8
+    form, as the quantize stage keeps them)."""
     import torch.nn.functional as F
 
     from vidopt.checkpoint import save_model_dir
@@ -335,11 +336,12 @@ def make_demo_job(root: Path, with_int8: bool = True, target: str = "gpu") -> Ex
     int8_dir = None
     if with_int8:
         try:   # the ONNX exporter needs onnxscript, the quantizer onnxruntime: a bare GPU host may lack them
-            from vidopt.onnx_utils import export_onnx, quantize_model_int8
+            from vidopt.onnx_utils import INT8_FORMS_DIR, export_onnx, quantize_model_int8
             shape = (3, arch.frames, arch.height, arch.width)
             export_onnx(model, shape, root / "int8" / "model_fp32.onnx")
             calibration = batches(train_x[:32])   # uint8 [B, T, H, W, C], as the quantize stage passes them
-            quantize_model_int8(model, shape, root / "int8" / "model_int8.onnx", calibration)
+            quantize_model_int8(model, shape, root / "int8" / "model_int8.onnx", calibration,
+                                forms_dir=root / "int8" / INT8_FORMS_DIR)   # as the quantize stage keeps them
             int8_dir = root / "int8"
         except ImportError as error:
             print(f"demo: no int8 model, {type(error).__name__}: {error}", file=sys.stderr)

@@ -14,7 +14,8 @@ from vidopt.checkpoint import load_model_dir, save_model_dir
 from vidopt.config import load_config
 from vidopt.distillation import clip_set_top1
 from vidopt.models import StudentArch, build_model
-from vidopt.onnx_utils import op_counts, ort_predict, ort_session, takes_pixels
+from vidopt.onnx_utils import (FORMS_INDEX, INT8_FORMS_DIR, int8_form_files, op_counts, ort_predict, ort_session,
+                               takes_pixels)
 from vidopt.storage import sha256_file
 from vidopt.training import FitSpec, fit
 
@@ -67,6 +68,10 @@ def test_ptq_writes_a_verified_int8_model(trained):
     # int8 reads the decoded uint8 pixels; the fp32 file normalised floats, as PyTorch does
     assert takes_pixels(onnx.load(str(out / "model_int8.onnx")))
     assert not takes_pixels(onnx.load(str(out / "model_fp32.onnx")))
+    # Every int8 form travels with the model dir for the CPU target to rank; the shipped file is the chosen one.
+    forms = int8_form_files(out / INT8_FORMS_DIR)
+    chosen = json.loads((out / INT8_FORMS_DIR / FORMS_INDEX).read_text())["chosen"]
+    assert len(forms) == 4 and sha256_file(forms[chosen]) == art.weights_sha256
 
     assert m["fp32_ort.max_abs_diff"] <= 1e-4
     assert m["ptq.test_argmax_agreement"] >= 0.9

@@ -1,4 +1,5 @@
 """ONNX export, onnxruntime parity, static int8 quantization and latency measurement, on small models."""
+import json
 import time
 
 import numpy as np
@@ -9,12 +10,14 @@ import torch
 from vidopt.data import normalise_clips
 from vidopt.models import DeployedStudent, StudentArch, TeacherArch, build_model
 from vidopt.onnx_utils import (
+    FORMS_INDEX,
     OPSET,
     ExportParityError,
     compare_latency,
     drop_pixel_requantization,
     export_onnx,
     file_mb,
+    int8_form_files,
     int8_forms,
     int8_stem_packings,
     measure_latency,
@@ -23,6 +26,7 @@ from vidopt.onnx_utils import (
     ort_session,
     quantize_int8,
     quantize_model_int8,
+    rank_int8_forms,
     takes_pixels,
 )
 
@@ -204,6 +208,25 @@ def test_int8_quantization_is_qdq_smaller_and_close_to_fp32(student, student_onn
     quantized = ort_predict(ort_session(int8), [stored])
     # int8 noise is a few percent of the logits' spread on data like the calibration data; a wrong scale is not.
     assert np.abs(quantized - fp32).mean() < 0.1 * fp32.std()
+
+
+def test_int8_forms_are_kept_for_a_target_to_rank_again(student, tmp_path):
+    calibration = [_stored_clips(8, seed=i) for i in range(2)]
+    int8 = quantize_model_int8(student, SHAPE, tmp_path / "int8.onnx", calibration, forms_dir=tmp_path / "forms")
+    forms = int8_form_files(tmp_path / "forms")
+    index = json.loads((tmp_path / "forms" / FORMS_INDEX).read_text())
+    # one file per form, in int8_forms' order, each timed here; the kept file is the chosen form's, byte for byte
+    assert list(forms) == [", ".join(f"{k}={v}" for k, v in form.items()) for form in int8_forms(student)]
+    assert all(form["best_p50_ms"] > 0 for form in index["forms"])
+    assert forms[index["chosen"]].read_bytes() == int8.read_bytes()
+    assert all(takes_pixels(onnx.load(str(path))) for path in forms.values())
+    # ranking them again (as a target does) times every form and picks the quickest of its own timings
+    chosen, times = rank_int8_forms(forms, SHAPE, threads=1)
+    assert set(times) == set(forms) and chosen == min(times, key=times.get)
+    assert rank_int8_forms({"only": int8}, SHAPE, threads=1) == ("only", {})   # nothing to rank, nothing timed
+    # kept again (a QAT pass re-quantizes): replaced whole, no staging folder left behind
+    quantize_model_int8(student, SHAPE, tmp_path / "int8.onnx", calibration, forms_dir=tmp_path / "forms")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["forms", "int8.onnx"]
 
 
 def test_int8_source_that_is_not_the_model_is_refused(student, tmp_path, monkeypatch):

@@ -1,0 +1,56 @@
+"""CPU target: ships the int8 form fastest on its own machine, verified on onnxruntime's CPU execution provider."""
+import json
+import shutil
+import tarfile
+from pathlib import Path
+
+from vidopt.onnx_utils import FORMS_INDEX, INT8_FORMS_DIR, int8_form_files
+from workers import cpu
+
+
+def _shipped(result) -> bytes:
+    with tarfile.open(result.artifact_uri) as tar:
+        return tar.extractfile("cpu_int8/student_int8.onnx").read()
+
+
+def test_ships_the_form_fastest_at_its_own_thread_count(demo_job, tmp_path):
+    forms = int8_form_files(Path(demo_job.int8_dir) / INT8_FORMS_DIR)
+    for threads in (1, 2):
+        out = tmp_path / f"t{threads}"
+        result = cpu.run_target(demo_job.model_copy(update={"target": "cpu", "out_dir": str(out),
+                                                            "options": {"threads": threads}}))
+        assert result.status == "ok", result.reason
+        times, chosen = result.extra["int8_forms_best_p50_ms"], result.extra["int8_form"]
+        assert set(times) == set(forms) and chosen == min(times, key=times.get)
+        assert _shipped(result) == forms[chosen].read_bytes()
+        assert json.loads((out / "cpu_int8" / "runtime.json").read_text())["int8_form"] == chosen
+        assert result.runtime.endswith(f"({threads} thread(s))")
+        assert result.parity["argmax_agreement"] >= 0.9 and result.top1 > 0.5 and result.latency_ms > 0
+
+
+def test_ships_the_target_ranking_not_the_quantize_stage_choice(demo_job, tmp_path, monkeypatch):
+    """Whatever this machine's ranking picks is what ships, even where the quantize stage picked another form."""
+    forms_dir = Path(demo_job.int8_dir) / INT8_FORMS_DIR
+    forms = int8_form_files(forms_dir)
+    at_quantize = json.loads((forms_dir / FORMS_INDEX).read_text())["chosen"]
+    other = next(name for name in forms if name != at_quantize)
+    monkeypatch.setattr(cpu, "rank_int8_forms", lambda files, shape, threads: (other, {n: 1.0 for n in files}))
+    result = cpu.run_target(demo_job.model_copy(update={"target": "cpu", "out_dir": str(tmp_path)}))
+    assert result.status == "ok" and result.extra["int8_form"] == other
+    assert _shipped(result) == forms[other].read_bytes() != (Path(demo_job.int8_dir) / cpu.INT8_FILE).read_bytes()
+
+
+def test_model_dir_without_forms_ships_its_int8_file(demo_job, tmp_path):
+    int8_dir = tmp_path / "int8"
+    shutil.copytree(demo_job.int8_dir, int8_dir, ignore=shutil.ignore_patterns(INT8_FORMS_DIR))
+    result = cpu.run_target(demo_job.model_copy(update={"target": "cpu", "int8_dir": str(int8_dir),
+                                                        "out_dir": str(tmp_path / "out")}))
+    assert result.status == "ok", result.reason
+    assert result.extra["int8_form"] == cpu.INT8_FILE and result.extra["int8_forms_best_p50_ms"] == {}
+    assert _shipped(result) == (int8_dir / cpu.INT8_FILE).read_bytes()
+
+
+def test_no_int8_model_fails_with_the_path(demo_job, tmp_path):
+    result = cpu.run_target(demo_job.model_copy(update={"target": "cpu", "int8_dir": str(tmp_path / "nothing"),
+                                                        "out_dir": str(tmp_path / "out")}))
+    assert result.status == "failed" and str(tmp_path / "nothing" / cpu.INT8_FILE) in result.reason
