@@ -58,9 +58,10 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_sample(args: argparse.Namespace) -> int:
     from vidopt.sample_data import generate_dataset
 
-    spec = load_config(args.profile, args.overrides).data.sample
-    counts = generate_dataset(Path(args.out), spec, progress=lambda done, total: print(
-        f"\rsample data: {done}/{total} videos", end="" if done < total else "\n", flush=True))
+    data = load_config(args.profile, args.overrides).data
+    counts = generate_dataset(Path(args.out), data.sample, workers=data.probe_workers,
+                              progress=lambda done, total: print(f"\rsample data: {done}/{total} videos",
+                                                                 end="" if done < total else "\n", flush=True))
     print(json.dumps({"out": str(Path(args.out).resolve()), "videos_per_class": counts}, indent=2))
     return 0
 

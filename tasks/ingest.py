@@ -88,7 +88,8 @@ def _fill_with_samples_if_missing(cfg: PipelineConfig) -> None:
         spec = cfg.data.sample
         log.info("ingest: %s does not exist; writing the sample dataset there (%d classes x %d videos)",
                  source, len(spec.classes), spec.videos_per_class)
-        generate_dataset(Path(source), spec, progress=_progress("sample data: wrote", "videos"))
+        generate_dataset(Path(source), spec, progress=_progress("sample data: wrote", "videos"),
+                         workers=cfg.data.probe_workers)   # one process per core, as the probes
 
 
 def _labels(cfg: PipelineConfig, objects: list[RemoteObject]) -> tuple[dict[str, str], list[dict]]:

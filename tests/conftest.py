@@ -59,7 +59,7 @@ def sample_dir(tmp_path_factory) -> Path:
     from vidopt.sample_data import generate_dataset
 
     out = tmp_path_factory.mktemp("samples")
-    generate_dataset(out, load_config("tiny").data.sample)
+    generate_dataset(out, load_config("tiny").data.sample, workers=2)
     return out
 
 

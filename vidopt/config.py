@@ -34,7 +34,7 @@ class DataConfig(Section):
     split_fractions: tuple[float, float, float] = (0.7, 0.15, 0.15)  # train / val / test, by content hash
     min_frames: int = 16                 # shorter videos are quarantined: a clip needs this many frames
     decoder_checks: int = 24             # frames compared per file before decord is trusted with it
-    probe_workers: int = 2               # processes probing files in parallel (one per core)
+    probe_workers: int = 2               # processes probing files (and writing sample data) in parallel: one per core
     sample: SampleSpec = Field(default_factory=SampleSpec)  # what `sample_if_missing` and `vidopt data sample` write
 
     @field_validator("split_fractions")

@@ -3,14 +3,16 @@ No single frame tells the classes apart, only motion over time does, so a model 
 from __future__ import annotations
 
 import argparse
+import multiprocessing
 import os
 import tempfile
 import time
 import zlib
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -276,9 +278,11 @@ def video_rng(seed: int, label: str, index: int) -> np.random.Generator:
 
 
 def generate_dataset(
-    out_dir: Path, spec: SampleSpec, progress: Callable[[int, int], None] | None = None
+    out_dir: Path, spec: SampleSpec, progress: Callable[[int, int], None] | None = None, workers: int = 1
 ) -> dict[str, int]:
-    """Write every video of `spec` under out_dir/<label>/; returns videos written per class.
+    """Write every video of `spec` under out_dir/<label>/; returns videos written per class. `workers` > 1 renders
+    and encodes in that many processes (each video is its own seeded stream and x264 runs single-threaded, so the
+    files are the same bytes either way).
 
     Rewrites files that exist (same spec and seed give the same bytes). Refuses a directory holding other mp4s in a
     class folder, since they would silently join the dataset.
@@ -292,16 +296,30 @@ def generate_dataset(
                 f"sample_data: {out_dir / label}: holds {len(stray)} mp4 files not in this spec (e.g. {stray[0]}); "
                 "use an empty output directory"
             )
-    total, done, counts = len(spec.classes) * spec.videos_per_class, 0, {}
-    for label, wanted in names.items():
+    for label in names:
         (out_dir / label).mkdir(parents=True, exist_ok=True)
-        for index, name in enumerate(wanted):
-            write_mp4(render_video(label, video_rng(spec.seed, label, index), spec), out_dir / label / name, spec.fps)
-            done += 1
-            if progress is not None:
-                progress(done, total)
-        counts[label] = len(wanted)
-    return counts
+    videos = [(label, index, out_dir / label / name) for label, wanted in names.items()
+              for index, name in enumerate(wanted)]
+    for done, _ in enumerate(_write_videos(spec, videos, workers), 1):
+        if progress is not None:
+            progress(done, len(videos))
+    return {label: len(wanted) for label, wanted in names.items()}
+
+
+def _write_videos(spec: SampleSpec, videos: list[tuple[str, int, Path]], workers: int) -> Iterator[None]:
+    """Write each (label, index, path), yielding once per video written, in order."""
+    if workers <= 1:
+        for video in videos:
+            yield _write_video(spec, *video)
+        return
+    # spawn, not fork: the caller may hold Prefect/MLflow threads, which fork copies in a broken state
+    with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        for future in [pool.submit(_write_video, spec, *video) for video in videos]:
+            yield future.result()
+
+
+def _write_video(spec: SampleSpec, label: str, index: int, path: Path) -> None:
+    write_mp4(render_video(label, video_rng(spec.seed, label, index), spec), path, spec.fps)
 
 
 def main() -> None:
@@ -309,10 +327,11 @@ def main() -> None:
     parser.add_argument("out_dir", type=Path)
     parser.add_argument("--videos-per-class", type=int, default=SampleSpec().videos_per_class)
     parser.add_argument("--seed", type=int, default=SampleSpec().seed)
+    parser.add_argument("--workers", type=int, default=1, help="processes rendering and encoding (one per core)")
     args = parser.parse_args()
     spec = SampleSpec(videos_per_class=args.videos_per_class, seed=args.seed)
     start = time.perf_counter()
-    counts = generate_dataset(args.out_dir, spec)
+    counts = generate_dataset(args.out_dir, spec, workers=args.workers)
     seconds = time.perf_counter() - start
     frames = sum(counts.values()) * spec.frames
     print(f"{args.out_dir}: {counts} in {seconds:.1f} s ({frames / seconds:.0f} frames/s)")

@@ -44,6 +44,9 @@ def test_same_seed_gives_identical_bytes_and_other_seed_differs(tiny_dataset, tm
     assert first == again
     assert first.keys() == other.keys()
     assert all(first[name] != other[name] for name in first)
+    # in two processes, the same files
+    generate_dataset(tmp_path / "parallel", SampleSpec(**TINY), workers=2)
+    assert _hashes(tmp_path / "parallel") == first
     # one video never depends on another: generated alone, it is the same file
     generate_dataset(tmp_path / "alone", SampleSpec(**{**TINY, "videos_per_class": 1, "classes": ["zoom_out"]}))
     assert _hashes(tmp_path / "alone") == {"zoom_out/zoom_out_0000.mp4": first["zoom_out/zoom_out_0000.mp4"]}
