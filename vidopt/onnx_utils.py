@@ -265,10 +265,16 @@ def _keep_forms(forms_dir: Path, candidates: dict[str, Path], timed: dict[str, f
 
 
 def int8_form_files(forms_dir: str | Path) -> dict[str, Path]:
-    """{name: int8 file} of the forms quantize_model_int8 kept in `forms_dir`, in the order it made them."""
+    """{name: int8 file} of the forms quantize_model_int8 kept in `forms_dir`, in the order it made them. A model dir
+    may come from elsewhere (a registry, a bucket): an index naming a file outside its folder is refused."""
     forms_dir = Path(forms_dir)
     index = json.loads((forms_dir / FORMS_INDEX).read_text())
-    return {form["name"]: forms_dir / form["file"] for form in index["forms"]}
+    files = {form["name"]: form["file"] for form in index["forms"]}
+    for name, file in files.items():
+        if Path(file).name != file or file in ("", ".", ".."):
+            raise ValueError(f"{forms_dir / FORMS_INDEX}: form {name!r} names the file {file!r}, which is not a plain "
+                             "file name in that folder")
+    return {name: forms_dir / file for name, file in files.items()}
 
 
 def quantize_int8(fp32_path: str | Path, int8_path: str | Path, calibration_batches: Iterable,

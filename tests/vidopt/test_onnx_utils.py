@@ -224,6 +224,11 @@ def test_int8_forms_are_kept_for_a_target_to_rank_again(student, tmp_path):
     chosen, times = rank_int8_forms(forms, SHAPE, threads=1)
     assert set(times) == set(forms) and chosen == min(times, key=times.get)
     assert rank_int8_forms({"only": int8}, SHAPE, threads=1) == ("only", {})   # nothing to rank, nothing timed
+    # an index pointing outside its folder (a tampered model dir) is refused, naming the form and the file
+    index["forms"][0]["file"] = "../int8.onnx"
+    (tmp_path / "forms" / FORMS_INDEX).write_text(json.dumps(index))
+    with pytest.raises(ValueError, match=r"names the file '\.\./int8\.onnx', which is not a plain file name"):
+        int8_form_files(tmp_path / "forms")
     # kept again (a QAT pass re-quantizes): replaced whole, no staging folder left behind
     quantize_model_int8(student, SHAPE, tmp_path / "int8.onnx", calibration, forms_dir=tmp_path / "forms")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["forms", "int8.onnx"]
