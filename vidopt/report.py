@@ -124,11 +124,11 @@ def target_points(result: TargetResult) -> list[Point]:
     result. A variant that errored is a point without numbers, its error as the note."""
     variants = result.extra.get("variants") or {}
     if not variants:
+        note = form_note(result) if result.latency_ms is not None else str(result.extra.get("latency_note",
+                                                                                             "no latency measured"))
         return [Point(target=result.target, variant="shipped", runtime=result.runtime, top1=result.top1,
                       latency_ms=result.latency_ms, artifact_bytes=result.artifact_bytes, headline=True,
-                      on_device=on_target_device(result.target, result.runtime),
-                      note="" if result.latency_ms is not None else str(result.extra.get("latency_note",
-                                                                                         "no latency measured")))]
+                      on_device=on_target_device(result.target, result.runtime), note=note)]
     points = []
     for name, v in variants.items():
         if "error" in v:
@@ -143,6 +143,17 @@ def target_points(result: TargetResult) -> list[Point]:
                             latency_ms=v.get("latency_ms"), artifact_bytes=size, headline=headline,
                             on_device=on_target_device(result.target, runtime)))
     return points
+
+
+def form_note(result: TargetResult) -> str:
+    """Which int8 form a target shipped and why, where it ranked several on its own machine (workers/cpu)."""
+    times = result.extra.get("int8_forms_best_p50_ms") or {}
+    chosen = result.extra.get("int8_form")
+    if len(times) < 2 or chosen not in times:
+        return ""
+    others = [ms for name, ms in times.items() if name != chosen]
+    return (f"int8 form {chosen}: the fastest of {len(times)} on this machine ({times[chosen]:.3f} ms in its "
+            f"quietest round; the others {min(others):.3f}-{max(others):.3f})")
 
 
 def pareto_front(points: list[Point]) -> list[bool]:

@@ -103,6 +103,18 @@ def test_a_target_without_latency_can_be_best_only_without_a_latency_budget():
     assert capped.best["fpga"]["variant"] is None and "latency not measured" in capped.best["fpga"]["reason"]
 
 
+def test_the_cpu_point_says_which_int8_form_shipped_and_why():
+    forms = {"frames_per_stem=1": 0.25, "frames_per_stem=4": 0.19, "frames_per_stem=4, pool_as_conv=True": 0.21}
+    cpu = TargetResult(target="cpu", status="ok", runtime=CPU_ORT, top1=0.76, latency_ms=0.2, artifact_bytes=90_000,
+                       extra={"int8_form": "frames_per_stem=4", "int8_forms_best_p50_ms": forms})
+    point = by_label(build_report(hand_made_ladder(), [cpu], BudgetConfig(), TargetProfiles()))["cpu/shipped"]
+    assert point.note == ("int8 form frames_per_stem=4: the fastest of 3 on this machine (0.190 ms in its quietest "
+                          "round; the others 0.210-0.250)")
+    alone = cpu.model_copy(update={"extra": {"int8_form": "model_int8.onnx", "int8_forms_best_p50_ms": {}}})
+    unranked = build_report(hand_made_ladder(), [alone], BudgetConfig(), TargetProfiles())
+    assert by_label(unranked)["cpu/shipped"].note == ""
+
+
 def test_estimates_come_from_the_profile_and_the_measured_latency():
     profile = TargetProfile(device="test part", watts=100, usd_per_hour=3.6)
     # 36 ms x 1e6 clips = 36,000 s = 10 h: 100 W -> 1 kWh, $3.6/h -> $36.
