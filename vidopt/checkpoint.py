@@ -17,7 +17,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from vidopt.models import StudentArch, TeacherArch, arch_from_dict, build_model
-from vidopt.storage import atomic_path, sha256_file
+from vidopt.storage import atomic_dir, atomic_path, sha256_file
 
 WEIGHTS, ARCH, METRICS, CONFIG = "weights.safetensors", "arch.json", "metrics.json", "config.json"
 
@@ -25,9 +25,7 @@ WEIGHTS, ARCH, METRICS, CONFIG = "weights.safetensors", "arch.json", "metrics.js
 def save_model_dir(out: Path, model: nn.Module, arch: TeacherArch | StudentArch, metrics: dict[str, float],
                    config: dict[str, Any], extra_files: dict[str, Path] | None = None) -> str:
     """Write the model directory atomically; returns the weights' sha256."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
-    try:
+    with atomic_dir(out) as tmp:
         state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
         save_file(state, str(tmp / WEIGHTS))
         (tmp / ARCH).write_text(arch.model_dump_json(indent=2))
@@ -35,11 +33,6 @@ def save_model_dir(out: Path, model: nn.Module, arch: TeacherArch | StudentArch,
         (tmp / CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True))
         for name, src in (extra_files or {}).items():   # files, or folders (the int8 forms)
             (shutil.copytree if Path(src).is_dir() else shutil.copy2)(src, tmp / name)
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return sha256_file(out / WEIGHTS)
 
 

@@ -26,7 +26,7 @@ from torch import nn
 
 from vidopt.data import normalise_clips
 from vidopt.models import PIXEL_MAX, DeployedStudent, Student
-from vidopt.storage import atomic_path
+from vidopt.storage import atomic_dir, atomic_path
 
 log = logging.getLogger("vidopt.onnx_utils")
 
@@ -248,20 +248,13 @@ def rank_int8_forms(forms: dict[str, Path], input_shape: Sequence[int], threads:
 
 def _keep_forms(forms_dir: Path, candidates: dict[str, Path], timed: dict[str, float], chosen: str) -> None:
     """Every form's int8 file as form_<i>.onnx and FORMS_INDEX {"forms": [{name, file, best_p50_ms}], "chosen"}
-    (timed here, at 1 thread), written beside `forms_dir` and renamed into place: a reader sees all or none."""
-    forms_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=forms_dir.parent, prefix=f".{forms_dir.name}."))
-    try:
+    (timed here, at 1 thread), written whole or not at all (atomic_dir)."""
+    with atomic_dir(forms_dir) as staging:
         index = []
         for i, (name, path) in enumerate(candidates.items()):
             shutil.copyfile(path, staging / f"form_{i}.onnx")
             index.append({"name": name, "file": f"form_{i}.onnx", "best_p50_ms": timed.get(name)})
         (staging / FORMS_INDEX).write_text(json.dumps({"forms": index, "chosen": chosen}, indent=2))
-        if forms_dir.exists():
-            shutil.rmtree(forms_dir)
-        staging.rename(forms_dir)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
 
 
 def int8_form_files(forms_dir: str | Path) -> dict[str, Path]:

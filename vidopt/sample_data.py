@@ -313,9 +313,12 @@ def _write_videos(spec: SampleSpec, videos: list[tuple[str, int, Path]], workers
             yield _write_video(spec, *video)
         return
     # spawn, not fork: the caller may hold Prefect/MLflow threads, which fork copies in a broken state
-    with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+    pool = ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"))
+    try:
         for future in [pool.submit(_write_video, spec, *video) for video in videos]:
             yield future.result()
+    finally:   # a failed video (a full disk, say) stops the rest, rather than waiting for every queued one
+        pool.shutdown(cancel_futures=True)
 
 
 def _write_video(spec: SampleSpec, label: str, index: int, path: Path) -> None:

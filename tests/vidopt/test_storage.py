@@ -1,7 +1,7 @@
 import boto3
 import pytest
 
-from vidopt.storage import DownloadCache, StorageError, atomic_path, list_objects, safe_relative_key
+from vidopt.storage import DownloadCache, StorageError, atomic_dir, atomic_path, list_objects, safe_relative_key
 
 
 @pytest.mark.parametrize("key", ["../etc/passwd", "a/../../b.mp4", "/abs/x.mp4", "a/./b.mp4", "", "a\\..\\b"])
@@ -18,6 +18,20 @@ def test_atomic_path_leaves_nothing_on_failure(tmp_path):
             raise RuntimeError("crash mid-write")
     assert not dest.exists()
     assert list(tmp_path.iterdir()) == []
+
+
+def test_atomic_dir_replaces_a_folder_whole_or_not_at_all(tmp_path):
+    dest = tmp_path / "model"
+    dest.mkdir()
+    (dest / "old.txt").write_text("old")
+    with pytest.raises(RuntimeError):
+        with atomic_dir(dest) as tmp:
+            (tmp / "new.txt").write_text("half")
+            raise RuntimeError("crash mid-write")
+    assert [p.name for p in tmp_path.iterdir()] == ["model"] and (dest / "old.txt").read_text() == "old"
+    with atomic_dir(dest) as tmp:
+        (tmp / "new.txt").write_text("new")
+    assert [p.name for p in tmp_path.iterdir()] == ["model"] and [p.name for p in dest.iterdir()] == ["new.txt"]
 
 
 def test_local_listing_skips_hidden_files(tmp_path):
