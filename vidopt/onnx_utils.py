@@ -261,8 +261,12 @@ def int8_form_files(forms_dir: str | Path) -> dict[str, Path]:
     """{name: int8 file} of the forms quantize_model_int8 kept in `forms_dir`, in the order it made them. A model dir
     may come from elsewhere (a registry, a bucket): an index naming a file outside its folder is refused."""
     forms_dir = Path(forms_dir)
-    index = json.loads((forms_dir / FORMS_INDEX).read_text())
-    files = {form["name"]: form["file"] for form in index["forms"]}
+    try:
+        files = {str(form["name"]): str(form["file"])
+                 for form in json.loads((forms_dir / FORMS_INDEX).read_text())["forms"]}
+    except (ValueError, KeyError, TypeError) as err:   # ValueError: not JSON
+        raise ValueError(f"{forms_dir / FORMS_INDEX}: not an index of int8 forms "
+                         f"({type(err).__name__}: {err})") from None
     for name, file in files.items():
         if Path(file).name != file or file in ("", ".", ".."):
             raise ValueError(f"{forms_dir / FORMS_INDEX}: form {name!r} names the file {file!r}, which is not a plain "
