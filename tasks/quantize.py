@@ -30,8 +30,8 @@ from vidopt.config import PipelineConfig
 from vidopt.distillation import ClipSet, attach_teacher_logits, clip_set_top1, distillation_loss
 from vidopt.metrics import count_macs, count_params, top1, top1_per_video
 from vidopt.models import StudentArch
-from vidopt.onnx_utils import (INT8_FORMS_DIR, PARITY_TOLERANCE, compare_latency, export_onnx, file_mb, input_layout,
-                               ort_predict, ort_session, quantize_model_int8, takes_pixels)
+from vidopt.onnx_utils import (INT8_FORMS_DIR, INT8_WEIGHT_MAX, PARITY_TOLERANCE, compare_latency, export_onnx,
+                               file_mb, input_layout, ort_predict, ort_session, quantize_model_int8, takes_pixels)
 from vidopt.stages import artifact_hash, split_rows, stage_dir
 from vidopt.storage import atomic_write_text, sha256_file
 from vidopt.tracking import stage_run
@@ -192,13 +192,14 @@ def latency_metrics(fp32_path: Path, int8_path: Path, shape, threads: list[int])
 
 def _qconfig_mapping():
     """Fake-quantization that simulates what onnxruntime's static QDQ quantization does to this model: uint8
-    asymmetric activations (full range: the VNNI kernels need no reduce_range), int8 symmetric per-channel weights."""
+    asymmetric activations (full range), symmetric per-channel weights on quantize_int8's 7-bit grid
+    (-INT8_WEIGHT_MAX..INT8_WEIGHT_MAX)."""
     from torch.ao.quantization import (FakeQuantize, MovingAverageMinMaxObserver,
                                        MovingAveragePerChannelMinMaxObserver, QConfig, QConfigMapping)
 
     activation = FakeQuantize.with_args(observer=MovingAverageMinMaxObserver, quant_min=0, quant_max=255,
                                         dtype=torch.quint8, qscheme=torch.per_tensor_affine)
-    weight = FakeQuantize.with_args(observer=MovingAveragePerChannelMinMaxObserver, quant_min=-127, quant_max=127,
+    weight = FakeQuantize.with_args(observer=MovingAveragePerChannelMinMaxObserver, quant_min=-INT8_WEIGHT_MAX, quant_max=INT8_WEIGHT_MAX,
                                     dtype=torch.qint8, qscheme=torch.per_channel_symmetric, ch_axis=0)
     return QConfigMapping().set_global(QConfig(activation=activation, weight=weight))
 
