@@ -24,13 +24,14 @@ from vidopt.storage import atomic_write_text
 from workers.pools import run_jobs
 
 log = logging.getLogger("vidopt.export")
-SECTIONS = ["clips", "export", "ray"]  # ray: which pools exist decides what is skipped
+SECTIONS = ["clips", "export", "ray", "budgets"]  # ray: which pools exist decides what is skipped; budgets: the
+#                                                    CPU target ships only an int8 form within the agreement budget
 RESULTS = "results.json"
 
 
 def target_options(cfg: PipelineConfig, target: str) -> dict:
     e = cfg.export
-    return {"cpu": {"threads": e.cpu_threads},
+    return {"cpu": {"threads": e.cpu_threads, "min_argmax_agreement": cfg.budgets.min_argmax_agreement},
             "gpu": {},
             "tpu": {"bf16": e.tpu_bf16},
             "fpga": {"fixed_width": e.fpga_fixed_width, "calibration_clips": e.fpga_calibration_clips}}[target]

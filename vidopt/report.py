@@ -146,14 +146,24 @@ def target_points(result: TargetResult) -> list[Point]:
 
 
 def form_note(result: TargetResult) -> str:
-    """Which int8 form a target shipped and why, where it ranked several on its own machine (workers/cpu)."""
+    """Which int8 form a target shipped and why, where it had several on its own machine (workers/cpu): the forms
+    it ranked by speed, and those it left out for agreeing with the reference below the budget."""
     times = result.extra.get("int8_forms_best_p50_ms") or {}
+    agreement = result.extra.get("int8_forms_argmax_agreement") or {}
     chosen = result.extra.get("int8_form")
-    if len(times) < 2 or chosen not in times:
-        return ""
-    others = [ms for name, ms in times.items() if name != chosen]
-    return (f"int8 form {chosen}: the fastest of {len(times)} on this machine ({times[chosen]:.3f} ms in its "
-            f"quietest round; the others {min(others):.3f}-{max(others):.3f})")
+    budget = result.extra.get("min_argmax_agreement")
+    left_out = [f"{name} ({value:.4f})" for name, value in agreement.items()
+                if budget is not None and value < budget and name != chosen]
+    notes = []
+    if len(times) >= 2 and chosen in times:
+        others = [ms for name, ms in times.items() if name != chosen]
+        notes.append(f"int8 form {chosen}: the fastest of {len(times)} on this machine ({times[chosen]:.3f} ms in "
+                     f"its quietest round; the others {min(others):.3f}-{max(others):.3f})")
+    elif chosen in agreement:
+        notes.append(f"int8 form {chosen}")
+    if left_out:
+        notes.append(f"not shipped, argmax agreement below {budget}: {', '.join(left_out)}")
+    return "; ".join(notes)
 
 
 def pareto_front(points: list[Point]) -> list[bool]:

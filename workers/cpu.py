@@ -3,8 +3,9 @@
     python -m workers.cpu JOB.json      # run one export job (see vidopt.artifacts.ExportJob) and print its result
 
 This is what most video-analytics servers run. The int8 form shipped is the fastest on this machine (the quantize
-stage's choice was made on its own). Verified on onnxruntime's CPU execution provider: argmax agreement with the fp32
-PyTorch reference, top-1 on the test clips, batch-1 latency at the shipped thread count.
+stage's choice was made on its own) of those that agree with the reference within the argmax-agreement budget
+(option `min_argmax_agreement`, the registry's gate). Verified on onnxruntime's CPU execution provider: argmax
+agreement with the fp32 PyTorch reference, top-1 on the test clips, batch-1 latency at the shipped thread count.
 """
 from __future__ import annotations
 
@@ -27,6 +28,7 @@ INT8_FILE = "model_int8.onnx"
 def run_target(job: ExportJob) -> TargetResult:
     started = time.monotonic()
     threads = int(job.options.get("threads", 1))
+    min_agreement = float(job.options.get("min_argmax_agreement", 0.0))
     source = Path(job.int8_dir or "") / INT8_FILE
     if not source.exists():
         return TargetResult(target="cpu", status="failed", reason=f"{source}: no int8 model (run the quantize stage)")
@@ -34,7 +36,9 @@ def run_target(job: ExportJob) -> TargetResult:
     package.mkdir(parents=True, exist_ok=True)
     stored, labels = load_stored_clips(job)      # [N, T, H, W, C] uint8: ort_predict gives the file what it reads
     x = normalise_clips(stored)                   # [N, C, T, H, W] float, for the PyTorch reference
-    form, shipped, form_times = int8_to_ship(Path(job.int8_dir), tuple(x.shape[1:]), threads)
+    reference = reference_logits(job, x)
+    form, shipped, form_times, form_agreement = int8_to_ship(Path(job.int8_dir), tuple(x.shape[1:]), threads,
+                                                             stored, reference, min_agreement)
     shutil.copy2(shipped, package / "student_int8.onnx")
     session = ort_session(package / "student_int8.onnx", threads)
     pixels = takes_pixels(session)
@@ -53,22 +57,34 @@ def run_target(job: ExportJob) -> TargetResult:
         target="cpu", status="ok",
         runtime=f"onnxruntime {ort.__version__} {session.get_providers()[0]} ({threads} thread(s))",
         artifact_uri=str(artifact), artifact_bytes=artifact.stat().st_size,
-        parity=parity(logits, reference_logits(job, x)), top1=top1(logits, labels),
+        parity=parity(logits, reference), top1=top1(logits, labels),
         latency_ms=latency["p50_ms"], seconds=time.monotonic() - started,
         extra={"latency": latency, "threads": threads, "int8_form": form,
-               "int8_forms_best_p50_ms": form_times},
+               "int8_forms_best_p50_ms": form_times, "int8_forms_argmax_agreement": form_agreement,
+               "min_argmax_agreement": min_agreement},
     )
 
 
-def int8_to_ship(int8_dir: Path, input_shape: tuple[int, ...], threads: int) -> tuple[str, Path, dict[str, float]]:
-    """The int8 form to ship -> (its name, its file, {form: best round's p50 ms}). The quantize stage kept every form
-    (INT8_FORMS_DIR) and ranked them on its own machine at 1 thread; this is the target, so they are ranked again
-    here at the thread count shipped. A model dir without forms ships its model_int8.onnx as it is."""
+def int8_to_ship(int8_dir: Path, input_shape: tuple[int, ...], threads: int, stored, reference,
+                 min_agreement: float) -> tuple[str, Path, dict[str, float], dict[str, float]]:
+    """The int8 form to ship -> (its name, its file, {form ranked: best round's p50 ms}, {form: argmax agreement}).
+
+    The quantize stage kept every form (INT8_FORMS_DIR) and ranked them on its own machine at 1 thread; this is the
+    target, so they are ranked again here at the thread count shipped. The forms compute the same function but round
+    differently in int8 (an average pool, or a depthwise conv of 1 / window weights), so their argmax agreement with
+    the reference on the eval clips (`stored` uint8 [N, T, H, W, C]; `reference` logits [N, classes]) differs by a
+    clip or two, which can straddle the registry's gate: in one demo run the fastest form here agreed on 195 of 197
+    clips (0.9898 < 0.99), where the quantize stage had measured 196 for the form it kept. So every form is scored
+    first and only those within `min_agreement` are ranked; where none is, the most faithful ships, and the
+    registry's gate says why it is not promoted. A model dir without forms ships its model_int8.onnx as it is."""
     if not (int8_dir / INT8_FORMS_DIR / FORMS_INDEX).exists():
-        return INT8_FILE, int8_dir / INT8_FILE, {}
+        return INT8_FILE, int8_dir / INT8_FILE, {}, {}
     forms = int8_form_files(int8_dir / INT8_FORMS_DIR)
-    chosen, times = rank_int8_forms(forms, input_shape, threads)
-    return chosen, forms[chosen], times
+    agreement = {name: parity(ort_predict(ort_session(path, threads), batches(stored)), reference)["argmax_agreement"]
+                 for name, path in forms.items()}
+    eligible = [name for name in forms if agreement[name] >= min_agreement] or [max(agreement, key=agreement.get)]
+    chosen, times = rank_int8_forms({name: forms[name] for name in eligible}, input_shape, threads)
+    return chosen, forms[chosen], times, agreement
 
 
 if __name__ == "__main__":

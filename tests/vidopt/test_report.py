@@ -113,6 +113,12 @@ def test_the_cpu_point_says_which_int8_form_shipped_and_why():
     alone = cpu.model_copy(update={"extra": {"int8_form": "model_int8.onnx", "int8_forms_best_p50_ms": {}}})
     unranked = build_report(hand_made_ladder(), [alone], BudgetConfig(), TargetProfiles())
     assert by_label(unranked)["cpu/shipped"].note == ""
+    # a form left out for agreeing below the budget is named with its agreement; ranked forms are those within it
+    agreement = {**{name: 1.0 for name in forms}, "frames_per_stem=2": 0.9898}
+    gated = cpu.model_copy(update={"extra": {**cpu.extra, "int8_forms_argmax_agreement": agreement,
+                                             "min_argmax_agreement": 0.99}})
+    note = by_label(build_report(hand_made_ladder(), [gated], BudgetConfig(), TargetProfiles()))["cpu/shipped"].note
+    assert note.endswith("; not shipped, argmax agreement below 0.99: frames_per_stem=2 (0.9898)")
 
 
 def test_estimates_come_from_the_profile_and_the_measured_latency():

@@ -4,6 +4,9 @@ import shutil
 import tarfile
 from pathlib import Path
 
+import onnx
+from onnx import numpy_helper
+
 from vidopt.onnx_utils import FORMS_INDEX, INT8_FORMS_DIR, int8_form_files
 from workers import cpu
 
@@ -38,6 +41,31 @@ def test_ships_the_target_ranking_not_the_quantize_stage_choice(demo_job, tmp_pa
     result = cpu.run_target(demo_job.model_copy(update={"target": "cpu", "out_dir": str(tmp_path)}))
     assert result.status == "ok" and result.extra["int8_form"] == other
     assert _shipped(result) == forms[other].read_bytes() != (Path(demo_job.int8_dir) / cpu.INT8_FILE).read_bytes()
+
+
+def test_a_form_below_the_agreement_budget_is_not_shipped(demo_job, tmp_path):
+    """Forms round differently in int8; one that agrees with the reference below the registry's budget is scored and
+    left out of the ranking, however fast. Here one form's classifier weights are negated, so it disagrees."""
+    int8_dir = tmp_path / "int8"
+    shutil.copytree(demo_job.int8_dir, int8_dir)
+    forms = int8_form_files(int8_dir / INT8_FORMS_DIR)
+    broken = next(iter(forms))
+    model = onnx.load(str(forms[broken]))
+    fc = next(t for t in reversed(model.graph.initializer) if t.data_type == onnx.TensorProto.INT8 and len(t.dims) == 2)
+    fc.CopyFrom(numpy_helper.from_array(-numpy_helper.to_array(fc), fc.name))   # [classes, features], 7 bits: safe
+    onnx.save(model, str(forms[broken]))
+    job = demo_job.model_copy(update={"target": "cpu", "int8_dir": str(int8_dir),
+                                      "options": {"min_argmax_agreement": 0.9}})
+    result = cpu.run_target(job.model_copy(update={"out_dir": str(tmp_path / "gated")}))
+    agreement, times = result.extra["int8_forms_argmax_agreement"], result.extra["int8_forms_best_p50_ms"]
+    assert set(agreement) == set(forms) and agreement[broken] < 0.9
+    assert min(value for name, value in agreement.items() if name != broken) >= 0.9
+    assert broken not in times and result.extra["int8_form"] != broken and result.parity["argmax_agreement"] >= 0.9
+    # no form within the budget: the most faithful one ships, and the registry's gate will say why it is not promoted
+    strict = cpu.run_target(job.model_copy(update={"out_dir": str(tmp_path / "strict"),
+                                                   "options": {"min_argmax_agreement": 1.01}}))
+    assert strict.status == "ok" and strict.extra["int8_forms_best_p50_ms"] == {}
+    assert agreement[strict.extra["int8_form"]] == max(agreement.values())
 
 
 def test_model_dir_without_forms_ships_its_int8_file(demo_job, tmp_path):
