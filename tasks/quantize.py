@@ -199,8 +199,9 @@ def _qconfig_mapping():
 
     activation = FakeQuantize.with_args(observer=MovingAverageMinMaxObserver, quant_min=0, quant_max=255,
                                         dtype=torch.quint8, qscheme=torch.per_tensor_affine)
-    weight = FakeQuantize.with_args(observer=MovingAveragePerChannelMinMaxObserver, quant_min=-INT8_WEIGHT_MAX, quant_max=INT8_WEIGHT_MAX,
-                                    dtype=torch.qint8, qscheme=torch.per_channel_symmetric, ch_axis=0)
+    weight = FakeQuantize.with_args(observer=MovingAveragePerChannelMinMaxObserver, quant_min=-INT8_WEIGHT_MAX,
+                                    quant_max=INT8_WEIGHT_MAX, dtype=torch.qint8,
+                                    qscheme=torch.per_channel_symmetric, ch_axis=0)
     return QConfigMapping().set_global(QConfig(activation=activation, weight=weight))
 
 

@@ -285,11 +285,11 @@ def quantize_int8(fp32_path: str | Path, int8_path: str | Path, calibration_batc
                   per_channel: bool = True, calibrate_method: CalibrationMethod = CALIBRATION,
                   activation_type: QuantType = ACTIVATION_TYPE) -> Path:
     """Static QDQ quantization: int8 weights in 7 bits (INT8_WEIGHT_MAX; per output channel if `per_channel`),
-    activations of `activation_type` with ranges from the calibration batches; convs without a fast int8 kernel (and what only feeds
-    them) stay fp32. Data movement at the input (Reshape / Gather) is quantized too (ForceQuantizeNoInputCheck), so a
-    student's frame planes move as uint8 (a quarter of the bytes) straight into the int8 stem; a pixel source
-    (takes_pixels) moves them as the uint8 pixels it reads, calibrated as such, and its pixels' re-quantization is
-    dropped (drop_pixel_requantization).
+    activations of `activation_type` with ranges from the calibration batches; convs without a fast int8 kernel (and
+    what only feeds them) stay fp32. Data movement at the input (Reshape / Gather) is quantized too
+    (ForceQuantizeNoInputCheck), so a student's frame planes move as uint8 (a quarter of the bytes) straight into the
+    int8 stem; a pixel source (takes_pixels) moves them as the uint8 pixels it reads, calibrated as such, and its
+    pixels' re-quantization is dropped (drop_pixel_requantization).
     onnxruntime's pre-processing (shape inference + graph optimisation) runs first: without it the QDQ graph keeps
     unfused patterns and int8 was barely faster than fp32 (DESIGN.md: 1.1x vs 2.3x at 1 thread)."""
     int8_path = Path(int8_path)
