@@ -138,13 +138,17 @@ def _run_probes(pending: list[tuple], workers: int, checks: int):
         return
     # spawn, not fork: the parent may hold Prefect/MLflow threads, which fork copies in a broken state.
     context = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
+    pool = ProcessPoolExecutor(max_workers=workers, mp_context=context)
+    try:
         futures = [pool.submit(inspect_file, str(item[1]), checks) for item in pending]
         for item, future in zip(pending, futures):
             try:
                 yield item, future.result()
             except BrokenProcessPool:
                 yield item, _probe_alone(str(item[1]), checks, context)
+    finally:   # a stopped run (SIGTERM, Ctrl-C, an error) must not first probe every queued file: on a slow host
+        # the pool's own exit, which waits for them all, outlived the 60 s a terminated `vidopt run` is given
+        pool.shutdown(cancel_futures=True)
 
 
 def _probe_alone(path: str, checks: int, context) -> dict:
