@@ -11,9 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import multiprocessing
 import time
-from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
@@ -33,6 +31,7 @@ from vidopt.ingestion import (
     probe_cache_path,
     read_source_manifest,
 )
+from vidopt.processes import spawn_pool
 from vidopt.sample_data import generate_dataset
 from vidopt.tracking import MLflowLogger, set_run_tags, stage_run
 from vidopt.storage import (
@@ -136,23 +135,17 @@ def _run_probes(pending: list[tuple], workers: int, checks: int):
     worker and breaks the pool) is found by re-running the affected files one per fresh process, and quarantined."""
     if not pending:
         return
-    # spawn, not fork: the parent may hold Prefect/MLflow threads, which fork copies in a broken state.
-    context = multiprocessing.get_context("spawn")
-    pool = ProcessPoolExecutor(max_workers=workers, mp_context=context)
-    try:
+    with spawn_pool(workers) as pool:
         futures = [pool.submit(inspect_file, str(item[1]), checks) for item in pending]
         for item, future in zip(pending, futures):
             try:
                 yield item, future.result()
             except BrokenProcessPool:
-                yield item, _probe_alone(str(item[1]), checks, context)
-    finally:   # a stopped run (SIGTERM, Ctrl-C, an error) must not first probe every queued file: on a slow host
-        # the pool's own exit, which waits for them all, outlived the 60 s a terminated `vidopt run` is given
-        pool.shutdown(cancel_futures=True)
+                yield item, _probe_alone(str(item[1]), checks)
 
 
-def _probe_alone(path: str, checks: int, context) -> dict:
-    with ProcessPoolExecutor(max_workers=1, mp_context=context) as pool:
+def _probe_alone(path: str, checks: int) -> dict:
+    with spawn_pool(1) as pool:
         try:
             return pool.submit(inspect_file, path, checks).result()
         except BrokenProcessPool:

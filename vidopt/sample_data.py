@@ -3,12 +3,10 @@ No single frame tells the classes apart, only motion over time does, so a model 
 from __future__ import annotations
 
 import argparse
-import multiprocessing
 import os
 import tempfile
 import time
 import zlib
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
@@ -16,6 +14,8 @@ from typing import Callable, Iterator
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from vidopt.processes import spawn_pool
 
 # Each paired class is the time reversal of its partner: same sampler, frames played backwards. So the frames of a
 # move_left clip, pooled over the clip, have exactly the distribution of a move_right clip's, and so on for every pair.
@@ -312,13 +312,9 @@ def _write_videos(spec: SampleSpec, videos: list[tuple[str, int, Path]], workers
         for video in videos:
             yield _write_video(spec, *video)
         return
-    # spawn, not fork: the caller may hold Prefect/MLflow threads, which fork copies in a broken state
-    pool = ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"))
-    try:
+    with spawn_pool(workers) as pool:   # a failed video (a full disk, say) cancels the queued ones
         for future in [pool.submit(_write_video, spec, *video) for video in videos]:
             yield future.result()
-    finally:   # a failed video (a full disk, say) stops the rest, rather than waiting for every queued one
-        pool.shutdown(cancel_futures=True)
 
 
 def _write_video(spec: SampleSpec, label: str, index: int, path: Path) -> None:
