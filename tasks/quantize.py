@@ -40,7 +40,9 @@ from vidopt.training import FitSpec, fit, predict
 log = logging.getLogger("vidopt.quantize")
 
 FP32_FILE, INT8_FILE, NOTES = "model_fp32.onnx", "model_int8.onnx", "notes.json"
-SECTIONS = ["clips", "distill", "quantize"]  # distill: the QAT loss (alpha, temperature) and the cached training clips
+# distill: the QAT loss (alpha, temperature) and the cached training clips; budgets: min_argmax_agreement decides which
+# int8 forms may be kept
+SECTIONS = ["clips", "distill", "quantize", "budgets"]
 LATENCY_BATCHES = (1, 8)     # batch 1: one camera, lowest latency; batch 8: throughput of a server batching requests
 LATENCY_ROUNDS, LATENCY_ITERS = 5, 10  # interleaved fp32/int8 rounds, median over rounds: the machine is shared
 # Each measurement also times calls for at least this long: with 10 calls of a 0.3 ms model, two demo runs of the same
@@ -146,13 +148,16 @@ def _calibration_batches(train: ClipSet, cfg: PipelineConfig) -> list[torch.Tens
 def _export_quantize_evaluate(student: nn.Module, shape, calibration, test: ClipSet, fp32_path: Path, int8_path: Path,
                               cfg: PipelineConfig, tag: str) -> dict[str, float]:
     """Export, check fp32 parity with PyTorch, quantize, and score both on the test clips. Keys: fp32.* (PyTorch; only
-    in the PTQ pass, the baseline), fp32_ort.* (the exported fp32 model of this pass), `tag`.* (its int8 model)."""
+    in the PTQ pass, the baseline), fp32_ort.* (the exported fp32 model of this pass), `tag`.* (its int8 model).
+    The int8 form kept is the fastest here of those within the registry's argmax-agreement budget on these clips,
+    against this student's own logits: what the GPU target's onnxruntime int8 variant ships as it is."""
     export_onnx(student, shape, fp32_path)
-    quantize_model_int8(student, shape, int8_path, calibration, per_channel=cfg.quantize.per_channel,
-                        forms_dir=int8_path.parent / INT8_FORMS_DIR)
     batch = cfg.clips.batch_size
     torch_logits, labels, videos = predict(student, test.batches(batch, shuffle=False))
     clips = [test.clips[i:i + batch] for i in range(0, len(test.labels), batch)]   # stored uint8: ort_predict
+    quantize_model_int8(student, shape, int8_path, calibration, per_channel=cfg.quantize.per_channel,
+                        forms_dir=int8_path.parent / INT8_FORMS_DIR, eval_batches=clips, reference=torch_logits,
+                        min_agreement=cfg.budgets.min_argmax_agreement)
     fp32_logits = ort_predict(ort_session(fp32_path), clips)                         # gives each model its input
     int8_logits = ort_predict(ort_session(int8_path), clips)
     parity = float(np.abs(fp32_logits - torch_logits).max())

@@ -18,8 +18,9 @@ import onnxruntime as ort
 
 from vidopt.artifacts import ExportJob, TargetResult
 from vidopt.data import normalise_clips
-from vidopt.onnx_utils import (FORMS_INDEX, INPUT_NAME, INT8_FORMS_DIR, OUTPUT_NAME, input_layout, int8_form_files,
-                               measure_latency, ort_predict, ort_session, rank_int8_forms, takes_pixels)
+from vidopt.onnx_utils import (FORMS_INDEX, INPUT_NAME, INT8_FORMS_DIR, OUTPUT_NAME, faithful_int8_forms, input_layout,
+                               int8_form_files, measure_latency, ort_predict, ort_session, rank_int8_forms,
+                               takes_pixels)
 from workers.common import archive, batches, load_stored_clips, parity, reference_logits, top1
 
 INT8_FILE = "model_int8.onnx"
@@ -70,19 +71,15 @@ def int8_to_ship(int8_dir: Path, input_shape: tuple[int, ...], threads: int, sto
     """The int8 form to ship -> (its name, its file, {form ranked: best round's p50 ms}, {form: argmax agreement}).
 
     The quantize stage kept every form (INT8_FORMS_DIR) and ranked them on its own machine at 1 thread; this is the
-    target, so they are ranked again here at the thread count shipped. The forms compute the same function but round
-    differently in int8 (an average pool, or a depthwise conv of 1 / window weights), so their argmax agreement with
-    the reference on the eval clips (`stored` uint8 [N, T, H, W, C]; `reference` logits [N, classes]) differs by a
-    clip or two, which can straddle the registry's gate: in one demo run the fastest form here agreed on 195 of 197
-    clips (0.9898 < 0.99), where the quantize stage had measured 196 for the form it kept. So every form is scored
-    first and only those within `min_agreement` are ranked; where none is, the most faithful ships, and the
-    registry's gate says why it is not promoted. A model dir without forms ships its model_int8.onnx as it is."""
+    target, so they are ranked again here at the thread count shipped, but only those whose argmax agreement with
+    the reference on the eval clips (`stored` uint8 [N, T, H, W, C]; `reference` logits [N, classes]) is within
+    `min_agreement` (faithful_int8_forms: forms round differently, by a clip or two); where none is, the most
+    faithful ships, and the registry's gate says why it is not promoted. A model dir without forms ships its
+    model_int8.onnx as it is."""
     if not (int8_dir / INT8_FORMS_DIR / FORMS_INDEX).exists():
         return INT8_FILE, int8_dir / INT8_FILE, {}, {}
     forms = int8_form_files(int8_dir / INT8_FORMS_DIR)
-    agreement = {name: parity(ort_predict(ort_session(path, threads), batches(stored)), reference)["argmax_agreement"]
-                 for name, path in forms.items()}
-    eligible = [name for name in forms if agreement[name] >= min_agreement] or [max(agreement, key=agreement.get)]
+    eligible, agreement = faithful_int8_forms(forms, batches(stored), reference, min_agreement)
     chosen, times = rank_int8_forms({name: forms[name] for name in eligible}, input_shape, threads)
     return chosen, forms[chosen], times, agreement
 

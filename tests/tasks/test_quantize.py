@@ -70,8 +70,14 @@ def test_ptq_writes_a_verified_int8_model(trained):
     assert not takes_pixels(onnx.load(str(out / "model_fp32.onnx")))
     # Every int8 form travels with the model dir for the CPU target to rank; the shipped file is the chosen one.
     forms = int8_form_files(out / INT8_FORMS_DIR)
-    chosen = json.loads((out / INT8_FORMS_DIR / FORMS_INDEX).read_text())["chosen"]
+    index = json.loads((out / INT8_FORMS_DIR / FORMS_INDEX).read_text())
+    chosen = index["chosen"]
     assert len(forms) == 4 and sha256_file(forms[chosen]) == art.weights_sha256
+    # each form scored on the test clips against the student; the kept one within the registry's budget if any is
+    agreement = {form["name"]: form["argmax_agreement"] for form in index["forms"]}
+    budget = cfg.budgets.min_argmax_agreement
+    within = [name for name, value in agreement.items() if value >= budget]
+    assert chosen in within if within else agreement[chosen] == max(agreement.values())
 
     assert m["fp32_ort.max_abs_diff"] <= 1e-4
     assert m["ptq.test_argmax_agreement"] >= 0.9

@@ -18,6 +18,7 @@ from vidopt.onnx_utils import (
     compare_latency,
     drop_pixel_requantization,
     export_onnx,
+    faithful_int8_forms,
     file_mb,
     int8_form_files,
     int8_forms,
@@ -255,6 +256,60 @@ def test_int8_forms_are_kept_for_a_target_to_rank_again(student, tmp_path):
     # kept again (a QAT pass re-quantizes): replaced whole, no staging folder left behind
     quantize_model_int8(student, SHAPE, tmp_path / "int8.onnx", calibration, forms_dir=tmp_path / "forms")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["forms", "int8.onnx"]
+
+
+def negate_int8_classifier(path) -> None:
+    """Flip the sign of an int8 file's classifier, weights (int8 [classes, features], 7 bits: -w stays in range) and
+    bias (int32), so its logits are negated and its argmax is the reference's argmin, also where the bias decides."""
+    from onnx import numpy_helper
+    model = onnx.load(str(path))
+    producer = {out: node for node in model.graph.node for out in node.output}
+    gemm = next(node for node in model.graph.node if node.op_type == "Gemm")
+    quantized = {producer[name].input[0] for name in gemm.input[1:]}   # each a DequantizeLinear of an initializer
+    for tensor in model.graph.initializer:
+        if tensor.name in quantized:
+            tensor.CopyFrom(numpy_helper.from_array(-numpy_helper.to_array(tensor), tensor.name))
+    onnx.save(model, str(path))
+
+
+def test_forms_below_the_agreement_budget_are_left_out(student, tmp_path):
+    calibration = [_stored_clips(8, seed=i) for i in range(2)]
+    quantize_model_int8(student, SHAPE, tmp_path / "int8.onnx", calibration, forms_dir=tmp_path / "forms")
+    forms = int8_form_files(tmp_path / "forms")
+    broken = next(iter(forms))
+    negate_int8_classifier(forms[broken])
+    clips = [_stored_clips(16, seed=7 + i) for i in range(2)]
+    with torch.no_grad():
+        reference = torch.cat([student(normalise_clips(x)) for x in clips]).numpy()
+    within, agreement = faithful_int8_forms(forms, clips, reference, min_agreement=0.75)
+    assert set(agreement) == set(forms) and agreement[broken] < 0.75
+    assert within == [name for name in forms if name != broken] and all(agreement[n] >= 0.75 for n in within)
+    # none within the budget: the most faithful alone, so there is always something to ship and a gate to refuse it
+    assert faithful_int8_forms(forms, clips, reference, min_agreement=1.01)[0] == [max(agreement, key=agreement.get)]
+
+
+def test_quantize_keeps_the_fastest_form_within_the_agreement_budget(student, tmp_path):
+    calibration = [_stored_clips(8, seed=i) for i in range(2)]
+    clips = [_stored_clips(16, seed=7)]
+    with torch.no_grad():
+        reference = student(normalise_clips(clips[0])).numpy()
+    int8 = quantize_model_int8(student, SHAPE, tmp_path / "int8.onnx", calibration, forms_dir=tmp_path / "forms",
+                               eval_batches=clips, reference=reference, min_agreement=0.5)
+    index = json.loads((tmp_path / "forms" / FORMS_INDEX).read_text())
+    scored = {form["name"]: form for form in index["forms"]}
+    assert all(0.5 <= form["argmax_agreement"] <= 1 for form in scored.values())   # every form scored, all within
+    timed = {name: form["best_p50_ms"] for name, form in scored.items()}
+    assert index["chosen"] == min(timed, key=timed.get)
+    assert int8_form_files(tmp_path / "forms")[index["chosen"]].read_bytes() == int8.read_bytes()
+    # an impossible budget: nothing is ranked (so nothing timed), and the most faithful form is the one kept
+    quantize_model_int8(student, SHAPE, tmp_path / "int8.onnx", calibration, forms_dir=tmp_path / "forms",
+                        eval_batches=clips, reference=reference, min_agreement=1.01)
+    index = json.loads((tmp_path / "forms" / FORMS_INDEX).read_text())
+    agreement = {form["name"]: form["argmax_agreement"] for form in index["forms"]}
+    assert all(form["best_p50_ms"] is None for form in index["forms"])
+    assert agreement[index["chosen"]] == max(agreement.values())
+    with pytest.raises(ValueError, match="needs both eval_batches and reference"):
+        quantize_model_int8(student, SHAPE, tmp_path / "int8.onnx", calibration, eval_batches=clips)
 
 
 def test_int8_source_that_is_not_the_model_is_refused(student, tmp_path, monkeypatch):

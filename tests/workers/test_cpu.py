@@ -4,9 +4,7 @@ import shutil
 import tarfile
 from pathlib import Path
 
-import onnx
-from onnx import numpy_helper
-
+from tests.vidopt.test_onnx_utils import negate_int8_classifier
 from vidopt.onnx_utils import FORMS_INDEX, INT8_FORMS_DIR, int8_form_files
 from workers import cpu
 
@@ -50,10 +48,7 @@ def test_a_form_below_the_agreement_budget_is_not_shipped(demo_job, tmp_path):
     shutil.copytree(demo_job.int8_dir, int8_dir)
     forms = int8_form_files(int8_dir / INT8_FORMS_DIR)
     broken = next(iter(forms))
-    model = onnx.load(str(forms[broken]))
-    fc = next(t for t in reversed(model.graph.initializer) if t.data_type == onnx.TensorProto.INT8 and len(t.dims) == 2)
-    fc.CopyFrom(numpy_helper.from_array(-numpy_helper.to_array(fc), fc.name))   # [classes, features], 7 bits: safe
-    onnx.save(model, str(forms[broken]))
+    negate_int8_classifier(forms[broken])
     job = demo_job.model_copy(update={"target": "cpu", "int8_dir": str(int8_dir),
                                       "options": {"min_argmax_agreement": 0.9}})
     result = cpu.run_target(job.model_copy(update={"out_dir": str(tmp_path / "gated")}))
