@@ -1,5 +1,7 @@
 """Registration against a real sqlite MLflow store: the same verified results are registered once, however often the
 export stage logged them."""
+from pathlib import Path
+
 import mlflow
 import pytest
 from mlflow import MlflowClient
@@ -11,9 +13,11 @@ from vidopt.artifacts import DatasetArtifact, ModelArtifact, TargetResult
 
 @pytest.fixture
 def tracking(tmp_path):
-    """A sqlite MLflow store of this test's own; the process-wide tracking URI is put back afterwards."""
+    """A sqlite MLflow store of this test's own, its artifacts beside it (a sqlite store's default artifact root is
+    ./mlruns in the working directory: the clone); the process-wide tracking URI is put back afterwards."""
     previous = mlflow.get_tracking_uri()
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    mlflow.create_experiment("register-test", artifact_location=(tmp_path / "mlartifacts").as_uri())
     mlflow.set_experiment("register-test")  # explicit: the active experiment is process-wide, set by earlier tests
     yield
     mlflow.set_tracking_uri(previous)
@@ -42,6 +46,7 @@ def test_results_logged_again_under_new_mlflow_runs_register_no_new_version(tmp_
     again = register.run(cfg, dataset, teacher, [logged[1]])
     assert again == first and first[0]["version"] == 1 and first[0]["champion"]
     assert len(MlflowClient().search_model_versions("name='vidopt-cpu'")) == 1
+    assert (tmp_path / "mlartifacts").is_dir() and not Path("mlruns").exists()   # nothing written into the clone
 
     better = logged[1].model_copy(update={"top1": 0.96})  # a different verified result is a new version
     assert register.run(cfg, dataset, teacher, [better])[0]["version"] == 2
