@@ -303,6 +303,8 @@ def int8_form_files(forms_dir: str | Path) -> dict[str, Path]:
     except (ValueError, KeyError, TypeError) as err:   # ValueError: not JSON
         raise ValueError(f"{forms_dir / FORMS_INDEX}: not an index of int8 forms "
                          f"({type(err).__name__}: {err})") from None
+    if not files:   # nothing to rank or ship: faithful_int8_forms and rank_int8_forms need at least one form
+        raise ValueError(f"{forms_dir / FORMS_INDEX}: the index names no int8 forms")
     for name, file in files.items():
         if Path(file).name != file or file in ("", ".", ".."):
             raise ValueError(f"{forms_dir / FORMS_INDEX}: form {name!r} names the file {file!r}, which is not a plain "

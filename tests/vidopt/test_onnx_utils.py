@@ -253,6 +253,9 @@ def test_int8_forms_are_kept_for_a_target_to_rank_again(student, tmp_path):
     (tmp_path / "forms" / FORMS_INDEX).write_text('{"forms": [{"file": "form_0.onnx"}]}')   # no name
     with pytest.raises(ValueError, match=r"forms\.json: not an index of int8 forms \(KeyError"):
         int8_form_files(tmp_path / "forms")
+    (tmp_path / "forms" / FORMS_INDEX).write_text('{"forms": []}')   # an empty index: nothing a target could ship
+    with pytest.raises(ValueError, match=r"forms\.json: the index names no int8 forms"):
+        int8_form_files(tmp_path / "forms")
     # kept again (a QAT pass re-quantizes): replaced whole, no staging folder left behind
     quantize_model_int8(student, SHAPE, tmp_path / "int8.onnx", calibration, forms_dir=tmp_path / "forms")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["forms", "int8.onnx"]
