@@ -158,18 +158,26 @@ class DeployedStudent(nn.Module):
     input channel, so a 16-wide stem packed by 4 does the work of 4 frames in about the time of 2
     (onnx_utils.int8_stem_packings). `pool_as_conv` computes the feature pooling as a depthwise conv with constant
     weights 1 / window (the same average): onnxruntime's int8 average pool was 34 us of the demo int8 model's ~400
-    (fp32's pool: 6 us), while its int8 depthwise conv has a fast kernel. `pixel_input` takes uint8 pixels
+    (fp32's pool: 6 us), while its int8 depthwise conv has a fast kernel. `packed_body` = k runs the first k convs
+    after a packed stem on the packed frames too, as block-diagonal convs (G*C -> G*O channels, the frames' blocks
+    apart), and unpacks after them: a 16-wide conv leaves 3/4 of an int8 pass idle whatever its input, so the packed
+    one does about as many multiply-adds on a quarter of the pixels, and the unpacking moves a smaller map (after the
+    whole body: the pooled features, which need no Transpose). `pixel_input` takes uint8 pixels
     [B, 3, T, H, W] and folds the normalisation into the stem (_weights_for_pixels): the int8 form, whose clip then
     needs no quantizing at run time."""
 
     def __init__(self, student: Student, channel_multiple: int = 1, frames_per_stem: int = 1,
-                 pool_as_conv: bool = False, pixel_input: bool = False):
+                 pool_as_conv: bool = False, pixel_input: bool = False, packed_body: int = 0):
         super().__init__()
         student = copy.deepcopy(student).eval()
         conv, bn = student.encoder.convs[0][0], student.encoder.convs[0][1]
         t, pairs, g = student.frames, student.frame_differences, frames_per_stem
         if t % g:
             raise ValueError(f"DeployedStudent: frames_per_stem={g} does not divide the student's {t} frames")
+        body = student.encoder.convs[1:]
+        if packed_body and (g == 1 or packed_body > len(body)):
+            raise ValueError(f"DeployedStudent: packed_body={packed_body} needs frames packed into the stem "
+                             f"(frames_per_stem={g}) and at most the {len(body)} convs after it")
         scale = (bn.weight / torch.sqrt(bn.running_var + bn.eps)).detach()   # eval-mode BN: y = scale * conv + shift
         weight = conv.weight.detach() * scale[:, None, None, None]           # [O, C', k, k], C' = 6 (or 3)
         # Per frame: the weights on its own 3 planes and (with frame differences) on its next frame's 3 planes.
@@ -198,15 +206,32 @@ class DeployedStudent(nn.Module):
             reads += [3 * t] if pixel_input else []
             planes += reads + [reads[0]] * (per_conv - len(reads))
         self.register_buffer("planes", torch.tensor(planes), persistent=False)
-        self.frames_per_stem, self.per_conv, self.stem_channels = g, per_conv, out
+        self.frames_per_stem, self.per_conv = g, per_conv
         self.pixel_input = pixel_input
-        self.body, self.pool, self.flatten = student.encoder.convs[1:], student.encoder.pool, student.encoder.flatten
+        self.packed = nn.Sequential(*[self._block_diagonal(block, g) for block in body[:packed_body]])
+        self.body, self.pool, self.flatten = body[packed_body:], student.encoder.pool, student.encoder.flatten
         self.head = student.head
-        if pool_as_conv:
-            channels = student.encoder.convs[-1][0].out_channels
+        if pool_as_conv:   # on packed channels too, where the whole body is packed: a depthwise conv is per channel
+            channels = student.encoder.convs[-1][0].out_channels * (g if packed_body == len(body) else 1)
             self.pool = nn.Conv2d(channels, channels, self.pool.kernel_size, self.pool.stride, groups=channels,
                                   bias=False)
             self.pool.weight.data.fill_(1.0 / self.pool.weight[0, 0].numel())  # [C, 1, kh, kw]: the window's mean
+
+    @staticmethod
+    def _block_diagonal(block: nn.Sequential, g: int) -> nn.Sequential:
+        """A body conv_bn_relu_2d block (BN folded) for G frames packed frame-major in the channels: one conv with
+        weights [G*O, G*C, k, k] holding the block's conv G times on the diagonal, zeros elsewhere."""
+        conv, bn = block[0], block[1]
+        scale = (bn.weight / torch.sqrt(bn.running_var + bn.eps)).detach()
+        weight = conv.weight.detach() * scale[:, None, None, None]           # [O, C, k, k]
+        out, cin = weight.shape[:2]
+        packed = weight.new_zeros(g * out, g * cin, *weight.shape[2:])
+        for j in range(g):
+            packed[j * out:(j + 1) * out, j * cin:(j + 1) * cin] = weight
+        conv_packed = nn.Conv2d(g * cin, g * out, conv.kernel_size, conv.stride, conv.padding, bias=True)
+        conv_packed.weight.data = packed
+        conv_packed.bias.data = (bn.bias - bn.running_mean * scale).detach().repeat(g)
+        return nn.Sequential(conv_packed, nn.ReLU())
 
     @staticmethod
     def _weights_for_pixels(packed: torch.Tensor, frame_planes: int) -> torch.Tensor:
@@ -233,12 +258,12 @@ class DeployedStudent(nn.Module):
             planes = nn.functional.pad(planes, (0, 0, 0, 0, 0, 1), value=PIXEL_MAX)
         groups = planes.index_select(1, self.planes)                        # [B, (T/G)*C'', H, W], one Gather
         groups = groups.reshape(b * t // self.frames_per_stem, self.per_conv, h, w)
-        y = self.stem_relu(self.stem(groups.float() if self.pixel_input else groups))
-        if self.frames_per_stem > 1:   # y: [B*T/G, G*O, H', W'] -> [B*T, O, H', W'] (frame-major blocks). Only then:
-            # a Reshape to the same shape stays in the graph and cuts onnxruntime's blocked-layout chain (fp32: two
-            # reorders, 10% of the pruned demo student; int8: two Transposes)
-            y = y.reshape(b * t, self.stem_channels, y.shape[-2], y.shape[-1])
-        features = self.flatten(self.pool(self.body(y)))                    # [B*T, D]
+        y = self.packed(self.stem_relu(self.stem(groups.float() if self.pixel_input else groups)))
+        if self.frames_per_stem > 1 and len(self.body):   # y: [B*T/G, G*O, H', W'] -> [B*T, O, H', W'] (frame-major
+            # blocks). Only then: a Reshape to the same shape stays in the graph and cuts onnxruntime's blocked-layout
+            # chain (fp32: two reorders, 10% of the pruned demo student; int8: two Transposes)
+            y = y.reshape(b * t, -1, y.shape[-2], y.shape[-1])
+        features = self.flatten(self.pool(self.body(y)))   # [B*T, D], or [B*T/G, G*D] with the whole body packed
         return self.head(features.reshape(b, t, -1).transpose(1, 2))        # [B, D, T] -> logits
 
 

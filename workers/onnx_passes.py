@@ -10,7 +10,9 @@
   whose output range starts at 0 (the uint8 clamp at zero point 0 *is* the ReLU); a symmetric int8 range keeps
   negatives, so the Relu goes back in front of those QuantizeLinear nodes. int32 bias DequantizeLinear nodes are
   folded into float biases (TensorRT computes the bias in float anyway). A pixel model's uint8 input is cast to
-  float and quantized to int8 where it enters the stem (`_float_pixels_for_tensorrt`).
+  float and quantized to int8 where it enters the stem (`_float_pixels_for_tensorrt`). Weights the quantize stage stores
+  compactly (a packed body's block-diagonal convs: one block, rebuilt by Pad and Concat) are folded back into whole
+  initializers first, so TensorRT sees every weight DequantizeLinear reading a constant (`_fold_constant_weights`).
 """
 from __future__ import annotations
 
@@ -113,9 +115,34 @@ def _float_pixels_for_tensorrt(graph: onnx.GraphProto, inits: dict[str, onnx.Ten
     del graph.value_info[:]   # it typed the moved tensors uint8; the checker infers them again
 
 
+def _fold_constant_weights(graph: onnx.GraphProto) -> None:
+    """Pad (constant mode, zeros) and Concat nodes reading only initializers, computed here into initializers."""
+    inits = {i.name: i for i in graph.initializer}
+    kept = []
+    for node in graph.node:
+        if node.op_type not in ("Pad", "Concat") or not all(name in inits for name in node.input if name):
+            kept.append(node)
+            continue
+        arrays = [numpy_helper.to_array(inits[name]) for name in node.input if name]
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        if node.op_type == "Concat":
+            value = np.concatenate(arrays, axis=attrs["axis"])
+        else:
+            data, pads = arrays[0], arrays[1]
+            if attrs.get("mode", b"constant") != b"constant" or len(arrays) > 3 or len(arrays) == 3 and arrays[2].any():
+                raise ValueError(f"{node.name}: only zero padding of constants over all axes is folded")
+            value = np.pad(data, list(zip(pads[:data.ndim], pads[data.ndim:])))
+        folded = numpy_helper.from_array(value, node.output[0])
+        graph.initializer.append(folded)
+        inits[node.output[0]] = folded
+    del graph.node[:]
+    graph.node.extend(kept)
+
+
 def to_tensorrt_int8(src: str | Path, dest: str | Path) -> Path:
     model = onnx.load(str(src))
     graph = model.graph
+    _fold_constant_weights(graph)
     inits = {i.name: i for i in graph.initializer}
 
     def replace(name: str, array: np.ndarray) -> None:

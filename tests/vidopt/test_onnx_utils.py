@@ -20,6 +20,7 @@ from vidopt.onnx_utils import (
     export_onnx,
     faithful_int8_forms,
     file_mb,
+    int8_body_packings,
     int8_form_files,
     int8_forms,
     int8_stem_packings,
@@ -153,9 +154,33 @@ def test_pooling_as_a_depthwise_conv_averages_overlapping_windows():
         assert (deployed(x) - student(x)).abs().max() < 1e-5
 
 
+@pytest.mark.parametrize("frames_per_stem", [2, 4])
+@pytest.mark.parametrize("packed_body", [1, 2])
+@pytest.mark.parametrize("pool_as_conv", [False, True])
+def test_packed_body_is_the_same_function(student, frames_per_stem, packed_body, pool_as_conv):
+    """The body convs after a packed stem run on the packed frames: block-diagonal, each frame's block its own."""
+    deployed = DeployedStudent(student, 4, frames_per_stem, pool_as_conv, True, packed_body).eval()
+    assert len(deployed.packed) == packed_body and len(deployed.body) == 2 - packed_body
+    for i, block in enumerate(deployed.packed):
+        weight, (out, cin) = block[0].weight, student.encoder.convs[i + 1][0].weight.shape[:2]
+        assert weight.shape[:2] == (frames_per_stem * out, frames_per_stem * cin)
+        for j in range(frames_per_stem):   # off the diagonal, frame j's outputs read nothing of the other frames
+            rows = weight[j * out:(j + 1) * out]
+            assert rows[:, j * cin:(j + 1) * cin].any()
+            assert not rows[:, :j * cin].any() and not rows[:, (j + 1) * cin:].any()
+    stored = _stored_clips(3)
+    with torch.no_grad():
+        got = deployed(stored.movedim(-1, 1).contiguous())
+        assert (got - student(normalise_clips(stored))).abs().max() < 1e-5
+
+
 def test_stem_packing_must_divide_the_frames(student):
     with pytest.raises(ValueError, match="frames_per_stem=3 does not divide"):
         DeployedStudent(student, 4, frames_per_stem=3)
+    with pytest.raises(ValueError, match="packed_body=1 needs frames packed into the stem"):
+        DeployedStudent(student, 4, frames_per_stem=1, packed_body=1)
+    with pytest.raises(ValueError, match="packed_body=3 needs .* at most the 2 convs after it"):
+        DeployedStudent(student, 4, frames_per_stem=4, packed_body=3)
 
 
 @pytest.mark.parametrize("stem_width, frames, expected", [(16, 8, [1, 4]), (16, 6, [1, 3]), (32, 8, [1, 2]),
@@ -164,9 +189,20 @@ def test_int8_stem_packings_fill_one_pass_of_the_int8_conv(stem_width, frames, e
     arch = StudentArch(frames=frames, height=16, width=16, conv_widths=[stem_width, 16], conv_strides=[2, 2],
                        temporal_widths=[8], num_classes=3)
     assert int8_stem_packings(build_model(arch)) == expected
-    assert [form["frames_per_stem"] for form in int8_forms(build_model(arch))] == [g for g in expected for _ in "ab"]
+    # each packing with both poolings, then a packed stem with its one body conv packed too (16 x G <= 64)
+    assert [(form["frames_per_stem"], form.get("packed_body", 0)) for form in int8_forms(build_model(arch))] == \
+        [(g, 0) for g in expected for _ in "ab"] + [(g, 1) for g in expected if g > 1]
     teacher = build_model(TeacherArch(arch="r3d_18", width=0.125, num_classes=3))
     assert int8_stem_packings(teacher) == [1] and int8_forms(teacher) == [{}]
+
+
+@pytest.mark.parametrize("body_widths, frames_per_stem, expected", [([16, 16, 48], 4, [1, 2]), ([16, 16, 48], 2, [1, 2]),
+                                                                   ([16, 32, 32], 4, [1]), ([32, 32], 2, [1, 2]),
+                                                                   ([48, 16], 4, [])])
+def test_int8_body_packings_stop_at_the_first_conv_wider_than_one_pass(body_widths, frames_per_stem, expected):
+    arch = StudentArch(frames=8, height=32, width=32, conv_widths=[16, *body_widths],
+                       conv_strides=[2] * (1 + len(body_widths)), temporal_widths=[8], num_classes=3)
+    assert int8_body_packings(build_model(arch), frames_per_stem) == expected
 
 
 def _upstream_ops(model: onnx.ModelProto, node: onnx.NodeProto) -> list[str]:
@@ -211,6 +247,36 @@ def test_int8_quantization_is_qdq_smaller_and_close_to_fp32(student, student_onn
     quantized = ort_predict(ort_session(int8), [stored])
     # int8 noise is a few percent of the logits' spread on data like the calibration data; a wrong scale is not.
     assert np.abs(quantized - fp32).mean() < 0.1 * fp32.std()
+
+
+def test_packed_body_weights_are_stored_as_one_block_and_run_the_same(student, tmp_path):
+    from workers.onnx_passes import _fold_constant_weights
+
+    calibration = [_stored_clips(8, seed=i) for i in range(2)]
+    form = {"channel_multiple": 4, "frames_per_stem": 4, "pool_as_conv": True, "pixel_input": True}
+    unpacked = quantize_int8(export_onnx(student, SHAPE, tmp_path / "s0.onnx", **form), tmp_path / "unpacked.onnx",
+                             calibration)
+    packed = quantize_int8(export_onnx(student, SHAPE, tmp_path / "s2.onnx", **form, packed_body=2),
+                           tmp_path / "packed.onnx", calibration)
+    model = onnx.load(str(packed))
+    blocks = [t for t in model.graph.initializer if t.name.endswith("_block")]
+    # both body convs [16, 8] and [16, 16] packed by 4, stored as their one block: the file weighs what the
+    # unpacked form does (a few names and scales more), not the 4x of its full weights
+    assert sorted(tuple(t.dims) for t in blocks) == [(16, 8, 3, 3), (16, 16, 3, 3)]
+    assert op_counts(packed)["Concat"] == 2 and op_counts(packed)["Pad"] == 8 + 1   # + the pixels' constant plane
+    assert file_mb(packed) < 1.1 * file_mb(unpacked)
+    stored = _stored_clips(8, seed=9)
+    compact_logits = ort_predict(ort_session(packed), [stored])
+    _fold_constant_weights(model.graph)   # the whole block-diagonal weights, as TensorRT gets them
+    whole = [onnx.numpy_helper.to_array(t) for t in model.graph.initializer if t.name.endswith("_quantized")
+             and len(t.dims) == 4 and t.dims[0] == 64 and t.dims[1] > 1]   # not the pooling's depthwise conv
+    assert len(whole) == 2
+    for w in whole:   # 4 equal blocks on the diagonal, zeros elsewhere
+        out, cin = w.shape[0] // 4, w.shape[1] // 4
+        assert np.array_equal(w, np.kron(np.eye(4, dtype=np.int8)[:, :, None, None], w[:out, :cin]))
+    onnx.save(model, str(tmp_path / "whole.onnx"))
+    assert np.array_equal(ort_predict(ort_session(tmp_path / "whole.onnx"), [stored]), compact_logits)
+    assert file_mb(tmp_path / "whole.onnx") > 1.5 * file_mb(packed)
 
 
 def test_int8_weights_compute_the_same_on_every_x86_kernel(student, tmp_path):
@@ -319,8 +385,8 @@ def test_int8_source_that_is_not_the_model_is_refused(student, tmp_path, monkeyp
     """The padded form quantization starts from is checked against PyTorch: a padding plane read with a non-zero
     weight (a wrong inference form) stops quantization before an int8 model is written."""
     class WrongPadding(DeployedStudent):
-        def __init__(self, model, channel_multiple=1, frames_per_stem=1, pool_as_conv=False, pixel_input=False):
-            super().__init__(model, channel_multiple, frames_per_stem, pool_as_conv, pixel_input)
+        def __init__(self, model, *args, **kwargs):
+            super().__init__(model, *args, **kwargs)
             with torch.no_grad():
                 self.stem.weight[:, -1] += 0.5
 

@@ -14,7 +14,7 @@ from onnx import TensorProto
 
 from vidopt.checkpoint import load_model_dir
 from workers import gpu
-from vidopt.onnx_utils import ort_predict, ort_session, takes_pixels
+from vidopt.onnx_utils import INT8_FORMS_DIR, int8_form_files, op_counts, ort_predict, ort_session, takes_pixels
 from workers.common import batches, load_eval_clips, load_stored_clips, reference_logits
 from workers.onnx_passes import to_fp16, to_tensorrt_int8
 
@@ -64,6 +64,23 @@ def test_tensorrt_int8_is_symmetric_and_keeps_the_quantizer_relu(demo_job, tmp_p
     original = ort_predict(ort_session(source), batches(stored))
     symmetric = ort_predict(ort_session(rewritten), batches(stored))
     assert (original.argmax(1) == symmetric.argmax(1)).mean() >= 0.9
+
+
+def test_tensorrt_int8_gets_whole_weights_from_a_compactly_stored_packed_body(demo_job, tmp_path):
+    forms = int8_form_files(f"{demo_job.int8_dir}/{INT8_FORMS_DIR}")
+    packed = next(path for name, path in forms.items() if "packed_body" in name)
+    assert "Concat" in op_counts(packed)   # its block-diagonal weights stored as one block (onnx_utils)
+    rewritten = to_tensorrt_int8(packed, tmp_path / "trt.onnx")
+    ops = op_counts(rewritten)
+    assert "Concat" not in ops and ops["Pad"] == 1   # left: the pixels' constant plane, not a weight
+    graph = onnx.load(str(rewritten)).graph
+    inits = {i.name for i in graph.initializer}
+    convs = [n for n in graph.node if n.op_type == "Conv"]
+    producer = {out: n for n in graph.node for out in n.output}
+    assert all(producer[conv.input[1]].input[0] in inits for conv in convs)   # every weight a DQ of a constant
+    stored, _ = load_stored_clips(demo_job)
+    original = ort_predict(ort_session(packed), batches(stored))
+    assert (original.argmax(1) == ort_predict(ort_session(rewritten), batches(stored)).argmax(1)).mean() >= 0.9
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU fallbacks; a GPU host runs the CUDA paths")
