@@ -187,7 +187,8 @@ def check_parity(model: nn.Module, path: str | Path, batch: torch.Tensor, tolera
 
 
 def int8_forms(model: nn.Module) -> list[dict]:
-    """The inference forms quantize_model_int8 tries, as DeployedStudent options: every stem packing of
+    """The inference forms quantize_model_int8 tries, as DeployedStudent options, the unpacked one first: every stem
+    packing of
     int8_stem_packings, with the feature pooling as an average pool and as a depthwise conv, each reading uint8
     pixels; and for a packed stem, each packed body of int8_body_packings (pooled by a depthwise conv). One plain
     form for other models."""
@@ -198,6 +199,13 @@ def int8_forms(model: nn.Module) -> list[dict]:
     return forms + [{"frames_per_stem": packing, "pool_as_conv": True, "pixel_input": True, "packed_body": layers}
                     for packing in int8_stem_packings(model) if packing > 1
                     for layers in int8_body_packings(model, packing)]
+
+
+def fewest_macs_int8_form(forms_dir: str | Path) -> Path:
+    """The int8 file, of those quantize_model_int8 kept in `forms_dir`, that does the fewest multiply-adds: the first
+    (int8_forms makes it first: frames unpacked, an average pool). What a GPU compiler wants: the packings fill
+    onnxruntime's CPU int8 passes with zero weights, which TensorRT would multiply too."""
+    return next(iter(int8_form_files(forms_dir).values()))
 
 
 def int8_stem_packings(model: nn.Module) -> list[int]:

@@ -19,6 +19,7 @@ from vidopt.onnx_utils import (
     drop_pixel_requantization,
     export_onnx,
     faithful_int8_forms,
+    fewest_macs_int8_form,
     file_mb,
     int8_body_packings,
     int8_form_files,
@@ -306,6 +307,9 @@ def test_int8_forms_are_kept_for_a_target_to_rank_again(student, tmp_path):
     assert list(forms) == [", ".join(f"{k}={v}" for k, v in form.items()) for form in int8_forms(student)]
     assert all(form["best_p50_ms"] > 0 for form in index["forms"])
     assert forms[index["chosen"]].read_bytes() == int8.read_bytes()
+    # the form that does the least work (for a GPU compiler): nothing packed, an average pool
+    assert int8_forms(student)[0] == {"frames_per_stem": 1, "pool_as_conv": False, "pixel_input": True}
+    assert fewest_macs_int8_form(tmp_path / "forms") == next(iter(forms.values()))
     assert all(takes_pixels(onnx.load(str(path))) for path in forms.values())
     # ranking them again (as a target does) times every form and picks the quickest of its own timings
     chosen, times = rank_int8_forms(forms, SHAPE, threads=1)

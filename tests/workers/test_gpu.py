@@ -108,6 +108,11 @@ def test_gpu_target_on_cpu_names_what_ran(demo_job, tmp_path):
     with tarfile.open(result.artifact_uri) as tar:
         names = {n.split("/")[-1] for n in tar.getnames()}
     assert {"student.pt2", "student_fp16.onnx", "student_int8.onnx", "student_int8_trt.onnx"} <= names
+    # TensorRT's file comes from the form with no frames packed: the stem writes its 8 channels for one frame
+    trt = onnx.load(str(tmp_path / "out" / "package" / "student_int8_trt.onnx")).graph
+    stem = next(n for n in trt.node if n.op_type == "Conv")
+    weights = {i.name: list(i.dims) for i in trt.initializer}
+    assert weights[next(n for n in trt.node if n.output[0] == stem.input[1]).input[0]][0] == 8
     # The archived AOTInductor package runs on its own.
     runner = torch._inductor.aoti_load_package(str(tmp_path / "out" / "package" / "student.pt2"))
     x, _ = load_eval_clips(job)
