@@ -188,10 +188,9 @@ def check_parity(model: nn.Module, path: str | Path, batch: torch.Tensor, tolera
 
 def int8_forms(model: nn.Module) -> list[dict]:
     """The inference forms quantize_model_int8 tries, as DeployedStudent options, the unpacked one first: every stem
-    packing of
-    int8_stem_packings, with the feature pooling as an average pool and as a depthwise conv, each reading uint8
-    pixels; and for a packed stem, each packed body of int8_body_packings (pooled by a depthwise conv). One plain
-    form for other models."""
+    packing of int8_stem_packings, with the feature pooling as an average pool and as a depthwise conv, each reading
+    uint8 pixels; and for a packed stem, each packed body of int8_body_packings (pooled by a depthwise conv). One
+    plain form for other models."""
     if not isinstance(model, Student):
         return [{}]
     forms = [{"frames_per_stem": packing, "pool_as_conv": as_conv, "pixel_input": True}
