@@ -164,9 +164,8 @@ class DeployedStudent(nn.Module):
     apart), and unpacks after them: a 16-wide conv leaves 3/4 of an int8 pass idle whatever its input, so the packed
     one does about as many multiply-adds on a quarter of the pixels, and the unpacking moves a smaller map (on the
     demo's pruned student, packing its second conv took int8 from 0.44 to 0.41 ms in the quantize stage's timing).
-    `pixel_input` takes uint8 pixels
-    [B, 3, T, H, W] and folds the normalisation into the stem (_weights_for_pixels): the int8 form, whose clip then
-    needs no quantizing at run time."""
+    `pixel_input` takes uint8 pixels [B, 3, T, H, W] and folds the normalisation into the stem (_weights_for_pixels):
+    the int8 form, whose clip then needs no quantizing at run time."""
 
     def __init__(self, student: Student, channel_multiple: int = 1, frames_per_stem: int = 1,
                  pool_as_conv: bool = False, pixel_input: bool = False, packed_body: int = 0):

@@ -411,9 +411,10 @@ def store_block_diagonal_weights_compactly(model: onnx.ModelProto) -> onnx.Model
     graph = model.graph
     inits = {t.name: t for t in graph.initializer}
     rebuilt: dict[str, list[onnx.NodeProto]] = {}
+    done: set[str] = set()   # a weight two nodes dequantize is rebuilt once; its Concat feeds both
     for node in graph.node:
         weight = inits.get(node.input[0]) if node.op_type == "DequantizeLinear" else None
-        if weight is None or weight.data_type != onnx.TensorProto.INT8 or len(weight.dims) != 4:
+        if weight is None or weight.name in done or weight.data_type != onnx.TensorProto.INT8 or len(weight.dims) != 4:
             continue
         values = numpy_helper.to_array(weight)
         g = _diagonal_blocks(values)
@@ -432,6 +433,7 @@ def store_block_diagonal_weights_compactly(model: onnx.ModelProto) -> onnx.Model
         nodes.append(onnx.helper.make_node("Concat", [n.output[0] for n in nodes], [name], axis=0,
                                            name=f"{name}_concat"))
         rebuilt[node.name] = nodes
+        done.add(name)
     ordered = [n for node in graph.node for n in [*rebuilt.get(node.name, []), node]]
     del graph.node[:]
     graph.node.extend(ordered)

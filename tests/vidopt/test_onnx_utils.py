@@ -32,6 +32,7 @@ from vidopt.onnx_utils import (
     quantize_int8,
     quantize_model_int8,
     rank_int8_forms,
+    store_block_diagonal_weights_compactly,
     takes_pixels,
 )
 
@@ -280,6 +281,30 @@ def test_packed_body_weights_are_stored_as_one_block_and_run_the_same(student, t
     onnx.save(model, str(tmp_path / "whole.onnx"))
     assert np.array_equal(ort_predict(ort_session(tmp_path / "whole.onnx"), [stored]), compact_logits)
     assert file_mb(tmp_path / "whole.onnx") > 1.5 * file_mb(packed)
+
+
+def test_compact_storage_rewrites_only_exact_block_diagonals_and_a_shared_weight_once():
+    from onnx import TensorProto, helper, numpy_helper
+    block = np.arange(1, 1 + 2 * 3 * 3 * 3, dtype=np.int8).reshape(2, 3, 3, 3)
+    diagonal = np.kron(np.eye(2, dtype=np.int8)[:, :, None, None], block)             # [4, 6, 3, 3]
+    almost = diagonal.copy()
+    almost[0, 5, 0, 0] = 1                                                              # one weight off the diagonal
+    inits = [numpy_helper.from_array(diagonal, "w"), numpy_helper.from_array(almost, "v"),
+             numpy_helper.from_array(np.array(0.1, np.float32), "s")]
+    nodes = [helper.make_node("DequantizeLinear", [w, "s"], [f"{w}{i}"], name=f"dq_{w}{i}")
+             for w, i in (("w", 0), ("w", 1), ("v", 0))]
+    outputs = [helper.make_tensor_value_info(n.output[0], TensorProto.FLOAT, [4, 6, 3, 3]) for n in nodes]
+    model = helper.make_model(helper.make_graph(nodes, "g", [], outputs, inits),
+                              opset_imports=[helper.make_opsetid("", OPSET)])
+    expected = ort.InferenceSession(model.SerializeToString()).run(None, {})
+    compact = store_block_diagonal_weights_compactly(model)
+    onnx.checker.check_model(compact, full_check=True)
+    ops = [n.op_type for n in compact.graph.node]
+    assert ops.count("Concat") == 1 and ops.count("Pad") == 2   # w once, though two nodes read it; v untouched
+    assert {t.name for t in compact.graph.initializer} >= {"w_block", "v"} and "w" not in {
+        t.name for t in compact.graph.initializer}
+    got = ort.InferenceSession(compact.SerializeToString()).run(None, {})
+    assert all(np.array_equal(a, b) for a, b in zip(got, expected, strict=True))
 
 
 def test_int8_weights_compute_the_same_on_every_x86_kernel(student, tmp_path):
