@@ -38,10 +38,10 @@ from vidopt.models import TeacherArch, build_model
 from vidopt.stages import artifact_hash, stage_dir
 from vidopt.storage import is_s3, sha256_file
 from vidopt.tracking import stage_run
-from vidopt.training import FitSpec, fit
+from vidopt.training import FitSpec, bf16_training, fit
 
 log = logging.getLogger("vidopt.train_teacher")
-STAGE, SECTIONS = "train_teacher", ["teacher", "clips"]
+STAGE, SECTIONS = "train_teacher", ["teacher", "clips", "training"]
 
 
 def work_dir(cfg: PipelineConfig, dataset: DatasetArtifact) -> Path:
@@ -86,7 +86,8 @@ def run(cfg: PipelineConfig, dataset: DatasetArtifact, logger=None) -> ModelArti
              arch.num_classes, len(train_rows), len(val_rows), work)
     result = fit(model, cross_entropy, train_loader, score,
                  FitSpec(epochs=t.epochs, lr=t.lr, weight_decay=t.weight_decay, patience=t.patience, stage=STAGE,
-                         channels_last=True, score_name="val_top1" if val_rows else "train_top1"),
+                         channels_last=True, bf16=bf16_training(cfg.training.precision),
+                         score_name="val_top1" if val_rows else "train_top1"),
                  checkpoint=work / CHECKPOINT, logger=logger, on_epoch_start=start_epoch)
     metrics = model_metrics(model, cfg, dataset, result)
     log.info("%s: done after %d epochs (best %d): %s", STAGE, result["epochs_run"], result["best_epoch"] + 1,

@@ -35,6 +35,7 @@ class FitSpec:
     channels_last: bool = False    # train with conv weights in channels-last order (see conv_layout)
     score_name: str = "val_top1"   # what score_fn measures: logged as <stage>.<score_name>
     maximize: bool = True          # False: score_fn returns a loss, and the lowest is best
+    bf16: bool = False             # forward passes under CPU bfloat16 autocast (see Bf16Forward)
 
 
 # Warm-up share of the one-cycle schedule. Without warm-up (plain cosine from the peak) the demo teacher (r3d_18 w0.25
@@ -54,6 +55,8 @@ def fit(model: nn.Module, loss_fn: LossFn, train_batches: Iterable, score_fn: Ca
     """
     if spec.channels_last:
         conv_layout(model, channels_last=True)
+    if spec.bf16:
+        log.info("%s: forward passes in bfloat16 autocast (weights, gradients and loss in float32)", spec.stage)
     optimizer = torch.optim.AdamW(model.parameters(), lr=spec.lr, weight_decay=spec.weight_decay)
     scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=spec.lr, epochs=spec.epochs,
                                                     steps_per_epoch=max(1, len(train_batches)),
@@ -88,7 +91,8 @@ def fit(model: nn.Module, loss_fn: LossFn, train_batches: Iterable, score_fn: Ca
         if on_epoch_start:
             on_epoch_start(epoch)
         started = time.monotonic()
-        loss = _train_one_epoch(model, loss_fn, train_batches, optimizer, scheduler, spec.stage, epoch)
+        loss = _train_one_epoch(Bf16Forward(model) if spec.bf16 else model, loss_fn, train_batches, optimizer,
+                                scheduler, spec.stage, epoch)
         score = score_fn(model)
         seconds = time.monotonic() - started
         # >=: a small val split ties often (72 clips: 0.931 at epochs 18, 25, 27, 29 and 30 of the demo teacher), and
@@ -116,6 +120,32 @@ def fit(model: nn.Module, loss_fn: LossFn, train_batches: Iterable, score_fn: Ca
         conv_layout(model, channels_last=False)  # the model leaves as it came: safetensors saves contiguous tensors
     return {"best_score": state["best_score"], "best_epoch": state["best_epoch"], "epochs_run": state["epoch"],
             "resumed_from": resumed_from, "history": state["history"]}
+
+
+def bf16_training(precision: str) -> bool:
+    """Whether a training stage runs its forward passes in bfloat16 (training.precision): "bf16", "fp32", or "auto"
+    = bf16 where the CPU has AMX (Intel Sapphire Rapids and later), whose tile units multiply bfloat16 several times
+    faster than AVX-512 multiplies float32; elsewhere oneDNN emulates bfloat16 or lacks the units (not measured)."""
+    if precision == "auto":
+        return bool(getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)())
+    return precision == "bf16"
+
+
+class Bf16Forward(nn.Module):
+    """`model` called under CPU bfloat16 autocast, its output cast back to float32: convs and matmuls run in bfloat16
+    (oneDNN's AMX kernels), while the weights, their gradients, AdamW's state and BatchNorm stay float32, and the loss
+    (softmax, KL divergence) is computed in float32 on the float32 logits. Mixed precision, not a bfloat16 model: the
+    saved weights are float32 and evaluation runs in float32. One training step at batch 16, 8x64x64, on a 2-core
+    AMX Xeon: the demo teacher (r3d_18 width 0.25) 0.174 -> 0.077 s, the demo student 0.027 -> 0.019 s."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = self.model(x)
+        return out.float()
 
 
 def conv_layout(model: nn.Module, channels_last: bool) -> None:

@@ -1,10 +1,11 @@
-"""The one training loop: channels-last conv weights while training, the caller's layout back afterwards."""
+"""The one training loop: channels-last conv weights while training, the caller's layout back afterwards; bf16
+autocast; which epoch is kept and when it stops."""
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vidopt.training import FitSpec, fit
+from vidopt.training import FitSpec, bf16_training, fit
 
 
 def test_channels_last_training_leaves_the_model_contiguous(tmp_path):
@@ -24,6 +25,35 @@ def test_channels_last_training_leaves_the_model_contiguous(tmp_path):
                  tmp_path / "last.pt")
     assert result["epochs_run"] == 2 and layouts == [(True, True)] * 6  # every step trained channels-last
     assert all(p.is_contiguous() for p in model.parameters())          # and the model left in the default layout
+
+
+def test_bf16_training_multiplies_in_bfloat16_and_keeps_float32_weights_and_loss(tmp_path):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+                          nn.Flatten(), nn.Linear(8, 4))
+    x, y = torch.randn(16, 3, 6, 6), torch.randint(0, 4, (16,))
+    conv_outputs, logits, losses = [], [], []
+    model[0].register_forward_hook(lambda m, i, out: conv_outputs.append(out.dtype))
+
+    def loss_fn(m, batch):
+        out = m(batch[0])
+        logits.append(out.dtype)
+        loss = F.cross_entropy(out, batch[1])
+        losses.append(loss.item())
+        return loss
+
+    fit(model, loss_fn, [(x, y)] * 4, lambda m: 0.5, FitSpec(epochs=3, lr=1e-2, bf16=True), tmp_path / "last.pt")
+    assert set(conv_outputs) == {torch.bfloat16}                 # the conv ran in bfloat16 ...
+    assert set(logits) == {torch.float32}                        # ... the loss saw float32 logits
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    assert losses[-1] < losses[0]                                # and it trained
+    with torch.no_grad():
+        assert model.eval()(x).dtype == torch.float32            # outside training nothing is autocast
+
+
+def test_training_precision_auto_means_bf16_exactly_where_the_cpu_has_amx():
+    assert bf16_training("bf16") and not bf16_training("fp32")
+    assert bf16_training("auto") == torch.cpu._is_amx_tile_supported()
 
 
 def test_a_tied_val_score_keeps_the_later_epoch(tmp_path):
