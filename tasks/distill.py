@@ -34,10 +34,10 @@ from vidopt.distillation import attach_teacher_logits, clip_set_top1, decode_cli
 from vidopt.models import StudentArch, build_model
 from vidopt.stages import artifact_hash, stage_dir
 from vidopt.tracking import stage_run
-from vidopt.training import FitSpec, bf16_training, fit
+from vidopt.training import FitSpec, fit
 
 log = logging.getLogger("vidopt.distill")
-STAGE, SECTIONS = "distill", ["distill", "clips", "training"]
+STAGE, SECTIONS = "distill", ["distill", "clips"]
 
 
 def student_arch(cfg: PipelineConfig, num_classes: int) -> StudentArch:
@@ -85,8 +85,7 @@ def run(cfg: PipelineConfig, dataset: DatasetArtifact, teacher: ModelArtifact, l
     batches = EpochBatches(train_set, batch, cfg.run.seed, augment=d.augment)
     result = fit(student, loss_fn, batches, score,
                  FitSpec(epochs=d.epochs, lr=d.lr, weight_decay=d.weight_decay, patience=d.patience, stage=STAGE,
-                         channels_last=True, bf16=bf16_training(cfg.training.precision),
-                         score_name="val_top1" if val_set is not None else "train_top1"),
+                         channels_last=True, score_name="val_top1" if val_set is not None else "train_top1"),
                  checkpoint=work / CHECKPOINT, logger=logger, on_epoch_start=batches.start_epoch)
 
     metrics = model_metrics(student, cfg, dataset, result)

@@ -46,11 +46,10 @@ from vidopt.metrics import count_macs
 from vidopt.models import Student, StudentArch, build_model, student_arch_of
 from vidopt.stages import artifact_hash, stage_dir
 from vidopt.tracking import stage_run
-from vidopt.training import EpochLogger, FitSpec, bf16_training, fit
+from vidopt.training import EpochLogger, FitSpec, fit
 
 log = logging.getLogger("vidopt.prune")
-# distill: temperature, cached clips, weight decay
-STAGE, SECTIONS = "prune", ["prune", "distill", "clips", "training"]
+STAGE, SECTIONS = "prune", ["prune", "distill", "clips"]  # distill: temperature, cached clips, weight decay
 L1_NOTE = "unstructured sparsity gives no speedup on dense kernels: MACs and latency are unchanged"
 
 
@@ -184,8 +183,7 @@ def run(cfg: PipelineConfig, dataset: DatasetArtifact, student: ModelArtifact, t
             return {"epochs_run": 0, "best_epoch": -1}
         return fit(model, lambda m, b: distillation_loss(m(b[0]), b[2], b[1], p.alpha, d.temperature), batches,
                    score, FitSpec(epochs=epochs, lr=p.lr, weight_decay=d.weight_decay, patience=d.patience,
-                                  stage=stage, channels_last=True, bf16=bf16_training(cfg.training.precision),
-                                  score_name=f"{selection}_kd_loss", maximize=False),
+                                  stage=stage, channels_last=True, score_name=f"{selection}_kd_loss", maximize=False),
                    checkpoint=checkpoint, logger=logger, on_epoch_start=batches.start_epoch)
 
     if p.method == "structured":

@@ -41,7 +41,7 @@ from vidopt.tracking import stage_run
 from vidopt.training import FitSpec, bf16_training, fit
 
 log = logging.getLogger("vidopt.train_teacher")
-STAGE, SECTIONS = "train_teacher", ["teacher", "clips", "training"]
+STAGE, SECTIONS = "train_teacher", ["teacher", "clips"]
 
 
 def work_dir(cfg: PipelineConfig, dataset: DatasetArtifact) -> Path:
@@ -86,7 +86,7 @@ def run(cfg: PipelineConfig, dataset: DatasetArtifact, logger=None) -> ModelArti
              arch.num_classes, len(train_rows), len(val_rows), work)
     result = fit(model, cross_entropy, train_loader, score,
                  FitSpec(epochs=t.epochs, lr=t.lr, weight_decay=t.weight_decay, patience=t.patience, stage=STAGE,
-                         channels_last=True, bf16=bf16_training(cfg.training.precision),
+                         channels_last=True, bf16=bf16_training(t.precision),
                          score_name="val_top1" if val_rows else "train_top1"),
                  checkpoint=work / CHECKPOINT, logger=logger, on_epoch_start=start_epoch)
     metrics = model_metrics(model, cfg, dataset, result)

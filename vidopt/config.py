@@ -75,6 +75,10 @@ class TeacherConfig(Section):
     #   left chance on the demo data (r3d_18 w0.25 from scratch, 800 steps); 1e-3 reached 90% test top-1 in 400 steps
     weight_decay: float = 1e-4
     patience: int = Field(4, ge=1)       # early stopping: epochs without a better val top-1
+    precision: Literal["fp32", "bf16", "auto"] = "fp32"  # of the training steps; bf16: mixed precision, float32
+    #   weights (vidopt/training.py Bf16Forward); auto: bf16 where the CPU has AMX. 2-core AMX Xeon, demo: epochs
+    #   2.9 s against 5.1, but test top-1 over seeds 0, 1, 2 82.2% (stopped early), 93.9%, 91.4% against fp32's
+    #   94.9%, 91.4%, 92.9%: faster, noisier, so not the default. The students stay float32: their steps gain 1.4x
 
 
 class DistillConfig(Section):
@@ -130,13 +134,6 @@ class PruneConfig(Section):
     #   pure distillation, copying the unpruned model's function. Demo data, 4 rounds, one run each: test top-1 lost
     #   4.5 points at 0.5, 3.0 at 0.1, 2.5 at 0
     lr: float = 1e-3
-
-
-class TrainingConfig(Section):
-    precision: Literal["fp32", "bf16", "auto"] = "fp32"  # of the teacher, distill and prune training steps; bf16:
-    #   mixed precision, float32 weights (vidopt/training.py Bf16Forward); auto: bf16 where the CPU has AMX. On a
-    #   2-core AMX Xeon the demo teacher's epochs took 2.9 s against 5.1, but its test top-1 over seeds 0, 1, 2 was
-    #   82.2% (stopped early), 93.9%, 91.4% against fp32's 94.9%, 91.4%, 92.9%: faster, noisier, so not the default
 
 
 class QuantizeConfig(Section):
@@ -237,7 +234,6 @@ class PipelineConfig(Section):
     teacher: TeacherConfig = Field(default_factory=TeacherConfig)
     distill: DistillConfig = Field(default_factory=DistillConfig)
     prune: PruneConfig = Field(default_factory=PruneConfig)
-    training: TrainingConfig = Field(default_factory=TrainingConfig)
     quantize: QuantizeConfig = Field(default_factory=QuantizeConfig)
     export: ExportConfig = Field(default_factory=ExportConfig)
     ray: RayConfig = Field(default_factory=RayConfig)

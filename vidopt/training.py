@@ -123,7 +123,7 @@ def fit(model: nn.Module, loss_fn: LossFn, train_batches: Iterable, score_fn: Ca
 
 
 def bf16_training(precision: str) -> bool:
-    """Whether a training stage runs its forward passes in bfloat16 (training.precision): "bf16", "fp32", or "auto"
+    """Whether a training stage runs its forward passes in bfloat16 (teacher.precision): "bf16", "fp32", or "auto"
     = bf16 where the CPU has AMX (Intel Sapphire Rapids and later), whose tile units multiply bfloat16 several times
     faster than AVX-512 multiplies float32; elsewhere oneDNN emulates bfloat16 or lacks the units (not measured)."""
     if precision == "auto":
