@@ -51,7 +51,7 @@ def test_bf16_training_multiplies_in_bfloat16_and_keeps_float32_weights_and_loss
         assert model.eval()(x).dtype == torch.float32            # outside training nothing is autocast
 
 
-def test_training_precision_auto_means_bf16_exactly_where_the_cpu_has_amx():
+def test_precision_auto_means_bf16_exactly_where_the_cpu_has_amx():
     assert bf16_training("bf16") and not bf16_training("fp32")
     assert bf16_training("auto") == torch.cpu._is_amx_tile_supported()
 
