@@ -2,9 +2,10 @@
 
     python -m tasks.quantize --profile tiny
 
-Post-training quantization (PTQ) first. If int8 loses more than `quantize.max_top1_drop` test top-1 against fp32,
-quantization-aware fine-tuning (QAT) that distils from the fp32 model itself (what int8 must reproduce, and what
-the registry's argmax-agreement gate compares it with), then export and quantize again. The model dir
+Post-training quantization (PTQ) first. If int8 loses more than `quantize.max_top1_drop` test top-1 against fp32, or
+agrees with fp32 on fewer test clips than `budgets.min_argmax_agreement` (the registry's gate), quantization-aware
+fine-tuning (QAT) that distils from the fp32 model itself (what int8 must reproduce, and what the registry's
+argmax-agreement gate compares it with), then export and quantize again. The model dir
 holds model_fp32.onnx, model_int8.onnx (the int8 form fastest here), int8_forms/ (every form, for the CPU target to
 rank on its own machine), the fp32 weights they came from, arch.json, metrics.json and config.json.
 """
@@ -92,7 +93,7 @@ def run(cfg: PipelineConfig, dataset: DatasetArtifact, model: ModelArtifact, log
 
 def quantize_student(cfg: PipelineConfig, dataset: DatasetArtifact, student: nn.Module, arch: StudentArch,
                      work: Path, logger=None) -> tuple[nn.Module, dict, dict[str, str]]:
-    """PTQ, then QAT if PTQ loses more than the budget. Leaves <work>/onnx/model_{fp32,int8}.onnx for the returned
+    """PTQ, then QAT if PTQ falls short (ptq_shortfalls). Leaves <work>/onnx/model_{fp32,int8}.onnx for the returned
     student (the input one, or its QAT fine-tuned weights) and returns (student, metrics, notes)."""
     shape = (3, arch.frames, arch.height, arch.width)
     train, test = _clip_sets(cfg, dataset, ("train", "test"))
@@ -102,25 +103,41 @@ def quantize_student(cfg: PipelineConfig, dataset: DatasetArtifact, student: nn.
     baseline, ptq = metrics["fp32.test_top1_clip"], metrics["ptq.test_top1_clip"]
     notes = {"quantization": "ptq", "fp32_test_top1": f"{baseline:.4f}", "ptq_test_top1": f"{ptq:.4f}",
              "int8_input": input_layout(takes_pixels(onnx.load(str(int8_path))))}
-    final, drop = "ptq", baseline - ptq
-    if drop > cfg.quantize.max_top1_drop:
-        log.info("quantize: PTQ lost %.3f test top-1 (> %.3f allowed); quantization-aware fine-tuning",
-                 drop, cfg.quantize.max_top1_drop)
+    final, reasons = "ptq", ptq_shortfalls(cfg, metrics)
+    if reasons:
+        log.info("quantize: %s; quantization-aware fine-tuning", "; ".join(reasons))
         # the fp32 student's own logits are the soft targets: QAT is to keep its function through int8 rounding
         attach_teacher_logits(train, student, cfg.clips.batch_size, cache=work / "fp32_logits.pt")
         val = _clip_sets(cfg, dataset, ("val",))[0] if split_rows(dataset, "val") else None
         student = qat_finetune(student, arch, train, val, cfg, work / "qat_last.pt", logger)
         metrics.update(_export_quantize_evaluate(student, shape, calibration, test, fp32_path, int8_path, cfg, "qat"))
         final, qat = "qat", metrics["qat.test_top1_clip"]
-        notes.update(quantization="qat", qat_test_top1=f"{qat:.4f}",
-                     reason=f"ptq lost {drop:.4f} test top-1 > max_top1_drop {cfg.quantize.max_top1_drop}")
+        notes.update(quantization="qat", qat_test_top1=f"{qat:.4f}", reason="; ".join(reasons))
         if qat < ptq:
             log.warning("quantize: QAT did not recover accuracy (test top-1 %.3f < PTQ %.3f); shipping QAT as "
                         "configured; more quantize.qat_epochs or a higher qat_lr may help", qat, ptq)
+        if metrics["qat.test_argmax_agreement"] < cfg.budgets.min_argmax_agreement:
+            log.warning("quantize: QAT int8 still agrees with its fp32 on only %.4f of the test clips (< %s): the "
+                        "registry will not promote it; more quantize.qat_epochs may help",
+                        metrics["qat.test_argmax_agreement"], cfg.budgets.min_argmax_agreement)
     metrics.update({"test_top1_clip": metrics[f"{final}.test_top1_clip"],
                     "test_top1_video": metrics[f"{final}.test_top1_video"],
                     "top1_drop": baseline - metrics[f"{final}.test_top1_clip"]})
     return student, metrics, notes
+
+
+def ptq_shortfalls(cfg: PipelineConfig, metrics: dict[str, float]) -> list[str]:
+    """Why PTQ's int8 model is not good enough to ship (empty: it is): more test top-1 lost than
+    quantize.max_top1_drop, or argmax agreement with its own fp32 under budgets.min_argmax_agreement, the registry's
+    gate (a model that fails it is never promoted, however accurate; on one host PTQ agreed on 195 of 197 clips)."""
+    drop = metrics["fp32.test_top1_clip"] - metrics["ptq.test_top1_clip"]
+    agreement, gate = metrics["ptq.test_argmax_agreement"], cfg.budgets.min_argmax_agreement
+    reasons = []
+    if drop > cfg.quantize.max_top1_drop:
+        reasons.append(f"ptq lost {drop:.4f} test top-1 > max_top1_drop {cfg.quantize.max_top1_drop}")
+    if agreement < gate:
+        reasons.append(f"ptq argmax agreement {agreement:.4f} < budgets.min_argmax_agreement {gate}")
+    return reasons
 
 
 def _clip_sets(cfg: PipelineConfig, dataset: DatasetArtifact, splits: tuple[str, ...]) -> list[ClipSet]:
@@ -171,7 +188,7 @@ def _export_quantize_evaluate(student: nn.Module, shape, calibration, test: Clip
     metrics[f"{tag}.test_argmax_agreement"] = float((int8_logits.argmax(1) == fp32_logits.argmax(1)).mean())
     if tag != "ptq":  # fp32.* stays the input model's accuracy: the baseline every int8 result is compared with
         metrics = {k: v for k, v in metrics.items() if not k.startswith("fp32.")}
-    log.info("quantize: %s int8 test top-1 %.3f vs fp32 %.3f; argmax agreement %.3f; fp32 parity %.1e", tag,
+    log.info("quantize: %s int8 test top-1 %.3f vs fp32 %.3f; argmax agreement %.4f; fp32 parity %.1e", tag,
              metrics[f"{tag}.test_top1_clip"], metrics["fp32_ort.test_top1_clip"],
              metrics[f"{tag}.test_argmax_agreement"], parity)
     return metrics

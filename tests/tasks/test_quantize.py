@@ -108,6 +108,18 @@ def test_qat_weights_map_back_to_the_plain_student_exactly(trained):
         assert torch.equal(rebuilt.state_dict()[key], value), key
 
 
+def test_ptq_falls_short_on_top1_lost_or_on_the_registry_agreement_gate():
+    cfg = load_config("tiny", ["quantize.max_top1_drop=0.01", "budgets.min_argmax_agreement=0.99"])
+    ok = {"fp32.test_top1_clip": 0.934, "ptq.test_top1_clip": 0.939, "ptq.test_argmax_agreement": 1.0}
+    assert quantize.ptq_shortfalls(cfg, ok) == []
+    # 195 of 197 clips agree: more accurate than fp32, but the registry's gate would refuse it
+    disagrees = {**ok, "ptq.test_argmax_agreement": 195 / 197}
+    (reason,) = quantize.ptq_shortfalls(cfg, disagrees)
+    assert "argmax agreement 0.9898 < budgets.min_argmax_agreement 0.99" in reason
+    loses = {**disagrees, "ptq.test_top1_clip": 0.914}
+    assert [r.split()[1] for r in quantize.ptq_shortfalls(cfg, loses)] == ["lost", "argmax"]
+
+
 def test_qat_runs_when_ptq_misses_the_budget(trained):
     # 4 clips per test video (52 clips, not 13): the tiny student's logits are close together, and on 13 clips the
     # int8 rounding of one clip moved argmax agreement from 0.92 to 0.85 between two int8 forms of equal error.

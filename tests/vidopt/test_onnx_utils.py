@@ -9,13 +9,14 @@ import pytest
 import torch
 
 from vidopt.data import normalise_clips
-from vidopt.models import DeployedStudent, StudentArch, TeacherArch, build_model
+from vidopt.models import PIXEL_MAX, DeployedStudent, StudentArch, TeacherArch, build_model
 from vidopt.onnx_utils import (
     FORMS_INDEX,
     INT8_WEIGHT_MAX,
     OPSET,
     ExportParityError,
     compare_latency,
+    correct_constant_plane_rounding,
     drop_pixel_requantization,
     export_onnx,
     faithful_int8_forms,
@@ -456,6 +457,51 @@ def test_pixel_requantization_is_dropped_only_where_it_is_the_identity(tmp_path)
         drop_pixel_requantization(_cast_quantize_graph(0.5, 0))
     with pytest.raises(ValueError, match="no Cast\\(uint8\\) -> QuantizeLinear pair"):
         drop_pixel_requantization(drop_pixel_requantization(_cast_quantize_graph(1.0, 0)))
+
+
+def _stem_constant_offset(model: onnx.ModelProto, constant_plane: int) -> np.ndarray:
+    """Per stem output channel, what the constant plane and the bias add where every tap is in the frame: PIXEL_MAX
+    x the sum of the plane's weights over the taps, plus the bias (dequantized in an int8 model). [O]"""
+    inits = {t.name: onnx.numpy_helper.to_array(t) for t in model.graph.initializer}
+    producer = {out: node for node in model.graph.node for out in node.output}
+    stem = next(n for n in model.graph.node if n.op_type == "Conv")
+
+    def value(name: str) -> np.ndarray:
+        if name in inits:
+            return inits[name].astype(np.float64)
+        q, scale = (inits[i] for i in producer[name].input[:2])
+        return q.astype(np.float64) * scale.reshape(-1, *[1] * (q.ndim - 1))
+
+    return PIXEL_MAX * value(stem.input[1])[:, constant_plane].sum(axis=(1, 2)) + value(stem.input[2])
+
+
+def test_constant_plane_rounding_comes_off_the_stem_bias(student, tmp_path, monkeypatch):
+    source = export_onnx(student, SHAPE, tmp_path / "pixels.onnx", channel_multiple=4, pixel_input=True)
+    calibration = [_stored_clips(8, seed=i) for i in range(4)]
+    corrected = quantize_int8(source, tmp_path / "corrected.onnx", calibration)
+    monkeypatch.setattr("vidopt.onnx_utils.correct_constant_plane_rounding", lambda quantized, _: quantized)
+    plain = quantize_int8(source, tmp_path / "plain.onnx", calibration)
+    # One frame per stem conv: planes 0-5 the frame and its next one, 6 the constant plane, 7 padding
+    exact = _stem_constant_offset(onnx.load(str(source)), 6)
+    offsets = {name: _stem_constant_offset(onnx.load(str(path)), 6) for name, path in
+               (("plain", plain), ("corrected", corrected))}
+    bias_scale = next(onnx.numpy_helper.to_array(t) for t in onnx.load(str(corrected)).graph.initializer
+                      if t.name.endswith("bias_quantized_scale"))
+    # corrected: exact up to the int32 bias's own rounding; the plain quantizer is off by many bias steps
+    assert np.all(np.abs(offsets["corrected"] - exact) <= 0.51 * bias_scale)
+    assert np.abs(offsets["plain"] - exact).max() > 5 * bias_scale.max()
+    # and the logits are closer to fp32 (pixels as the pipeline stores them)
+    stored = _stored_clips(16, seed=9)
+    fp32 = ort_predict(ort_session(source), [stored])
+    errors = {name: np.abs(ort_predict(ort_session(path), [stored]) - fp32).mean()
+              for name, path in (("plain", plain), ("corrected", corrected))}
+    assert errors["corrected"] < errors["plain"], errors
+
+
+def test_constant_plane_correction_needs_the_pixel_gather(student, tmp_path):
+    source = onnx.load(str(export_onnx(student, SHAPE, tmp_path / "float.onnx", channel_multiple=4)))
+    with pytest.raises(ValueError, match="constant plane"):
+        correct_constant_plane_rounding(source, source)
 
 
 def test_int8_keeps_a_conv_without_fast_kernel_and_its_input_path_in_fp32(student, student_onnx, tmp_path):
