@@ -105,9 +105,20 @@ def plan_widths(arch: StudentArch, target_macs_ratio: float, multiple: int) -> S
 
 
 def step_plans(arch: StudentArch, target_macs_ratio: float, steps: int, multiple: int) -> list[StudentArch]:
-    """The widths after each of `steps` rounds: round k keeps target^(k/steps) of the unpruned MACs (geometric, so
-    every round removes the same share of what is left); the last round is exactly plan_widths(target)."""
-    return [plan_widths(arch, target_macs_ratio ** (k / steps), multiple) for k in range(1, steps + 1)]
+    """The widths after each of `steps` rounds: the last round is exactly plan_widths(target); round k < steps
+    removes k/steps of every conv's channels that are to go (rounded to whole channels, not to `multiple`: the
+    rounds in between are never deployed). So every round cuts every layer by the same share. Rounding MAC-planned
+    rounds to multiples of 16 instead left the demo's rounds [16, 16, 48, 96], the same again, [16, 16, 32, 80], and a
+    last cut to [16, 16, 16, 48] that took val top-1 from 0.97 to chance."""
+    final = plan_widths(arch, target_macs_ratio, multiple)
+    start = arch.conv_widths + arch.temporal_widths
+    end = final.conv_widths + final.temporal_widths
+    n_conv = len(arch.conv_widths)
+    plans = []
+    for k in range(1, steps):
+        widths = [round(a - (a - b) * k / steps) for a, b in zip(start, end, strict=True)]
+        plans.append(arch.model_copy(update={"conv_widths": widths[:n_conv], "temporal_widths": widths[n_conv:]}))
+    return plans + [final]
 
 
 def prune_to_widths(model: Student, arch: StudentArch, plan: StudentArch) -> StudentArch:

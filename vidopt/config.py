@@ -124,9 +124,10 @@ class PruneConfig(Section):
     #   int8-widths`; but multiple 32 gave the demo a slower int8 model, [16, 32, 32, 96] at 0.54 vs 0.46 ms)
     sparsity: float = Field(0.5, ge=0, lt=1)           # l1_unstructured: fraction of weights set to zero
     finetune_epochs: int = Field(8, ge=0)              # distillation fine-tuning after pruning (after the last step)
-    steps: int = Field(1, ge=1)                        # structured: prune in this many rounds, the MACs falling
-    #   geometrically to the target, each but the last followed by step_epochs of fine-tuning (iterative pruning:
-    #   every round removes channels from a model that still works, so the importance scores still mean something)
+    steps: int = Field(1, ge=1)                        # structured: prune in this many rounds, each removing the
+    #   same share of every conv's channels that are to go (tasks/prune.py step_plans), each but the last followed by
+    #   step_epochs of fine-tuning (iterative pruning: every round removes channels from a model that still works, so
+    #   the importance scores still mean something)
     step_epochs: int = Field(2, ge=0)
     distill_from: Literal["student", "teacher"] = "student"  # whose logits the fine-tuning matches: the unpruned
     #   student's (the function pruning must keep; on the demo it now beats the teacher), or the teacher's
