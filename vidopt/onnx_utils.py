@@ -424,12 +424,22 @@ def correct_constant_plane_rounding(quantized: onnx.ModelProto, source: onnx.Mod
     constant = int(np.flatnonzero(planes[: float_weight.shape[1]] == planes.max())[0])
     inits = {t.name: t for t in graph.initializer}
     w_q, w_scale = (numpy_helper.to_array(inits[name]) for name in producer[stem.input[1]].input[:2])
-    bias_node = producer[stem.input[2]]
-    b_q, b_scale = (numpy_helper.to_array(inits[name]) for name in bias_node.input[:2])
     dequantized = w_q[:, constant].astype(np.float64) * w_scale[:, None, None]
     error = PIXEL_MAX * (dequantized - float_weight[:, constant]).sum(axis=(1, 2))   # [O], per output channel
+    if len(stem.input) > 2 and stem.input[2]:
+        bias_node = producer[stem.input[2]]
+        b_q, b_scale = (numpy_helper.to_array(inits[name]) for name in bias_node.input[:2])
+        graph.initializer.remove(inits[bias_node.input[0]])
+    else:   # an all-zero bias is dropped on export (untrained BN): add one, as the quantizer writes biases
+        x_scale = numpy_helper.to_array(inits[producer[stem.input[0]].input[1]])
+        b_q, b_scale, name = np.zeros(len(w_scale), np.int32), (x_scale * w_scale).astype(np.float32), stem.name
+        bias_node = onnx.helper.make_node("DequantizeLinear", [f"{name}_bias_quantized", f"{name}_bias_scale",
+                                                               f"{name}_bias_zero_point"], [f"{name}_bias"], axis=0)
+        graph.initializer.extend([numpy_helper.from_array(b_scale, bias_node.input[1]),
+                                  numpy_helper.from_array(np.zeros(len(w_scale), np.int32), bias_node.input[2])])
+        graph.node.insert(0, bias_node)
+        stem.input.append(bias_node.output[0])
     corrected = np.round((b_q * b_scale - error) / b_scale).astype(np.int32)
-    graph.initializer.remove(inits[bias_node.input[0]])
     graph.initializer.append(numpy_helper.from_array(corrected, bias_node.input[0]))
     return quantized
 
