@@ -27,7 +27,7 @@ PRUNED = STUDENT.model_copy(update={"conv_widths": [8, 16, 16], "temporal_widths
 
 def _fake_project(root: Path) -> Path:
     """A finished run's layout, <project>/stages/<stage>/<key>/model, with small random models and known metrics."""
-    config = {"clips": {"frames": SHAPE[1], "height": SHAPE[2], "width": SHAPE[3]}}
+    config = {"clips": {"frames": SHAPE[1], "height": SHAPE[2], "width": SHAPE[3]}, "run": {"seed": 0}}
     torch.manual_seed(0)
     # The "teacher" here is a wide student: the ladder reads any model dir the same way, and the (2+1)D teacher's
     # export (the slow part of this test) is already covered by the full-size part.
@@ -116,6 +116,18 @@ def test_same_input_row_is_the_pruned_model_reading_uint8_pixels(tmp_path):
 def test_ladder_without_models_says_what_to_do(tmp_path):
     with pytest.raises(SystemExit, match="run the pipeline first"):
         ladder.trained_ladder(tmp_path, tmp_path, threads=[1])
+
+
+def test_rows_come_from_the_run_of_the_int8_models_seed(tmp_path):
+    project = _fake_project(tmp_path / "project")
+    config = {"clips": {"frames": SHAPE[1], "height": SHAPE[2], "width": SHAPE[3]}, "run": {"seed": 2}}
+    other = project / "stages" / "train_teacher" / "seed2" / "model"   # a later run of another seed, teacher only
+    save_model_dir(other, build_model(STUDENT).eval(), STUDENT, {"test_top1_clip": 0.9}, config)
+    seed0 = project / "stages" / "train_teacher" / "key" / "model"
+    assert ladder.find_model_dir(project, "train_teacher") == other
+    assert ladder.find_model_dir(project, "train_teacher", seed=0) == seed0
+    rows = ladder.trained_ladder(project, tmp_path, threads=[1], rounds=1, iters=2)["rows"]
+    assert rows["teacher fp32"]["model_dir"] == str(seed0)
 
 
 def test_full_size_student_is_the_projects_final_one_unless_an_arch_is_given(tmp_path):

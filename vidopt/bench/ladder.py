@@ -84,16 +84,26 @@ def full_size_ladder(student: StudentArch, teacher: TeacherArch, work: Path, rou
             "meets_bars": {"speedup": speedup >= BARS["speedup"], "size_ratio": size_ratio >= BARS["size_ratio"]}}
 
 
-def find_model_dir(project: Path, stage: str) -> Path | None:
-    """The newest finished model dir of a stage (a model dir is written whole by a rename, arch.json inside). A project
-    dir holding several runs mixes their newest models: each row records the model dir it used."""
+def find_model_dir(project: Path, stage: str, seed: int | None = None) -> Path | None:
+    """The newest finished model dir of a stage (a model dir is written whole by a rename, arch.json inside), of the
+    runs with `seed` (run.seed in its config.json) where given. A project dir holding runs of one seed with different
+    settings mixes their newest models: each row records the model dir it used."""
     found = sorted((project / "stages" / stage).glob("*/model/arch.json"), key=lambda p: p.stat().st_mtime)
-    return found[-1].parent if found else None
+    found = [p.parent for p in found if seed is None or _run_seed(p.parent) == seed]
+    return found[-1] if found else None
+
+
+def _run_seed(model_dir: Path) -> int | None:
+    return json.loads((model_dir / "config.json").read_text()).get("run", {}).get("seed")
 
 
 def trained_ladder(project: Path, work: Path, threads: list[int], rounds: int = 5, iters: int = 10) -> dict:
-    """(b): every stage's model of a finished run, at the clip size the run used."""
-    found = {name: (stage, file, options, find_model_dir(project, stage)) for name, stage, file, options in STAGES}
+    """(b): every stage's model of a finished run, at the clip size the run used: the run of the newest int8 model's
+    seed (a project that ran seeds 0 and 2 compared seed 2's teacher with seed 0's int8 before)."""
+    final = find_model_dir(project, "quantize")
+    seed = None if final is None else _run_seed(final)
+    found = {name: (stage, file, options, find_model_dir(project, stage, seed))
+             for name, stage, file, options in STAGES}
     missing = [f"{name} ({stage})" for name, (stage, _, _, d) in found.items() if d is None]
     present = {name: (file, options, d) for name, (_, file, options, d) in found.items() if d is not None}
     if not present:
