@@ -405,8 +405,8 @@ def correct_constant_plane_rounding(quantized: onnx.ModelProto, source: onnx.Mod
     """A pixel model's stem reads one constant plane (PIXEL_MAX inside the frame: the normalisation's offset,
     DeployedStudent._weights_for_pixels). Every tap multiplies the same PIXEL_MAX there, so the rounding of that
     plane's int8 weights adds up over the taps instead of averaging out: on the demo's pruned student it was most of
-    the int8 error (per-clip max logit error, median over the test clips: 0.63 with the plain quantizer against 0.17
-    for the same model on normalised float input). At every output position whose taps all fall inside the frame the
+    the int8 error (per-clip max logit error, median over the test clips: 0.63 with the plain quantizer, 0.34 with
+    this correction, 0.17 for the same model on normalised float input). At every output position whose taps all fall inside the frame the
     error is a constant per output channel, PIXEL_MAX x the sum over the taps of (dequantized - float weight), and it
     comes off the stem's int32 bias here; the border positions keep the share of their out-of-frame taps."""
     graph, src = quantized.graph, source.graph
