@@ -420,26 +420,29 @@ def correct_constant_plane_rounding(quantized: onnx.ModelProto, source: onnx.Mod
     producer = {out: node for node in graph.node for out in node.output}
     if stem.input[1] not in producer or producer[stem.input[1]].op_type != "DequantizeLinear":
         return quantized                                    # a stem kept in float: nothing was rounded
-    float_weight = src_inits[next(n for n in src.node if n.op_type == "Conv").input[1]]   # [O, C'', k, k]
+    src_stem = next(n for n in src.node if n.op_type == "Conv")
+    float_weight = src_inits[src_stem.input[1]]                                 # [O, C'', k, k]
+    float_bias = src_inits[src_stem.input[2]] if len(src_stem.input) > 2 and src_stem.input[2] else 0.0
     constant = int(np.flatnonzero(planes[: float_weight.shape[1]] == planes.max())[0])
     inits = {t.name: t for t in graph.initializer}
     w_q, w_scale = (numpy_helper.to_array(inits[name]) for name in producer[stem.input[1]].input[:2])
+    w_scale = np.broadcast_to(w_scale.reshape(-1), w_q.shape[:1])   # [O]: per channel, or one per-tensor scale
     dequantized = w_q[:, constant].astype(np.float64) * w_scale[:, None, None]
     error = PIXEL_MAX * (dequantized - float_weight[:, constant]).sum(axis=(1, 2))   # [O], per output channel
     if len(stem.input) > 2 and stem.input[2]:
         bias_node = producer[stem.input[2]]
-        b_q, b_scale = (numpy_helper.to_array(inits[name]) for name in bias_node.input[:2])
+        b_scale = numpy_helper.to_array(inits[bias_node.input[1]])
         graph.initializer.remove(inits[bias_node.input[0]])
     else:   # an all-zero bias is dropped on export (untrained BN): add one, as the quantizer writes biases
         x_scale = numpy_helper.to_array(inits[producer[stem.input[0]].input[1]])
-        b_q, b_scale, name = np.zeros(len(w_scale), np.int32), (x_scale * w_scale).astype(np.float32), stem.name
+        b_scale, name = (x_scale * w_scale).astype(np.float32), stem.name
         bias_node = onnx.helper.make_node("DequantizeLinear", [f"{name}_bias_quantized", f"{name}_bias_scale",
                                                                f"{name}_bias_zero_point"], [f"{name}_bias"], axis=0)
         graph.initializer.extend([numpy_helper.from_array(b_scale, bias_node.input[1]),
                                   numpy_helper.from_array(np.zeros(len(w_scale), np.int32), bias_node.input[2])])
         graph.node.insert(0, bias_node)
         stem.input.append(bias_node.output[0])
-    corrected = np.round((b_q * b_scale - error) / b_scale).astype(np.int32)
+    corrected = np.round((float_bias - error) / b_scale).astype(np.int32)   # one rounding, as the quantizer's
     graph.initializer.append(numpy_helper.from_array(corrected, bias_node.input[0]))
     return quantized
 

@@ -471,21 +471,22 @@ def _stem_constant_offset(model: onnx.ModelProto, constant_plane: int) -> np.nda
     def value(name: str) -> np.ndarray:
         if name in inits:
             return inits[name].astype(np.float64)
-        q, scale = (inits[i] for i in producer[name].input[:2])
-        return q.astype(np.float64) * scale.reshape(-1, *[1] * (q.ndim - 1))
+        q, scale = (inits[i] for i in producer[name].input[:2])   # scale [O] (axis 0) or one per tensor
+        return q.astype(np.float64) * (scale.reshape(-1, *[1] * (q.ndim - 1)) if scale.ndim else scale)
 
     bias = value(stem.input[2]) if len(stem.input) > 2 and stem.input[2] else 0.0
     return PIXEL_MAX * value(stem.input[1])[:, constant_plane].sum(axis=(1, 2)) + bias
 
 
-@pytest.mark.parametrize("trained_bn", [True, False])   # untrained: an all-zero stem bias, which export drops
-def test_constant_plane_rounding_comes_off_the_stem_bias(student, trained_bn, tmp_path, monkeypatch):
+# untrained: an all-zero stem bias, which export drops; per_channel False: one weight scale per tensor
+@pytest.mark.parametrize("trained_bn, per_channel", [(True, True), (False, True), (True, False)])
+def test_constant_plane_rounding_comes_off_the_stem_bias(student, trained_bn, per_channel, tmp_path, monkeypatch):
     model = student if trained_bn else build_model(STUDENT_ARCH).eval()
     source = export_onnx(model, SHAPE, tmp_path / "pixels.onnx", channel_multiple=4, pixel_input=True)
     calibration = [_stored_clips(8, seed=i) for i in range(4)]
-    corrected = quantize_int8(source, tmp_path / "corrected.onnx", calibration)
+    corrected = quantize_int8(source, tmp_path / "corrected.onnx", calibration, per_channel)
     monkeypatch.setattr("vidopt.onnx_utils.correct_constant_plane_rounding", lambda quantized, _: quantized)
-    plain = quantize_int8(source, tmp_path / "plain.onnx", calibration)
+    plain = quantize_int8(source, tmp_path / "plain.onnx", calibration, per_channel)
     # One frame per stem conv: planes 0-5 the frame and its next one, 6 the constant plane, 7 padding
     exact = _stem_constant_offset(onnx.load(str(source)), 6)
     offsets = {name: _stem_constant_offset(onnx.load(str(path)), 6) for name, path in
