@@ -136,7 +136,8 @@ class PruneConfig(Section):
     #   4.5 points at 0.5, 3.0 at 0.1, 2.5 at 0
     lr: float = 2e-3  # one-cycle peak of every fine-tune, distill.lr's. Demo, Zen 4 host, test top-1 vs the unpruned
     #   student: 1e-3 lost 1.0 point (seed 0) and 1.5 (seed 2); 2e-3 lost 0.0 and gained 0.5, also a lower val
-    #   distillation loss on seed 0 (0.407 vs 0.431); 2e-3 with 30 fine-tune epochs: +1.5 (seed 0), -0.5 (seed 2), 35 s more
+    #   distillation loss on seed 0 (0.407 vs 0.431); 2e-3 with 30 fine-tune epochs: +1.5 (seed 0), -0.5 (seed 2),
+    #   35 s more
 
 
 class QuantizeConfig(Section):
