@@ -7,6 +7,7 @@
     vidopt bench export --stage-dir DIR                  each export target alone vs all at once on the pools
     vidopt bench rerun [--profile tiny]                  cold run vs unchanged re-run vs a quantize-only change
     vidopt bench int8-widths [...]                       int8 vs fp32 speed of 3x3 conv stacks at each layer width
+    vidopt bench ops [FILE ...] [--project-dir .vidopt]  onnxruntime's time per node: fp32 and every int8 form
     vidopt config [--profile demo] [...]                 print the resolved config
     vidopt listen [--profile demo] [...] [--once]        emit vidopt.data.arrived for new clips in data.source
     vidopt serve [--profile demo] [...]                  Prefect deployments of the pipeline: cron + new-data events
@@ -66,17 +67,17 @@ def cmd_sample(args: argparse.Namespace) -> int:
     return 0
 
 
-BENCHES = ("decode", "ladder", "export", "rerun", "int8-widths")
+BENCHES = ("decode", "ladder", "export", "rerun", "int8-widths", "ops")
 
 
 def run_bench(name: str, argv: list[str]) -> int:
     """Each benchmark parses its own arguments (argparse's REMAINDER would drop a leading --option)."""
-    from vidopt.bench import decode, int8_widths, ladder
+    from vidopt.bench import decode, int8_widths, ladder, ops
     from flows import bench_rerun as rerun
     from workers import bench as export
 
     {"decode": decode.main, "ladder": ladder.main, "export": export.main, "rerun": rerun.main,
-     "int8-widths": int8_widths.main}[name](argv)
+     "int8-widths": int8_widths.main, "ops": ops.main}[name](argv)
     return 0
 
 
@@ -133,7 +134,8 @@ def build_parser() -> argparse.ArgumentParser:
     for name, what in (("decode", "decord vs PyAV clip sampling"), ("ladder", "teacher -> int8 student, side by side"),
                        ("export", "export targets alone vs all together on the Ray pools"),
                        ("rerun", "cold run vs unchanged re-run vs quantize-only change (Prefect's cache)"),
-                       ("int8-widths", "int8 vs fp32 speed of conv stacks by layer width")):
+                       ("int8-widths", "int8 vs fp32 speed of conv stacks by layer width"),
+                       ("ops", "onnxruntime's time per node of ONNX files, side by side")):
         one = bench.add_parser(name, help=what, add_help=False)
         one.add_argument("rest", nargs=argparse.REMAINDER)
 

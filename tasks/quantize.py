@@ -31,8 +31,9 @@ from vidopt.config import PipelineConfig
 from vidopt.distillation import ClipSet, attach_teacher_logits, clip_set_top1, distillation_loss
 from vidopt.metrics import count_macs, count_params, top1, top1_per_video
 from vidopt.models import StudentArch
-from vidopt.onnx_utils import (INT8_FORMS_DIR, INT8_WEIGHT_MAX, PARITY_TOLERANCE, compare_latency, export_onnx,
-                               file_mb, input_layout, ort_predict, ort_session, quantize_model_int8, takes_pixels)
+from vidopt.onnx_utils import (FP32_FILE, INT8_FILE, INT8_FORMS_DIR, INT8_WEIGHT_MAX, PARITY_TOLERANCE,
+                               compare_latency, export_onnx, file_mb, input_layout, ort_predict, ort_session,
+                               quantize_model_int8, takes_pixels)
 from vidopt.stages import artifact_hash, split_rows, stage_dir
 from vidopt.storage import atomic_write_text, sha256_file
 from vidopt.tracking import stage_run
@@ -40,7 +41,7 @@ from vidopt.training import FitSpec, fit, predict
 
 log = logging.getLogger("vidopt.quantize")
 
-FP32_FILE, INT8_FILE, NOTES = "model_fp32.onnx", "model_int8.onnx", "notes.json"
+NOTES = "notes.json"
 # distill: the QAT loss (alpha, temperature) and the cached training clips; budgets: min_argmax_agreement decides which
 # int8 forms may be kept
 SECTIONS = ["clips", "distill", "quantize", "budgets"]

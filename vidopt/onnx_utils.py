@@ -68,6 +68,7 @@ INT8_CONV_CHANNELS_PER_PASS = 64
 # A model dir's folder of every int8 form quantize_model_int8 made (the CPU target ranks them again on its own
 # machine), and the index in it naming each form and its file.
 INT8_FORMS_DIR, FORMS_INDEX = "int8_forms", "forms.json"
+FP32_FILE, INT8_FILE = "model_fp32.onnx", "model_int8.onnx"  # the quantize stage's model dir: its fp32 and int8 files
 FORM_ROUNDS, FORM_MIN_SECONDS = 5, 0.1  # timing the int8 forms: ~3 s for the demo student (3 x 0.05 s misranked
 # forms 10% apart on a loaded machine)
 

@@ -18,12 +18,10 @@ import onnxruntime as ort
 
 from vidopt.artifacts import ExportJob, TargetResult
 from vidopt.data import normalise_clips
-from vidopt.onnx_utils import (FORMS_INDEX, INPUT_NAME, INT8_FORMS_DIR, OUTPUT_NAME, faithful_int8_forms, input_layout,
-                               int8_form_files, measure_latency, ort_predict, ort_session, rank_int8_forms,
-                               takes_pixels)
+from vidopt.onnx_utils import (FORMS_INDEX, INPUT_NAME, INT8_FILE, INT8_FORMS_DIR, OUTPUT_NAME, faithful_int8_forms,
+                               input_layout, int8_form_files, measure_latency, ort_predict, ort_session,
+                               rank_int8_forms, takes_pixels)
 from workers.common import archive, batches, load_stored_clips, parity, reference_logits, top1
-
-INT8_FILE = "model_int8.onnx"
 
 
 def run_target(job: ExportJob) -> TargetResult:

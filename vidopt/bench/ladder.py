@@ -26,7 +26,7 @@ import torch
 from vidopt.checkpoint import load_model_dir
 from vidopt.metrics import count_macs, count_params
 from vidopt.models import StudentArch, TeacherArch, arch_from_dict, build_model
-from vidopt.onnx_utils import compare_latency, export_onnx, file_mb, quantize_model_int8
+from vidopt.onnx_utils import INT8_FILE, compare_latency, export_onnx, file_mb, quantize_model_int8
 from vidopt.storage import atomic_path, atomic_write_text
 
 log = logging.getLogger("vidopt.bench.ladder")
@@ -49,7 +49,7 @@ STAGES = [  # (row name, stage folder, file run by onnxruntime: exported from th
     ("student fp32", "distill", None, {}),
     ("pruned fp32", "prune", None, {}),
     ("pruned fp32 uint8-in", "prune", None, {"pixel_input": True}),
-    ("pruned int8", "quantize", "model_int8.onnx", {}),
+    ("pruned int8", "quantize", INT8_FILE, {}),
 ]
 
 
