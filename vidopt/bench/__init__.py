@@ -1,0 +1,14 @@
+"""Benchmarks: scripts that print numbers (`vidopt bench ...`), each also writing them as JSON and a markdown table."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from vidopt.storage import atomic_write_text
+
+
+def write_report(out: Path, stem: str, report: dict, table: str) -> None:
+    """<out>/<stem>.json (the numbers) and <out>/<stem>.md (`table`), each written whole, then the table on stdout."""
+    atomic_write_text(out / f"{stem}.json", json.dumps(report, indent=2))
+    atomic_write_text(out / f"{stem}.md", table)
+    print(table, end="")

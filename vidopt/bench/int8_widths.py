@@ -14,7 +14,6 @@ included) at batch `frames` on 1 thread, interleaved, the median over rounds.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import tempfile
 from pathlib import Path
@@ -22,8 +21,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from vidopt.bench import write_report
 from vidopt.onnx_utils import compare_latency, export_onnx, quantize_int8
-from vidopt.storage import atomic_write_text
 
 log = logging.getLogger("vidopt.bench.int8_widths")
 DEFAULTS = {"widths": [16, 32, 48, 64, 128], "frames": 8, "size": 16, "depth": 4, "rounds": 5, "min_seconds": 0.25}
@@ -86,10 +85,7 @@ def main(argv: list[str] | None = None) -> dict:
             rows.append(measure_width(width, args.frames, args.size, args.depth, args.rounds, args.min_seconds,
                                       Path(tmp)))
     report = {"setup": setup, "rows": rows}
-    table = markdown(report)
-    atomic_write_text(args.out / "int8_widths.json", json.dumps(report, indent=2))
-    atomic_write_text(args.out / "int8_widths.md", table)
-    print(table, end="")
+    write_report(args.out, "int8_widths", report, markdown(report))
     return report
 
 

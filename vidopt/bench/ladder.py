@@ -23,11 +23,12 @@ from pathlib import Path
 
 import torch
 
+from vidopt.bench import write_report
 from vidopt.checkpoint import load_model_dir
 from vidopt.metrics import count_macs, count_params
 from vidopt.models import StudentArch, TeacherArch, arch_from_dict, build_model
 from vidopt.onnx_utils import INT8_FILE, compare_latency, export_onnx, file_mb, quantize_model_int8
-from vidopt.storage import atomic_path, atomic_write_text
+from vidopt.storage import atomic_path
 
 log = logging.getLogger("vidopt.bench.ladder")
 FULL_SIZE_INPUT, FULL_SIZE_CLASSES = (16, 112, 112), 400  # T, H, W and classes of the published r2plus1d_18
@@ -280,13 +281,10 @@ def main(argv: list[str] | None = None) -> dict:
         if args.project_dir:
             report["trained"] = trained_ladder(args.project_dir.resolve(), work, args.threads, args.rounds,
                                                max(args.iters, 5))
-    table = markdown(report)
-    atomic_write_text(args.out / "ladder.json", json.dumps(report, indent=2))
-    atomic_write_text(args.out / "ladder.md", table)
     if "trained" in report:
         with atomic_path(args.out / "ladder.png") as tmp:
             tmp.write_bytes(ladder_png(report["trained"]))
-    print(table, end="")
+    write_report(args.out, "ladder", report, markdown(report))
     return report
 
 

@@ -23,9 +23,9 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
+from vidopt.bench import write_report
 from vidopt.bench.ladder import find_model_dir
 from vidopt.onnx_utils import FP32_FILE, INT8_FORMS_DIR, PIXEL_MAX, int8_form_files
-from vidopt.storage import atomic_write_text
 
 log = logging.getLogger("vidopt.bench.ops")
 DEFAULTS = {"threads": 1, "calls": 2000, "warmup": 50, "top": 12}
@@ -152,10 +152,7 @@ def main(argv: list[str] | None = None) -> dict:
         log.info("bench ops: %s (%d of %d), %d calls", name, i, len(files), args.calls)
         models[name] = profile_model(path, args.threads, args.calls, args.warmup)
     report = {"setup": {"threads": args.threads, "calls": args.calls, "batch": 1}, "forms": forms, "models": models}
-    table = markdown(report, args.top)
-    atomic_write_text(args.out / "ops.json", json.dumps(report, indent=2))
-    atomic_write_text(args.out / "ops.md", table)
-    print(table, end="")
+    write_report(args.out, "ops", report, markdown(report, args.top))
     return report
 
 
