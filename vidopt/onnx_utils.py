@@ -109,15 +109,18 @@ def export_onnx(model: nn.Module, input_shape: Sequence[int], path: str | Path, 
     return path
 
 
-def ort_session(path: str | Path, threads: int = 1) -> ort.InferenceSession:
+def ort_session(path: str | Path, threads: int = 1, profile_prefix: Path | None = None) -> ort.InferenceSession:
     """CPU session with `threads` intra-op threads, one inter-op thread and sequential execution: the model's ops
-    run one after another, each split over `threads` cores, which is how a serving process pinned to N cores runs."""
+    run one after another, each split over `threads` cores, which is how a serving process pinned to N cores runs.
+    With `profile_prefix`, onnxruntime's profiler times every node (end_profiling() writes its JSON there)."""
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.log_severity_level = 3  # errors only
+    if profile_prefix is not None:
+        options.enable_profiling, options.profile_file_prefix = True, str(profile_prefix)
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
@@ -127,6 +130,15 @@ def takes_pixels(model: ort.InferenceSession | onnx.ModelProto) -> bool:
     if isinstance(model, onnx.ModelProto):
         return model.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.UINT8
     return model.get_inputs()[0].type == "tensor(uint8)"
+
+
+def random_input(session: ort.InferenceSession, shape: Sequence[int], seed: int = 0) -> np.ndarray:
+    """A random input of `shape` for the session: uint8 pixels for a pixel model (takes_pixels), else standard
+    normal floats (normalised clips)."""
+    random = np.random.default_rng(seed)
+    if takes_pixels(session):
+        return random.integers(0, PIXEL_MAX + 1, tuple(shape), dtype=np.uint8)
+    return random.standard_normal(tuple(shape), dtype=np.float32)
 
 
 def model_input(batch, pixels: bool) -> np.ndarray:
@@ -554,11 +566,7 @@ def measure_latency(path: str | Path, input_shape: Sequence[int], batch: int = 1
     runs: p50/p95 per call in ms, and clips per second at the median (batch / p50; the median resists the noisy
     neighbours a shared machine has). A sub-millisecond model needs the time floor: 5 calls gave its p50 +-20%."""
     session = ort_session(path, threads)
-    random = np.random.default_rng(seed)
-    shape = (batch, *input_shape)
-    x = (random.integers(0, PIXEL_MAX + 1, shape, dtype=np.uint8) if takes_pixels(session)
-         else random.standard_normal(shape, dtype=np.float32))
-    feed = {INPUT_NAME: x}
+    feed = {INPUT_NAME: random_input(session, (batch, *input_shape), seed)}
     for _ in range(warmup):
         session.run([OUTPUT_NAME], feed)
     times: list[float] = []

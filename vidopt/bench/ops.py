@@ -25,43 +25,24 @@ import onnxruntime as ort
 
 from vidopt.bench import write_report
 from vidopt.bench.ladder import find_model_dir
-from vidopt.onnx_utils import FP32_FILE, INT8_FORMS_DIR, PIXEL_MAX, int8_form_files
+from vidopt.onnx_utils import FP32_FILE, INT8_FORMS_DIR, int8_form_files, ort_session, random_input
 
 log = logging.getLogger("vidopt.bench.ops")
 DEFAULTS = {"threads": 1, "calls": 2000, "warmup": 50, "top": 12}
 KERNEL_SUFFIX = "_kernel_time"  # the profiler's event for a node's kernel: "<node name>_kernel_time"
 
 
-def profiled_session(path: Path, threads: int, prefix: Path) -> ort.InferenceSession:
-    """As onnx_utils.ort_session (sequential, `threads` intra-op threads, every graph optimisation), with the profiler
-    on, writing its JSON under `prefix`."""
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    options.log_severity_level = 3
-    options.enable_profiling = True
-    options.profile_file_prefix = str(prefix)
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-
-
 def batch_one_input(session: ort.InferenceSession) -> dict[str, np.ndarray]:
-    """A random input at batch 1 for the session's one input: uint8 pixels or float clips, as the model declares."""
+    """A random input at batch 1 for the session's one input (any file: its shape is read from the session)."""
     spec = session.get_inputs()[0]
-    shape = [1 if not isinstance(d, int) else d for d in spec.shape]   # the symbolic batch dimension -> 1
-    random = np.random.default_rng(0)
-    if spec.type == "tensor(uint8)":
-        return {spec.name: random.integers(0, PIXEL_MAX + 1, shape, dtype=np.uint8)}
-    if spec.type == "tensor(float)":
-        return {spec.name: random.standard_normal(shape, dtype=np.float32)}
-    raise ValueError(f"bench ops: input {spec.name!r} is a {spec.type}; only uint8 and float inputs are fed")
+    shape = [d if isinstance(d, int) else 1 for d in spec.shape]   # the symbolic batch dimension -> 1
+    return {spec.name: random_input(session, shape)}
 
 
 def profile_model(path: Path, threads: int, calls: int, warmup: int) -> dict:
     """{"model_run_us": median whole run, "nodes": [{"node", "op", "us"}] slowest first, "nodes_us": their sum}."""
     with tempfile.TemporaryDirectory(prefix="vidopt-bench-ops-") as tmp:
-        session = profiled_session(path, threads, Path(tmp) / "profile")
+        session = ort_session(path, threads, profile_prefix=Path(tmp) / "profile")
         feed = batch_one_input(session)
         for _ in range(warmup + calls):
             session.run(None, feed)
