@@ -41,10 +41,9 @@ STAGE, SECTIONS = "distill", ["distill", "clips"]
 
 
 def student_arch(cfg: PipelineConfig, num_classes: int) -> StudentArch:
-    d, c = cfg.distill, cfg.clips
-    return StudentArch(frames=c.frames, height=c.height, width=c.width, conv_widths=d.conv_widths,
-                       conv_strides=d.conv_strides, temporal_widths=d.temporal_widths, pool_grid=d.pool_grid,
-                       frame_differences=d.frame_differences, num_classes=num_classes)
+    c = cfg.clips
+    return StudentArch(frames=c.frames, height=c.height, width=c.width, num_classes=num_classes,
+                       **cfg.distill.architecture())
 
 
 def work_dir(cfg: PipelineConfig, dataset: DatasetArtifact, teacher: ModelArtifact) -> Path:

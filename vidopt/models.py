@@ -11,7 +11,7 @@ import copy
 from typing import Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
@@ -30,6 +30,8 @@ class TeacherArch(BaseModel):
 
 
 class StudentArch(BaseModel):
+    """A student's record. Its defaults keep what records written before a field existed meant (a 3x3 stem); the
+    pipeline's student is DistillConfig's (vidopt/config.py)."""
     model_config = ConfigDict(extra="forbid")
     kind: Literal["student"] = "student"
     frames: int = 16                        # T: the temporal head pools over exactly T steps
@@ -37,21 +39,39 @@ class StudentArch(BaseModel):
     width: int = 112
     conv_widths: list[int] = Field(default_factory=lambda: [16, 32, 64, 128])   # per Conv2d, in order
     conv_strides: list[int] = Field(default_factory=lambda: [2, 2, 2, 2])       # per Conv2d
+    stem_kernel: int = 3                    # the first conv's: odd = padded to keep the map (stride aside), as the
+    #                                         3x3 rest; = its stride: non-overlapping patches, unpadded (patchify)
     temporal_widths: list[int] = Field(default_factory=lambda: [128])          # per temporal Conv1d
     temporal_kernel: int = 3
     pool_grid: int = 2                      # encoder output averaged to a grid x grid map, then flattened
     frame_differences: bool = True          # the encoder sees each frame and its difference to the next frame
     num_classes: int = 400
 
+    @model_validator(mode="after")
+    def _stem_fits_its_stride(self) -> "StudentArch":
+        self.conv_geometry(0)
+        return self
+
     def input_channels(self) -> int:
         """Channels of one frame as the encoder takes it: RGB, then (with frame_differences) the RGB difference."""
         return 6 if self.frame_differences else 3
 
+    def conv_geometry(self, index: int) -> tuple[int, int]:
+        """(kernel, padding) of encoder conv `index`: 3x3 padded by 1, but for the stem's stem_kernel."""
+        kernel = self.stem_kernel if index == 0 else 3
+        if kernel % 2:
+            return kernel, kernel // 2
+        if kernel != self.conv_strides[0]:
+            raise ValueError(f"student: stem_kernel={kernel} must be odd (a padded conv) or equal to the stem's "
+                             f"stride {self.conv_strides[0]} (non-overlapping patches)")
+        return kernel, 0
+
     def final_map(self) -> tuple[int, int]:
-        """Feature-map size after the encoder (3x3 convs with padding 1: ceil division by each stride)."""
+        """Feature-map size after the encoder: each conv maps n to (n + 2 padding - kernel) // stride + 1."""
         h, w = self.height, self.width
-        for s in self.conv_strides:
-            h, w = (h + s - 1) // s, (w + s - 1) // s
+        for i, s in enumerate(self.conv_strides):
+            kernel, padding = self.conv_geometry(i)
+            h, w = (h + 2 * padding - kernel) // s + 1, (w + 2 * padding - kernel) // s + 1
         return h, w
 
     def pool_window(self) -> tuple[tuple[int, int], tuple[int, int]]:
@@ -68,9 +88,9 @@ class StudentArch(BaseModel):
         return self.conv_widths[-1] * self.pool_grid**2
 
 
-def conv_bn_relu_2d(cin: int, cout: int, stride: int) -> nn.Sequential:
-    return nn.Sequential(nn.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=False), nn.BatchNorm2d(cout),
-                         nn.ReLU(inplace=True))
+def conv_bn_relu_2d(cin: int, cout: int, stride: int, kernel: int = 3, padding: int = 1) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(cin, cout, kernel, stride=stride, padding=padding, bias=False),
+                         nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
 
 
 def with_frame_differences(x: torch.Tensor) -> torch.Tensor:
@@ -92,12 +112,14 @@ class FrameEncoder(nn.Module):
     def __init__(self, spec: StudentArch):
         super().__init__()
         layers, cin = [], spec.input_channels()
-        for cout, stride in zip(spec.conv_widths, spec.conv_strides, strict=True):
-            layers.append(conv_bn_relu_2d(cin, cout, stride))
+        for i, (cout, stride) in enumerate(zip(spec.conv_widths, spec.conv_strides, strict=True)):
+            layers.append(conv_bn_relu_2d(cin, cout, stride, *spec.conv_geometry(i)))
             cin = cout
         self.convs = nn.Sequential(*layers)
         kernel, stride = spec.pool_window()
-        self.pool = nn.AvgPool2d(kernel, stride)
+        # A 1x1 window (a final map already grid x grid) averages nothing: no op at all, where onnxruntime's int8
+        # average pool would still cost ~25 us of a ~250 us model
+        self.pool = nn.Identity() if kernel == (1, 1) else nn.AvgPool2d(kernel, stride)
         self.flatten = nn.Flatten()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -142,6 +164,11 @@ class Student(nn.Module):
         features = self.encoder(frames)                           # [B*T, D], D = width * grid^2
         features = features.reshape(b, t, -1).transpose(1, 2)     # -> [B, D, T]
         return self.head(features)
+
+
+def has_pool(student: Student) -> bool:
+    """Whether the student's encoder averages its final map (FrameEncoder: not where it is already the grid)."""
+    return isinstance(student.encoder.pool, nn.AvgPool2d)
 
 
 class DeployedStudent(nn.Module):
@@ -212,7 +239,8 @@ class DeployedStudent(nn.Module):
         self.packed = nn.Sequential(*[self._block_diagonal(block, g) for block in body[:packed_body]])
         self.body, self.pool, self.flatten = body[packed_body:], student.encoder.pool, student.encoder.flatten
         self.head = student.head
-        if pool_as_conv:   # on packed channels too, where the whole body is packed: a depthwise conv is per channel
+        if pool_as_conv and has_pool(student):   # on packed channels too, where the whole body is packed: a
+            #                                        depthwise conv is per channel
             channels = student.encoder.convs[-1][0].out_channels * (g if packed_body == len(body) else 1)
             self.pool = nn.Conv2d(channels, channels, self.pool.kernel_size, self.pool.stride, groups=channels,
                                   bias=False)

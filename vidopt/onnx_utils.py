@@ -25,7 +25,7 @@ from onnxruntime.quantization.shape_inference import quant_pre_process
 from torch import nn
 
 from vidopt.data import normalise_clips
-from vidopt.models import PIXEL_MAX, DeployedStudent, Student
+from vidopt.models import PIXEL_MAX, DeployedStudent, Student, has_pool
 from vidopt.storage import atomic_dir, atomic_path
 
 log = logging.getLogger("vidopt.onnx_utils")
@@ -206,9 +206,11 @@ def int8_forms(model: nn.Module) -> list[dict]:
     plain form for other models."""
     if not isinstance(model, Student):
         return [{}]
+    poolings = (False, True) if has_pool(model) else (False,)   # no pool: nothing to pool as a conv
     forms = [{"frames_per_stem": packing, "pool_as_conv": as_conv, "pixel_input": True}
-             for packing in int8_stem_packings(model) for as_conv in (False, True)]
-    return forms + [{"frames_per_stem": packing, "pool_as_conv": True, "pixel_input": True, "packed_body": layers}
+             for packing in int8_stem_packings(model) for as_conv in poolings]
+    return forms + [{"frames_per_stem": packing, "pool_as_conv": poolings[-1], "pixel_input": True,
+                     "packed_body": layers}
                     for packing in int8_stem_packings(model) if packing > 1
                     for layers in int8_body_packings(model, packing)]
 

@@ -22,7 +22,7 @@ from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from vidopt.artifacts import ExportJob, TargetResult
 from vidopt.checkpoint import load_model_dir
-from vidopt.models import Student, StudentArch
+from vidopt.models import Student, StudentArch, has_pool
 from workers.common import archive, batches, load_eval_clips, parity, reference_logits, top1
 
 CALIBRATION_CLIPS = 32   # first N eval clips whose activations set each layer's integer bits
@@ -50,7 +50,8 @@ def fold_student(model: Student, arch: StudentArch) -> tuple[nn.Sequential, nn.S
         return layers
 
     encoder = fold(model.encoder.convs, "")
-    encoder["pool"] = _stream_safe_pool(model.encoder.pool, arch.conv_widths[-1])
+    if has_pool(model):   # a final map already grid x grid is flattened as it is
+        encoder["pool"] = _stream_safe_pool(model.encoder.pool, arch.conv_widths[-1])
     encoder["flatten"] = nn.Flatten()
     head = fold(model.head.convs, "t")
     head.update(pool=model.head.pool, flatten=nn.Flatten(), fc=model.head.fc)
@@ -279,7 +280,7 @@ def run_target(job: ExportJob) -> TargetResult:
         enc_types = layer_precisions(encoder, enc_ranges, width, margin)
         head_types = layer_precisions(head, head_ranges, width, margin)
         # one type on the wire: the encoder's output stream feeds the head as it is
-        head_types["input"] = {"result": enc_types["pool"]["result"]}
+        head_types["input"] = {"result": enc_types[list(enc_types)[-1]]["result"]}
         enc_ip, enc_s = build_ip(hls4ml, encoder, (c, arch.height, arch.width), enc_types, root / "encoder", tb_enc,
                                  width)
         head_ip, head_s = build_ip(hls4ml, head, (d, t), head_types, root / "head", tb_head, width)

@@ -8,6 +8,7 @@ import torch
 
 from vidopt.bench import ladder
 from vidopt.checkpoint import save_model_dir
+from vidopt.config import DistillConfig
 from vidopt.metrics import count_macs
 from vidopt.models import StudentArch, TeacherArch, build_model
 from vidopt.onnx_utils import quantize_model_int8, takes_pixels
@@ -135,4 +136,5 @@ def test_full_size_student_is_the_projects_final_one_unless_an_arch_is_given(tmp
     assert ladder.full_size_student(None, project).conv_widths == PRUNED.conv_widths  # the quantize stage's model
     (tmp_path / "arch.json").write_text(STUDENT.model_dump_json())
     assert ladder.full_size_student(tmp_path / "arch.json", project).conv_widths == STUDENT.conv_widths
-    assert ladder.full_size_student(None, None) == StudentArch()
+    default = ladder.full_size_student(None, None)  # the pipeline's student at full size
+    assert default == StudentArch(**DistillConfig().architecture()) and (default.frames, default.height) == (16, 112)

@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from vidopt.models import Student, StudentArch, TeacherArch, arch_from_dict, build_model, with_frame_differences
@@ -47,3 +48,20 @@ def test_a_student_record_from_before_frame_differences_rebuilds_its_rgb_encoder
     rebuilt = arch_from_dict(old_record)
     assert rebuilt.frame_differences is False and build_model(rebuilt).encoder.convs[0][0].in_channels == 3
     assert arch_from_dict(ARCH.model_dump()) == ARCH  # records that name the field keep it
+
+
+def test_a_patchify_stem_cuts_non_overlapping_patches_and_the_pooling_fits_its_map():
+    arch = ARCH.model_copy(update={"conv_strides": [4, 2], "stem_kernel": 4})
+    arch = StudentArch.model_validate(arch.model_dump())
+    model = Student(arch).eval()
+    stem = model.encoder.convs[0][0]
+    assert (stem.kernel_size, stem.stride, stem.padding) == ((4, 4), (4, 4), (0, 0))
+    assert arch.final_map() == (2, 2)  # 16 -> 4 patches -> 2 (3x3, stride 2, padded)
+    frames = torch.rand(3, 6, 16, 16)
+    assert model.encoder.convs(frames).shape[-2:] == arch.final_map()
+    assert model(torch.rand(2, 3, 4, 16, 16)).shape == (2, 3)
+
+
+def test_a_stem_kernel_neither_odd_nor_its_stride_is_refused_by_name():
+    with pytest.raises(ValueError, match="stem_kernel=4"):
+        StudentArch.model_validate({**ARCH.model_dump(), "stem_kernel": 4})  # stride 2: patches would overlap

@@ -179,6 +179,23 @@ def test_packed_body_is_the_same_function(student, frames_per_stem, packed_body,
         assert (got - student(normalise_clips(stored))).abs().max() < 1e-5
 
 
+@pytest.mark.parametrize("stem_kernel, padding", [(4, 0), (5, 2)])
+@pytest.mark.parametrize("frames_per_stem, packed_body", [(1, 0), (4, 0), (4, 1)])
+def test_a_stride_4_stem_deploys_as_the_same_function(stem_kernel, padding, frames_per_stem, packed_body):
+    """4x4 patches unpadded, or 5x5 windows padded by 2: the constant plane that carries the pixels' normalisation
+    must count exactly the taps inside the frame either way."""
+    torch.manual_seed(0)
+    arch = StudentArch(frames=4, height=32, width=32, conv_widths=[8, 16, 16], conv_strides=[4, 1, 2],
+                       stem_kernel=stem_kernel, temporal_widths=[16], num_classes=6)
+    student = _with_bn_statistics(build_model(arch))
+    deployed = DeployedStudent(student, 4, frames_per_stem, True, True, packed_body).eval()
+    assert deployed.stem.kernel_size == (stem_kernel,) * 2 and deployed.stem.padding == (padding,) * 2
+    stored = _stored_clips(3)
+    with torch.no_grad():
+        got = deployed(stored.movedim(-1, 1).contiguous())
+        assert (got - student(normalise_clips(stored))).abs().max() < 1e-5
+
+
 def test_stem_packing_must_divide_the_frames(student):
     with pytest.raises(ValueError, match="frames_per_stem=3 does not divide"):
         DeployedStudent(student, 4, frames_per_stem=3)
@@ -199,6 +216,17 @@ def test_int8_stem_packings_fill_one_pass_of_the_int8_conv(stem_width, frames, e
         [(g, 0) for g in expected for _ in "ab"] + [(g, 1) for g in expected if g > 1]
     teacher = build_model(TeacherArch(arch="r3d_18", width=0.125, num_classes=3))
     assert int8_stem_packings(teacher) == [1] and int8_forms(teacher) == [{}]
+
+
+def test_a_student_without_a_pool_gets_no_pooling_forms():
+    """A final map already grid x grid is not pooled (FrameEncoder), so there is no pool to run as a conv."""
+    arch = StudentArch(frames=8, height=16, width=16, conv_widths=[16, 16], conv_strides=[4, 2], stem_kernel=5,
+                       temporal_widths=[8], pool_grid=2, num_classes=3)
+    model = build_model(arch)
+    assert isinstance(model.encoder.pool, torch.nn.Identity)
+    assert [form["pool_as_conv"] for form in int8_forms(model)] == [False, False, False]   # G = 1, 4; 4 + body
+    deployed = DeployedStudent(model, 4, 4, pool_as_conv=True, pixel_input=True).eval()
+    assert isinstance(deployed.pool, torch.nn.Identity)
 
 
 @pytest.mark.parametrize("body_widths, frames_per_stem, expected", [([16, 16, 48], 4, [1, 2]), ([16, 16, 48], 2, [1, 2]),

@@ -15,10 +15,11 @@ from vidopt.data import normalise_clips
 from vidopt.models import Student, StudentArch
 from workers import fpga
 
-# 28x28 -> 14 -> 7: a 7x7 map pooled to a 2x2 grid uses overlapping windows (kernel 4, stride 3), the case hls4ml's
-# io_stream pooling rejects and the worker rewrites as a conv; 16x16 would not exercise it.
-ARCH = StudentArch(frames=4, height=28, width=28, conv_widths=[4, 8], conv_strides=[2, 2], temporal_widths=[8],
-                   pool_grid=2, num_classes=3)
+# The pipeline's 5x5 stride-4 stem (padded by 2): 28x28 -> 7 -> 7. A 7x7 map pooled to a 2x2 grid uses overlapping
+# windows (kernel 4, stride 3), the case hls4ml's io_stream pooling rejects and the worker rewrites as a conv; 16x16
+# would not exercise it.
+ARCH = StudentArch(frames=4, height=28, width=28, conv_widths=[4, 8], conv_strides=[4, 1], stem_kernel=5,
+                   temporal_widths=[8], pool_grid=2, num_classes=3)
 
 
 def _clips(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -64,6 +65,16 @@ def test_overlapping_pool_becomes_an_equal_conv():
     x = torch.randn(2, 5, 7, 7)
     torch.testing.assert_close(replaced(x), pool(x))
     assert fpga._stream_safe_pool(nn.AvgPool2d(2, 2), 5).__class__ is nn.AvgPool2d
+
+
+def test_a_final_map_already_the_grid_folds_without_a_pool():
+    arch = StudentArch.model_validate({**ARCH.model_dump(), "height": 8, "width": 8})  # 8 -> 2 -> 2: the 2x2 grid
+    model = Student(arch).eval()
+    encoder, _head = fpga.fold_student(model, arch)
+    assert [name for name, _ in encoder.named_children()] == ["conv0", "relu0", "conv1", "relu1", "flatten"]
+    frames = torch.randn(3, 6, 8, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(encoder(frames), model.encoder(frames), atol=1e-5, rtol=1e-5)
 
 
 def test_missing_compiler_or_hls4ml_skips(job, monkeypatch):

@@ -25,6 +25,7 @@ import torch
 
 from vidopt.bench import write_report
 from vidopt.checkpoint import load_model_dir
+from vidopt.config import DistillConfig
 from vidopt.metrics import count_macs, count_params
 from vidopt.models import StudentArch, TeacherArch, arch_from_dict, build_model
 from vidopt.onnx_utils import INT8_FILE, compare_latency, export_onnx, file_mb, quantize_model_int8
@@ -243,10 +244,12 @@ def ladder_png(trained: dict) -> bytes:
 
 
 def full_size_student(arch_file: Path | None, project: Path | None) -> StudentArch:
-    """(a)'s student: `arch_file`, else the final (quantize stage) student of `project`, else StudentArch's widths."""
+    """(a)'s student: `arch_file`, else the final (quantize stage) student of `project`, else the pipeline's default
+    student (DistillConfig's architecture) at StudentArch's full size."""
     final = find_model_dir(project.resolve(), "quantize") if project and arch_file is None else None
     arch_file = arch_file or (final / "arch.json" if final else None)
-    student = arch_from_dict(json.loads(arch_file.read_text())) if arch_file else StudentArch()
+    student = arch_from_dict(json.loads(arch_file.read_text())) if arch_file else \
+        StudentArch(**DistillConfig().architecture())
     if student.kind != "student":
         raise SystemExit(f"bench.ladder: {arch_file} describes a {student.kind}, not a student")
     return student
@@ -255,7 +258,7 @@ def full_size_student(arch_file: Path | None, project: Path | None) -> StudentAr
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(prog="vidopt bench ladder", description=__doc__.split("\n")[0])
     parser.add_argument("--arch", type=Path, help="student arch.json for (a); its widths are used at 16x112x112 with "
-                        "400 classes (default: the final student of --project-dir, else StudentArch's widths)")
+                        "400 classes (default: the final student of --project-dir, else the pipeline's default student)")
     parser.add_argument("--project-dir", type=Path, help="a finished run's project dir: adds the trained ladder (b)")
     parser.add_argument("--out", type=Path, default=Path(".vidopt/bench/ladder"),
                         help="writes ladder.json, ladder.md (and ladder.png with --project-dir)")
