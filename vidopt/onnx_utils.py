@@ -235,8 +235,9 @@ def int8_stem_packings(model: nn.Module) -> list[int]:
 
 def int8_body_packings(model: Student, frames_per_stem: int) -> list[int]:
     """The packed_body values int8_forms tries after a stem packing G: 1 up to the leading body convs whose G packed
-    blocks fit one pass of the int8 conv (G x width <= INT8_CONV_CHANNELS_PER_PASS): 1 and 2 for the demo's
-    [16, 16, 16, 48] at G = 4. A wider packed conv would do more passes on its G-times wider input."""
+    blocks fit one pass of the int8 conv (G x width <= INT8_CONV_CHANNELS_PER_PASS): 1 and 2 for the old demo
+    student's [16, 16, 16, 48] at G = 4, none for the present [16, 32, 32, 80]. A wider packed conv would do more
+    passes on its G-times wider input."""
     fitting = 0
     for block in model.encoder.convs[1:]:
         if frames_per_stem * block[0].out_channels > INT8_CONV_CHANNELS_PER_PASS:
