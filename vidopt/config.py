@@ -83,8 +83,9 @@ class TeacherConfig(Section):
 
 class DistillConfig(Section):
     # Student architecture: per-frame 2D encoder widths (3x3 convs but the stem, stride as listed), temporal Conv1d
-    # widths. A 5x5 stem at stride 4, so that the 16-wide stem, which int8 barely speeds up, works on a quarter of the
-    # pixels, and the compute sits in the 32-80 wide convs where onnxruntime's int8 is 2.5-3x fp32. On the Zen 4, demo
+    # widths. A 5x5 stem at stride 4: the stem, which int8 barely speeds up at the 16 channels pruning leaves it, works
+    # on a quarter of the pixels, and the compute sits in the 32-80 wide convs where onnxruntime's int8 is 2.5-3x fp32
+    # (`vidopt bench int8-widths`). On the Zen 4, demo
     # data, seed 0, the pruned student's int8 against its own fp32 at batch 1, 1 thread: 2.34-2.42x (0.546 -> 0.233
     # ms), where the 3x3 stride-2 stem of [16, 32, 64, 128] gave 1.41-1.45x (0.316 -> 0.218); test top-1 of the
     # student, pruned and int8: 92.4%, 94.4%, 94.9% (the old design: 95.4%, 95.4%, 96.4%). A 4x4 patch stem lost 12
@@ -260,6 +261,22 @@ class PipelineConfig(Section):
     serve: ServeConfig = Field(default_factory=ServeConfig)
     listen: ListenConfig = Field(default_factory=ListenConfig)
 
+    @model_validator(mode="after")
+    def _student_fits_the_clips(self) -> "PipelineConfig":
+        """The distill stage builds its student only after ingestion and the teacher: a student that cannot read these
+        clips (a map smaller than its pooling grid, a stem kernel that does not fit its stride) is refused here."""
+        from vidopt.models import StudentArch  # imports this module (through vidopt.data): not at the top
+
+        c = self.clips
+        try:
+            StudentArch(frames=c.frames, height=c.height, width=c.width, **self.distill.architecture()).pool_window()
+            return self
+        except ValidationError as err:   # the arch's own checks (the stem)
+            reason = "; ".join(e["msg"].removeprefix("Value error, ") for e in err.errors())
+        except ValueError as err:        # the pooling grid against the map these clips leave
+            reason = str(err)
+        raise ValueError(f"distill: no student of this architecture reads clips of {c.height}x{c.width}: {reason}")
+
     def section_hash(self, name: str) -> str:
         """Content hash of one section without its runtime-only fields: part of every stage's cache key."""
         section = getattr(self, name)
@@ -308,7 +325,7 @@ def validate_config(raw: dict[str, Any]) -> PipelineConfig:
         for e in err.errors():
             key = ".".join(str(p) for p in e["loc"])
             msg = "unknown key" if e["type"] == "extra_forbidden" else e["msg"]
-            problems.append(f"config: {key}: {msg}")
+            problems.append(f"config: {key}: {msg}" if key else f"config: {msg}")   # no key: a cross-section check
         raise ConfigError("\n".join(problems)) from None
 
 

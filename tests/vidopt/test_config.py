@@ -34,6 +34,16 @@ def test_bad_value_is_named():
         load_config("tiny", ["data.split_fractions=[0.9, 0.9, 0.1]"])
 
 
+def test_a_student_that_cannot_read_the_clips_is_refused_at_load():
+    """Not minutes later, when the distill stage builds it after ingestion and the teacher."""
+    with pytest.raises(ConfigError, match=r"distill: .* clips of 32x32: .*final feature map 2x2 is smaller than "
+                                          r"pool_grid=4"):
+        load_config("demo", ["clips.height=32", "clips.width=32"])
+    with pytest.raises(ConfigError, match=r"stem_kernel=6 must be odd .* or equal to the stem's stride 4"):
+        load_config("demo", ["distill.stem_kernel=6"])
+    assert load_config("demo", ["clips.height=32", "clips.width=32", "distill.pool_grid=2"]).distill.pool_grid == 2
+
+
 def test_unknown_key_in_profile_file_is_named(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("clips:\n  frames: 8\n  colour: red\n")
