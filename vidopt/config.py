@@ -85,10 +85,10 @@ class DistillConfig(Section):
     # Student architecture: per-frame 2D encoder widths (3x3 convs but the stem, stride as listed), temporal Conv1d
     # widths. A 5x5 stem at stride 4: the stem, which int8 barely speeds up at the 16 channels pruning leaves it, works
     # on a quarter of the pixels, and the compute sits in the 32-80 wide convs where onnxruntime's int8 is 2.5-3x fp32
-    # (`vidopt bench int8-widths`). On the Zen 4, demo
-    # data, seed 0, the pruned student's int8 against its own fp32 at batch 1, 1 thread: 2.34-2.42x (0.546 -> 0.233
-    # ms), where the 3x3 stride-2 stem of [16, 32, 64, 128] gave 1.41-1.45x (0.316 -> 0.218); test top-1 of the
-    # student, pruned and int8: 92.4%, 94.4%, 94.9% (the old design: 95.4%, 95.4%, 96.4%). A 4x4 patch stem lost 12
+    # (`vidopt bench int8-widths`). Zen 4, demo data, the pruned student's int8 against its own fp32 at batch 1,
+    # 1 thread: 2.34x (0.55 -> 0.23 ms) on seeds 0 and 2, where the 3x3 stride-2 stem of [16, 32, 64, 128] gave
+    # 1.41-1.45x (0.316 -> 0.218). Test top-1 of the student, pruned and int8: seed 0 92.4%, 94.4%, 94.9% (the old
+    # design: 95.4%, 95.4%, 96.4%); seed 2 96.4%, 97.5%, 97.5% (the old student: 87.8%). A 4x4 patch stem lost 12
     # points (82.7% student); pooling the 4x4 map to 2x2 gave 94.4%, 96.4%, 95.9%, but 1.88x: onnxruntime's int8
     # average pool costs ~27 us, and the depthwise-conv form of it disagreed with fp32 on 2 of 197 test clips.
     conv_widths: list[int] = Field(default_factory=lambda: [32, 64, 64, 128])
