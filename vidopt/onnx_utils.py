@@ -201,9 +201,9 @@ def check_parity(model: nn.Module, path: str | Path, batch: torch.Tensor, tolera
 
 def int8_forms(model: nn.Module) -> list[dict]:
     """The inference forms quantize_model_int8 tries, as DeployedStudent options, the unpacked one first: every stem
-    packing of int8_stem_packings, with the feature pooling as an average pool and as a depthwise conv, each reading
-    uint8 pixels; and for a packed stem, each packed body of int8_body_packings (pooled by a depthwise conv). One
-    plain form for other models."""
+    packing of int8_stem_packings, with the feature pooling as an average pool and as a depthwise conv (where the
+    student pools at all: has_pool), each reading uint8 pixels; and for a packed stem, each packed body of
+    int8_body_packings (pooled by a depthwise conv). One plain form for other models."""
     if not isinstance(model, Student):
         return [{}]
     poolings = (False, True) if has_pool(model) else (False,)   # no pool: nothing to pool as a conv
