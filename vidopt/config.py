@@ -129,7 +129,8 @@ class PruneConfig(Section):
     target_macs_ratio: float = Field(0.40, gt=0, le=1)  # structured: keep this fraction of the student's MACs.
     #   Default student at 0.40: [16, 32, 32, 80] / [80], 0.30 of the MACs (the next multiples of 16 overshoot);
     #   onnxruntime fp32 at 8x64x64, batch 1, 1 thread: 3.15x faster than the unpruned student, the demo's test
-    #   top-1 +2.0 points (Zen 4, seed 0, 3 epochs a round; the demo's 2: 3.11x, +2.5). The old student ([16, 32, 64, 128], 3x3 stride-2 stem) gave
+    #   top-1 +2.0 points (Zen 4, seed 0, 3 epochs a round; the demo's 2: 3.11x, +2.5). The old student
+    #   ([16, 32, 64, 128], 3x3 stride-2 stem) gave
     #   [16, 16, 16, 48] / [48]: 1.86-2.36x, 0.0 to +1.0 point; at 0.45, [16, 16, 32, 48] / [48], 1.65-1.76x
     channel_multiple: int = Field(16, ge=1)  # kept widths are multiples of this, and narrower convs stay whole:
     #   onnxruntime's CPU kernels work on 16-channel blocks (fp32 NCHWc on AVX-512; the fast int8 conv needs >= 16
