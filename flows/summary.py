@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from vidopt.config import PipelineConfig
 from vidopt.report import terminal_summary
+from vidopt.stages import open_store
 from vidopt.tracking import default_tracking_uri
 
 
@@ -67,7 +68,7 @@ def print_summary(cfg: PipelineConfig, result: dict) -> None:
     if result.get("registry"):
         lines += registry_lines(result["registry"])
     if result.get("report"):
-        table, path = terminal_summary(result["report"])
+        table, path = terminal_summary(result["report"], open_store(cfg.run))
         lines += ["", table.rstrip(), f"report: {path}"]
     uri = cfg.tracking.uri or default_tracking_uri(cfg.run.project_dir)
     lines += ["", f"MLflow run {result['mlflow_run_id']} in {uri}  (browse: mlflow ui --backend-store-uri {uri})"]

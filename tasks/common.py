@@ -1,81 +1,163 @@
-"""What the model-training stages (train_teacher, distill, and later prune / quantize) share: the stage's model
-directory and its skip-if-done check, the final metrics measured the same way for every model, reloading an upstream
-model artifact, and the MLflow logging of a finished model stage. Not runnable alone; see tasks/train_teacher.py.
+"""What the model stages (train_teacher, distill, prune, quantize) share: the config a training stage reads, its
+finished-model check, the clip sets and logits they train and score on (in the artifact store), the final metrics
+measured the same way for every model, and the MLflow logging of a finished model stage. Not runnable alone; see
+tasks/train_teacher.py.
 """
 from __future__ import annotations
 
 import json
 import logging
+import tempfile
 from pathlib import Path
-from typing import Callable
 
 import torch
 from safetensors.torch import save as safetensors_bytes
 from torch import nn
 
 from vidopt.artifacts import DatasetArtifact, ModelArtifact
-from vidopt.augment import augment_clips
 from vidopt.checkpoint import ARCH, METRICS, WEIGHTS, load_model_dir, save_model_dir
-from vidopt.config import PipelineConfig, flatten
-from vidopt.data import make_loader
+from vidopt.config import ClipConfig, RayConfig, TrainConfig, flatten
 from vidopt.distillation import ClipSet, decode_clip_set
-from vidopt.metrics import count_macs, count_params
+from vidopt.metrics import count_macs, count_params, top1, top1_per_video
 from vidopt.models import StudentArch, TeacherArch
-from vidopt.stages import split_rows
-from vidopt.storage import sha256_file
-from vidopt.training import evaluate
+from vidopt.stages import StageReads, StageWork, open_store, split_rows
+from vidopt.store import ArtifactStore, FileRef
+from vidopt.train_jobs import LogitsJob, ModelSpec, Placement, Selection
+from workers.train import run_logits
 
 log = logging.getLogger("vidopt.tasks")
 
-MODEL_DIR, CHECKPOINT = "model", "last.pt"   # inside a stage dir: the finished model, the training checkpoint
+MODEL_DIR = "model"                          # inside a stage's place: the finished model
 NOTES = "notes.json"                         # in the model dir: the artifact's notes, so a skipped re-run returns them
 EVAL_SPLITS = ("val", "test")
 
 
-def finished_artifact(work: Path, kind: str, dataset: DatasetArtifact, stage: str) -> ModelArtifact | None:
-    """The artifact of an earlier run with the same inputs, or None. The model dir is renamed into place whole, so a
-    metrics.json in it means the stage finished."""
-    model_dir = work / MODEL_DIR
-    if not (model_dir / METRICS).exists():
+class TrainingReads(StageReads):
+    """What every model stage reads besides its own section: the clips, and where training runs (runtime-only)."""
+    clips: ClipConfig
+    train: TrainConfig
+    ray: RayConfig
+
+
+def placement(reads: TrainingReads, cpu_precision: str = "fp32") -> Placement:
+    t = reads.train
+    return Placement(device=t.device, gpu_precision=t.gpu_precision, cpu_precision=cpu_precision,
+                     loader_workers=reads.clips.loader_workers, prefetch_batches=t.prefetch_batches)
+
+
+def finished_artifact(work: StageWork, kind: str, dataset: DatasetArtifact) -> ModelArtifact | None:
+    """The artifact of an earlier run with the same inputs, or None: a model folder is published whole, so one in
+    the store means the stage finished."""
+    uri = work.child(MODEL_DIR)
+    if not work.store.has(uri):
         return None
-    log.info("%s: %s already holds a finished model for these inputs; not training again", stage, model_dir)
-    return ModelArtifact(uri=str(model_dir), kind=kind, arch=json.loads((model_dir / ARCH).read_text()),
-                         weights_sha256=sha256_file(model_dir / WEIGHTS),
+    log.info("%s: %s already holds a finished model for these inputs; not training again", work.stage, uri)
+    model_dir = work.store.get_dir(uri)
+    notes = model_dir / NOTES
+    return ModelArtifact(uri=uri, kind=kind, arch=json.loads((model_dir / ARCH).read_text()),
+                         weights_sha256=_weights_sha(work.store, uri),
                          metrics=json.loads((model_dir / METRICS).read_text()), data_version=dataset.data_version,
-                         notes=json.loads((model_dir / NOTES).read_text()) if (model_dir / NOTES).exists() else {})
+                         notes=json.loads(notes.read_text()) if notes.exists() else {})
 
 
-def train_val_rows(dataset: DatasetArtifact, stage: str) -> tuple[list[dict], list[dict]]:
-    train, val = split_rows(dataset, "train"), split_rows(dataset, "val")
+def _weights_sha(store: ArtifactStore, model_uri: str) -> str:
+    from vidopt.storage import sha256_file
+
+    return sha256_file(store.get_dir(model_uri) / WEIGHTS)
+
+
+def train_val_rows(store: ArtifactStore, dataset: DatasetArtifact, stage: str) -> tuple[list[dict], list[dict]]:
+    train, val = split_rows(dataset, "train", store), split_rows(dataset, "val", store)
     if not train:
         raise ValueError(f"{stage}: dataset {dataset.uri} has no train videos; add videos or change "
                          "data.split_fractions")
     return train, val
 
 
-def score_fn_with_fallback(stage: str, has_val: bool, val_score: Callable[[nn.Module], float],
-                           train_score: Callable[[nn.Module], float]) -> Callable[[nn.Module], float]:
-    """Early stopping and best-epoch choice need a score; with no val videos (tiny datasets) the same score on the
-    training clips stands in."""
-    if has_val:
-        return val_score
-    log.warning("%s: the val split is empty; choosing the best epoch on the training clips instead (it will overfit)",
-                stage)
-    return train_score
+# --- clip sets and logits in the store -------------------------------------------------------------------------------
+
+CLIP_SETS = "cache/clip_sets"   # under the artifact root
 
 
-def model_metrics(model: nn.Module, cfg: PipelineConfig, dataset: DatasetArtifact, fit_result: dict) -> dict:
+def clip_set(reads: TrainingReads, dataset: DatasetArtifact, split: str, per_video: int) -> FileRef:
+    """One split's clips (per_video uniformly spaced clips a video), decoded once and kept in the store, named by
+    data content and clip settings: every stage and every node reads the same file. Decoding happens here, where
+    ingestion left the videos."""
+    store = open_store(reads.run)
+    name = f"{dataset.manifest_sha256[:16]}-{_clip_hash(reads.clips)}-{split}-{per_video}.pt"
+    uri = store.uri(*CLIP_SETS.split("/"), name)
+    if store.has(uri):
+        return FileRef(uri=uri, sha256=_sha_of(store, uri))
+    rows = split_rows(dataset, split, store)
+    if not rows:
+        raise ValueError(f"{split} split of dataset {dataset.data_version} is empty; add videos or change "
+                         "data.split_fractions")
+    with tempfile.TemporaryDirectory(prefix="vidopt-clips-") as tmp:
+        path = Path(tmp) / "clips.pt"
+        decode_clip_set(rows, dataset.classes, reads.clips, per_video, cache=path)
+        return store.put_file(path, uri)
+
+
+def _clip_hash(clips: ClipConfig) -> str:
+    import hashlib
+
+    payload = json.dumps(clips.model_dump(mode="json", exclude=set(clips.runtime_only)), sort_keys=True)
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+def _sha_of(store: ArtifactStore, uri: str) -> str:
+    from vidopt.storage import sha256_file
+
+    return sha256_file(store.get_file(uri))
+
+
+def load_clip_set(store: ArtifactStore, ref: FileRef) -> ClipSet:
+    return ClipSet(**torch.load(store.get_file(ref), map_location="cpu", weights_only=True))
+
+
+def selection(reads: TrainingReads, dataset: DatasetArtifact, stage: str, score: str = "top1",
+              logits: tuple[FileRef | None, FileRef | None] = (None, None)) -> Selection:
+    """The clips that pick the best epoch: the val split, or, with no val videos (tiny datasets), the training
+    clips, which overfit. `logits`: (val, train) targets of a distillation-loss score."""
+    store = open_store(reads.run)
+    if split_rows(dataset, "val", store):
+        clips = clip_set(reads, dataset, "val", reads.clips.eval_clips_per_video)
+        return Selection(score=score, clips=clips, logits=logits[0], name=f"val_{_score_name(score)}")
+    log.warning("%s: the val split is empty; choosing the best epoch on the training clips instead (it will "
+                "overfit)", stage)
+    clips = clip_set(reads, dataset, "train", reads.clips.eval_clips_per_video)
+    return Selection(score=score, clips=clips, logits=logits[1], name=f"train_{_score_name(score)}")
+
+
+def _score_name(score: str) -> str:
+    return "top1" if score == "top1" else "kd_loss"
+
+
+def logits_of(reads: TrainingReads, model: ModelSpec, clips: FileRef, output: str) -> FileRef:
+    """`model`'s logits over a stored clip set, computed where training runs (the GPU pool on a cluster)."""
+    job = LogitsJob(store=open_store(reads.run).spec, model=model, clips=clips, output=output,
+                    batch_size=reads.clips.batch_size, placement=placement(reads))
+    return run_logits(job, reads.train, reads.ray)
+
+
+def model_metrics(reads: TrainingReads, work: StageWork, model: nn.Module, spec: ModelSpec, dataset: DatasetArtifact,
+                  fit_result: dict) -> dict:
     """Top-1 per clip and per video on val and test (clips.eval_clips_per_video uniformly spaced clips per video),
     MACs and parameters of one [3, T, H, W] clip, the safetensors weights' size, epochs run and best epoch."""
     metrics: dict[str, float] = {}
+    store = work.store
     for split in EVAL_SPLITS:
-        rows = split_rows(dataset, split)
-        if not rows:
+        if not split_rows(dataset, split, store):
             log.warning("metrics: the %s split is empty; no %s top-1 recorded", split, split)
             continue
-        scores = evaluate(model, make_loader(rows, dataset.classes, cfg.clips, train=False, seed=cfg.run.seed))
-        metrics.update({f"{split}_{name}": value for name, value in scores.items()})  # val_top1_clip, ...
-    clip = cfg.clips
+        clips = clip_set(reads, dataset, split, reads.clips.eval_clips_per_video)
+        ref = logits_of(reads, spec, clips, work.child(f"eval/{spec.weights.sha256[:16]}-{split}_logits.pt"))
+        logits = torch.load(store.get_file(ref), map_location="cpu", weights_only=True).numpy()
+        saved = load_clip_set(store, clips)
+        labels, videos = saved.labels.numpy(), saved.videos.numpy()
+        metrics.update({f"{split}_top1_clip": top1(logits, labels),
+                        f"{split}_top1_video": top1_per_video(logits, labels, videos)})
+    clip = reads.clips
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
     metrics.update(
         macs=count_macs(model, (3, clip.frames, clip.height, clip.width)),
@@ -87,66 +169,56 @@ def model_metrics(model: nn.Module, cfg: PipelineConfig, dataset: DatasetArtifac
     return metrics
 
 
-def save_artifact(work: Path, model: nn.Module, arch: TeacherArch | StudentArch, metrics: dict,
-                  cfg: PipelineConfig, kind: str, dataset: DatasetArtifact,
-                  notes: dict[str, str] | None = None) -> ModelArtifact:
-    model_dir, notes = work / MODEL_DIR, notes or {}
-    (work / NOTES).write_text(json.dumps(notes, indent=2, sort_keys=True))
-    sha = save_model_dir(model_dir, model, arch, metrics, cfg.model_dump(mode="json"), {NOTES: work / NOTES})
-    return ModelArtifact(uri=str(model_dir), kind=kind, arch=arch.model_dump(mode="json"), weights_sha256=sha,
+def put_weights(work: StageWork, model: nn.Module, name: str, arch: TeacherArch | StudentArch) -> ModelSpec:
+    """The module's weights in the stage's place in the store, as a job's model."""
+    from vidopt.train_jobs import _put_weights
+
+    return ModelSpec(arch=arch.model_dump(mode="json"), weights=_put_weights(work.store, model.state_dict(),
+                                                                             work.child(name)))
+
+
+def save_artifact(work: StageWork, model: nn.Module, arch: TeacherArch | StudentArch, metrics: dict,
+                  config: dict, kind: str, dataset: DatasetArtifact, notes: dict[str, str] | None = None,
+                  extra_files: dict[str, Path] | None = None) -> ModelArtifact:
+    """Write the model folder here and publish it whole to the store."""
+    model_dir, notes = work.local / MODEL_DIR, notes or {}
+    (work.local / NOTES).write_text(json.dumps(notes, indent=2, sort_keys=True))
+    sha = save_model_dir(model_dir, model, arch, metrics, config, {NOTES: work.local / NOTES, **(extra_files or {})})
+    work.store.put_dir(model_dir, work.child(MODEL_DIR))
+    return ModelArtifact(uri=work.child(MODEL_DIR), kind=kind, arch=arch.model_dump(mode="json"), weights_sha256=sha,
                          metrics=metrics, data_version=dataset.data_version, notes=notes)
 
 
-def clip_set_path(cfg: PipelineConfig, dataset: DatasetArtifact, split: str, per_video: int) -> Path:
-    """Where cached_clip_set keeps one split's clips: named by data content and clip settings."""
-    name = f"{dataset.manifest_sha256[:16]}-{cfg.section_hash('clips')}-{split}-{per_video}.pt"
-    return Path(cfg.run.project_dir).resolve() / "cache" / "clip_sets" / name
-
-
-def cached_clip_set(cfg: PipelineConfig, dataset: DatasetArtifact, rows: list[dict], split: str,
-                    per_video: int) -> ClipSet:
-    """Decoded clips of one split, cached in <project>/cache/clip_sets, so the teacher's validation, prune, quantize
-    and export decode each split once."""
-    return decode_clip_set(rows, dataset.classes, cfg.clips, per_video, clip_set_path(cfg, dataset, split, per_video))
-
-
-class EpochBatches:
-    """The fixed clips in a new order each epoch (seed + epoch), so a resumed run sees the order it would have seen;
-    with `augment`, each clip also gets a fresh label-preserving transform (vidopt/augment.py) drawn from the same
-    seed. Yields (x [B, C, T, H, W], labels, teacher logits)."""
-
-    def __init__(self, clip_set: ClipSet, batch_size: int, seed: int, augment: bool = False):
-        self.clip_set, self.batch_size, self.seed, self.augment, self.epoch = clip_set, batch_size, seed, augment, 0
-
-    def __iter__(self):
-        batches = self.clip_set.batches(self.batch_size, shuffle=True, seed=self.seed + self.epoch)
-        if not self.augment:
-            return batches
-        generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
-        return ((augment_clips(x, generator), *rest) for x, *rest in batches)
-
-    def __len__(self) -> int:
-        return -(-len(self.clip_set.labels) // self.batch_size)
-
-    def start_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-
-def load_artifact_model(artifact: ModelArtifact) -> nn.Module:
-    """The module of an upstream stage's model directory, in eval mode (rebuilt from arch.json, no pickle)."""
-    model, _ = load_model_dir(artifact.uri)
+def load_artifact_model(store: ArtifactStore, artifact: ModelArtifact) -> nn.Module:
+    """The module of an upstream stage's model folder, in eval mode (rebuilt from arch.json, no pickle)."""
+    model, _ = load_model_dir(store.get_dir(artifact.uri))
     return model
 
 
-def log_model_stage(stage, cfg: PipelineConfig, sections: list[str], artifact: ModelArtifact) -> None:
+def artifact_model_spec(store: ArtifactStore, artifact: ModelArtifact) -> ModelSpec:
+    """An upstream model as a job's model: its arch record and its weights in the store."""
+    uri = f"{artifact.uri}/{WEIGHTS}"
+    return ModelSpec(arch=artifact.arch, weights=FileRef(uri=uri, sha256=artifact.weights_sha256)
+                     if artifact.kind != "int8" else FileRef(uri=uri, sha256=_sha_of(store, uri)))
+
+
+def log_model_stage(stage, reads: StageReads, artifact: ModelArtifact, store: ArtifactStore) -> None:
     """[MLflow] the config sections the stage read as params, final metrics, the model directory as artifacts."""
     import mlflow
 
-    params = flatten({s: getattr(cfg, s).model_dump(mode="json") for s in sections})
+    sections = {name: getattr(reads, name).model_dump(mode="json") for name in type(reads).model_fields}
+    params = flatten(sections)
     mlflow.log_params({k: json.dumps(v) if isinstance(v, (list, dict)) else v for k, v in params.items()})
     stage.set_tags({"data_version": artifact.data_version, "weights_sha256": artifact.weights_sha256})
+    if "trained_on" in artifact.notes:   # where it trained, and why not where asked (a GPU node without CUDA)
+        mlflow.log_param("trained_on", artifact.notes["trained_on"][:6000])
     for name, value in artifact.metrics.items():
         stage.log(name, value)
-    for path in sorted(Path(artifact.uri).iterdir()):
+    for path in sorted(store.get_dir(artifact.uri).iterdir()):
         stage.log_artifact(path, "model")
     stage.log_dict(artifact.model_dump(), "artifact.json")
+
+
+def stage_config(reads: StageReads) -> dict:
+    """The config a model folder records (config.json): the sections its stage read."""
+    return {name: getattr(reads, name).model_dump(mode="json") for name in type(reads).model_fields}

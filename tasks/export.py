@@ -10,60 +10,59 @@ from __future__ import annotations
 import json
 import logging
 import time
-from pathlib import Path
 
 from prefect import task
 
 from tasks.caching import stage_cache
-from tasks.common import cached_clip_set, clip_set_path
+from tasks.common import TrainingReads, clip_set
 from tasks.retry import IO_RETRY_DELAYS, only_io_errors
-from vidopt.artifacts import DatasetArtifact, ExportJob, ModelArtifact, TargetResult
-from vidopt.config import PipelineConfig
-from vidopt.stages import artifact_hash, forget_incarnation, split_rows, stage_dir
-from vidopt.storage import atomic_write_text
+from vidopt.artifacts import (CpuOptions, DatasetArtifact, ExportJob, FpgaOptions, GpuOptions, ModelArtifact,
+                              TargetResult, TpuOptions)
+from vidopt.config import BudgetConfig, ExportConfig, PipelineConfig
+from vidopt.stages import StageWork, artifact_hash, forget_incarnation, split_rows, stage_work
 from workers.pools import run_jobs
 
 log = logging.getLogger("vidopt.export")
-SECTIONS = ["clips", "export", "ray", "budgets"]  # ray: which pools exist decides what is skipped; budgets: the
-#                                                    CPU target ships only an int8 form within the agreement budget
 RESULTS = "results.json"
 
 
-def target_options(cfg: PipelineConfig, target: str) -> dict:
+class Reads(TrainingReads):
+    export: ExportConfig
+    budgets: BudgetConfig   # the CPU target ships only an int8 form within the agreement budget
+
+
+def target_options(cfg: Reads, target: str) -> CpuOptions | GpuOptions | TpuOptions | FpgaOptions:
     e = cfg.export
-    return {"cpu": {"threads": e.cpu_threads, "min_argmax_agreement": cfg.budgets.min_argmax_agreement},
-            "gpu": {},
-            "tpu": {"bf16": e.tpu_bf16},
-            "fpga": {"fixed_width": e.fpga_fixed_width, "calibration_clips": e.fpga_calibration_clips}}[target]
+    return {"cpu": lambda: CpuOptions(threads=e.cpu_threads, min_argmax_agreement=cfg.budgets.min_argmax_agreement),
+            "gpu": lambda: GpuOptions(threads=e.cpu_threads),
+            "tpu": lambda: TpuOptions(bf16=e.tpu_bf16),
+            "fpga": lambda: FpgaOptions(fixed_width=e.fpga_fixed_width,
+                                        calibration_clips=e.fpga_calibration_clips)}[target]()
 
 
-def work_dir(cfg: PipelineConfig, dataset: DatasetArtifact, final: ModelArtifact) -> Path:
-    return stage_dir(cfg, "export", SECTIONS, [artifact_hash(dataset), artifact_hash(final)])
+def work_dir(cfg: PipelineConfig | Reads, dataset: DatasetArtifact, int8: ModelArtifact) -> StageWork:
+    return stage_work(Reads.of(cfg), "export", [artifact_hash(dataset), artifact_hash(int8)])
 
 
-def run(cfg: PipelineConfig, dataset: DatasetArtifact, final: ModelArtifact) -> list[TargetResult]:
-    """`final` is the quantize stage's artifact: its dir holds the student's fp32 weights and model_int8.onnx.
+def run(cfg: PipelineConfig | Reads, dataset: DatasetArtifact, int8: ModelArtifact) -> list[TargetResult]:
+    """`int8` is the quantize stage's artifact: its folder holds the student's fp32 weights and model_int8.onnx.
     Results where every target is ok are kept for the same inputs; a skipped or failed target makes the next run try
     all targets again (a pool may have joined, a transient failure may have passed)."""
-    work = work_dir(cfg, dataset, final)
-    if (work / RESULTS).exists():
-        saved = json.loads((work / RESULTS).read_text())
-        log.info("export: %s already holds verified targets for these inputs", work)
+    cfg = Reads.of(cfg)
+    work = work_dir(cfg, dataset, int8)
+    if work.store.has(work.child(RESULTS)):
+        saved = json.loads(work.store.read_text(work.child(RESULTS)))
+        log.info("export: %s already holds verified targets for these inputs", work.uri)
         return [TargetResult.model_validate(r) for r in saved["results"]]
-    split = "test" if split_rows(dataset, "test") else "val"
-    rows = split_rows(dataset, split)
-    if not rows:
+    split = "test" if split_rows(dataset, "test", work.store) else "val"
+    if not split_rows(dataset, split, work.store):
         raise ValueError(f"export: dataset {dataset.uri} has no test or val videos to verify targets on")
-    # The split's clips as the quantize stage already decoded them (same cache file): workers load it by path. Only
-    # a missing file (a cache cleared since) is decoded again.
-    per_video = cfg.clips.eval_clips_per_video
-    eval_clips = clip_set_path(cfg, dataset, split, per_video)
-    if not eval_clips.exists():
-        cached_clip_set(cfg, dataset, rows, split, per_video)
-    jobs = [ExportJob(target=t, model_dir=final.uri, int8_dir=final.uri, eval_clips=str(eval_clips),
-                      out_dir=str(work / t), options=target_options(cfg, t)) for t in cfg.export.targets]
+    # The split's clips as the quantize stage already decoded them (one clip set in the store): workers fetch it.
+    eval_clips = clip_set(cfg, dataset, split, cfg.clips.eval_clips_per_video)
+    jobs = [ExportJob(target=t, store=work.store.spec, model=int8.uri, eval_clips=eval_clips, out=work.child(t),
+                      options=target_options(cfg, t)) for t in cfg.export.targets]
     # The jobs as sent, so `vidopt bench export` can time each target alone against this stage.
-    atomic_write_text(work / "jobs.json", json.dumps([j.model_dump() for j in jobs], indent=2))
+    work.store.write_text(work.child("jobs.json"), json.dumps([j.model_dump(mode="json") for j in jobs], indent=2))
     started = time.monotonic()
     results = run_jobs(jobs, cfg.ray)
     wall = time.monotonic() - started
@@ -71,14 +70,14 @@ def run(cfg: PipelineConfig, dataset: DatasetArtifact, final: ModelArtifact) -> 
              ", ".join(f"{r.target} {r.status} {r.seconds:.1f} s" for r in results))
     record = json.dumps({"wall_seconds": wall, "results": [r.model_dump() for r in results]}, indent=2)
     if all(r.status == "ok" for r in results):
-        atomic_write_text(work / RESULTS, record)
+        work.store.write_text(work.child(RESULTS), record)
     else:  # not a result to reuse: a fresh incarnation makes Prefect's cache key miss next time too
-        atomic_write_text(work / "results.incomplete.json", record)
+        work.store.write_text(work.child("results.incomplete.json"), record)
         forget_incarnation(work)
     return results
 
 
-def log_target(result: TargetResult, parent_run_id: str, data_version: str) -> TargetResult:
+def log_target(result: TargetResult, parent_run_id: str, data_version: str, store) -> TargetResult:
     """[MLflow] a nested run per target with its verification metrics and its artifact. Returns the result with the
     run id and the logged artifact's URI in `extra`, which registration points the model version at."""
     import mlflow
@@ -94,35 +93,29 @@ def log_target(result: TargetResult, parent_run_id: str, data_version: str) -> T
         mlflow.log_dict(result.model_dump(), "result.json")
         logged = {"mlflow_run_id": run.info.run_id}
         if result.status == "ok" and result.artifact_uri:
-            mlflow.log_artifact(result.artifact_uri, "artifact")
-            logged["mlflow_artifact_uri"] = f"{run.info.artifact_uri}/artifact/{Path(result.artifact_uri).name}"
+            local = store.get_file(result.artifact_uri)
+            mlflow.log_artifact(str(local), "artifact")
+            logged["mlflow_artifact_uri"] = f"{run.info.artifact_uri}/artifact/{local.name}"
     return result.model_copy(update={"extra": {**result.extra, **logged}})
 
 
 # [Prefect] retries cover object-store reads only; `run` above is the plain function tests call.
 @task(name="export", retries=len(IO_RETRY_DELAYS), retry_delay_seconds=IO_RETRY_DELAYS,
       retry_condition_fn=only_io_errors, **stage_cache(work_dir))
-def export_task(cfg: PipelineConfig, dataset: DatasetArtifact, final: ModelArtifact,
+def export_task(cfg: PipelineConfig, dataset: DatasetArtifact, int8: ModelArtifact,
                 parent_run_id: str) -> list[TargetResult]:
     from vidopt.tracking import stage_run
 
+    store = work_dir(cfg, dataset, int8).store
     with stage_run("export", parent_run_id) as stage:  # [MLflow] nested run; one more level per target
-        results = [log_target(r, stage.run.info.run_id, dataset.data_version) for r in run(cfg, dataset, final)]
+        results = [log_target(r, stage.run.info.run_id, dataset.data_version, store)
+                   for r in run(cfg, dataset, int8)]
         for result in results:
             stage.log(f"{result.target}.ok", float(result.status == "ok"))
     return results
 
 
-def _standalone(cfg: PipelineConfig) -> list[TargetResult]:
-    from tasks import distill, ingest, prune, quantize, train_teacher
-
-    dataset = ingest.run(cfg)
-    teacher = train_teacher.run(cfg, dataset)
-    pruned = prune.run(cfg, dataset, distill.run(cfg, dataset, teacher), teacher)
-    return run(cfg, dataset, quantize.run(cfg, dataset, pruned))
-
-
 if __name__ == "__main__":
-    from vidopt.config import run_stage_standalone
+    from tasks.dag import run_stage_standalone
 
-    run_stage_standalone(_standalone)
+    run_stage_standalone("export")

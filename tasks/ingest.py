@@ -32,6 +32,7 @@ from vidopt.ingestion import (
     read_source_manifest,
 )
 from vidopt.processes import spawn_pool
+from vidopt.stages import open_store
 from vidopt.sample_data import generate_dataset
 from vidopt.tracking import MLflowLogger, set_run_tags, stage_run
 from vidopt.storage import (
@@ -78,7 +79,7 @@ def run(cfg: PipelineConfig) -> DatasetArtifact:
     if not rows:
         raise IngestError(f"ingest: no usable videos in {data.source} ({len(quarantine)} quarantined: "
                           + "; ".join(f"{q['key']}: {q['reason']}" for q in quarantine[:5]) + ")")
-    return _write_dataset(project, rows, quarantine, cache.downloaded, time.monotonic() - started)
+    return _write_dataset(cfg, rows, quarantine, cache.downloaded, time.monotonic() - started)
 
 
 def _fill_with_samples_if_missing(cfg: PipelineConfig) -> None:
@@ -166,20 +167,25 @@ def _drop_duplicates(rows: list[dict], quarantine: list[dict]) -> list[dict]:
     return kept
 
 
-def _write_dataset(project: Path, rows, quarantine, downloaded: int, seconds: float) -> DatasetArtifact:
+def _write_dataset(cfg: PipelineConfig, rows, quarantine, downloaded: int, seconds: float) -> DatasetArtifact:
+    """The manifest and quarantine list, published to the artifact store as one folder."""
     version = data_version(rows)
     # Same data version from another source (or with other rejects) must not overwrite this one's lists.
     listing = json.dumps([sorted(r.items()) for r in rows + quarantine], sort_keys=True, default=str)
-    out = project / "datasets" / f"{version}-{hashlib.sha256(listing.encode()).hexdigest()[:8]}"
+    store = open_store(cfg.run)
+    uri = store.uri("datasets", f"{version}-{hashlib.sha256(listing.encode()).hexdigest()[:8]}")
+    scratch = Path(cfg.run.project_dir).resolve() / "scratch" / "datasets" / uri.rsplit("/", 1)[1]
+    out = store.local_path(uri) if store.is_local else scratch
     write_jsonl(out / "manifest.jsonl", rows)
     write_jsonl(out / "quarantine.jsonl", sorted(quarantine, key=lambda q: q["key"]))
+    store.put_dir(out, uri)
     counts = class_counts(rows)
     log.info("ingest: %d videos, %d classes, %d quarantined, data version %s (%.1f s)",
              len(rows), len(counts), len(quarantine), version, seconds)
     return DatasetArtifact(
-        uri=str(out.resolve()),
-        manifest_uri=str((out / "manifest.jsonl").resolve()),
-        quarantine_uri=str((out / "quarantine.jsonl").resolve()),
+        uri=uri,
+        manifest_uri=f"{uri}/manifest.jsonl",
+        quarantine_uri=f"{uri}/quarantine.jsonl",
         manifest_sha256=sha256_file(out / "manifest.jsonl"),
         data_version=version,
         classes=sorted(counts),
@@ -187,6 +193,8 @@ def _write_dataset(project: Path, rows, quarantine, downloaded: int, seconds: fl
         num_videos=len(rows),
         num_quarantined=len(quarantine),
         downloaded=downloaded,
+        source_endpoint_url=cfg.data.s3_endpoint_url,
+        source_region=cfg.data.s3_region,
     )
 
 
@@ -198,7 +206,7 @@ def _progress(what: str, unit: str):
     return report
 
 
-def log_dataset(stage: MLflowLogger, dataset: DatasetArtifact, parent_run_id: str) -> None:
+def log_dataset(stage: MLflowLogger, dataset: DatasetArtifact, parent_run_id: str, store) -> None:
     """[MLflow] data version as a tag on both runs; counts as metrics; manifest and quarantine list as artifacts."""
     stage.set_tags({"data_version": dataset.data_version})
     set_run_tags(parent_run_id, {"data_version": dataset.data_version})
@@ -209,8 +217,9 @@ def log_dataset(stage: MLflowLogger, dataset: DatasetArtifact, parent_run_id: st
         for split, n in counts.items():
             stage.log(f"count.{split}.{label}", n)
     stage.log_dict(dataset.model_dump(), "dataset.json")
-    stage.log_artifact(dataset.manifest_uri, "dataset")
-    stage.log_artifact(dataset.quarantine_uri, "dataset")
+    folder = store.get_dir(dataset.uri)
+    stage.log_artifact(folder / "manifest.jsonl", "dataset")
+    stage.log_artifact(folder / "quarantine.jsonl", "dataset")
 
 
 # [Prefect] retries cover flaky object-store reads; `run` above is the plain function tests call.
@@ -218,11 +227,11 @@ def log_dataset(stage: MLflowLogger, dataset: DatasetArtifact, parent_run_id: st
 def ingest_task(cfg: PipelineConfig, parent_run_id: str) -> DatasetArtifact:
     with stage_run("ingest", parent_run_id) as stage:
         dataset = run(cfg)
-        log_dataset(stage, dataset, parent_run_id)
+        log_dataset(stage, dataset, parent_run_id, open_store(cfg.run))
     return dataset
 
 
 if __name__ == "__main__":
-    from vidopt.config import run_stage_standalone
+    from tasks.dag import run_stage_standalone
 
-    run_stage_standalone(run)
+    run_stage_standalone("ingest")

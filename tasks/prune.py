@@ -11,45 +11,47 @@ from __future__ import annotations
 
 import json
 import logging
-from pathlib import Path
 
 import torch
 import torch_pruning as tp
 from prefect import task
 from torch import nn
+from safetensors.torch import load_file
 from torch.nn.utils import prune as torch_prune
 
 from tasks.caching import stage_cache
 from tasks.common import (
-    CHECKPOINT,
-    EpochBatches,
-    cached_clip_set,
+    TrainingReads,
+    artifact_model_spec,
+    clip_set,
     finished_artifact,
-    load_artifact_model,
+    load_clip_set,
     log_model_stage,
+    logits_of,
     model_metrics,
+    placement,
+    put_weights,
     save_artifact,
-    score_fn_with_fallback,
+    selection,
+    stage_config,
     train_val_rows,
 )
 from tasks.retry import IO_RETRY_DELAYS, only_io_errors
+from tasks.train_teacher import training_notes
 from vidopt.artifacts import DatasetArtifact, ModelArtifact
 from vidopt.checkpoint import load_model_dir
-from vidopt.config import PipelineConfig
-from vidopt.distillation import (
-    attach_teacher_logits,
-    clip_set_distillation_loss,
-    clip_set_top1,
-    distillation_loss,
-)
+from vidopt.config import DistillConfig, PipelineConfig, PruneConfig
+from vidopt.distillation import distillation_loss
 from vidopt.metrics import count_macs
 from vidopt.models import Student, StudentArch, build_model, student_arch_of
-from vidopt.stages import artifact_hash, stage_dir
+from vidopt.stages import StageWork, artifact_hash, stage_work
 from vidopt.tracking import stage_run
-from vidopt.training import EpochLogger, FitSpec, fit
+from vidopt.train_jobs import FixedClips, Objective, Selection, TrainJob, TrainResult, clip_logits
+from vidopt.training import EpochLogger
+from workers.train import run_training
 
 log = logging.getLogger("vidopt.prune")
-STAGE, SECTIONS = "prune", ["prune", "distill", "clips"]  # distill: temperature, cached clips, weight decay
+STAGE, CHECKPOINT = "prune", "last"   # the final fine-tune's checkpoint name; rounds: round<k>_last
 L1_NOTE = "unstructured sparsity gives no speedup on dense kernels: MACs and latency are unchanged"
 
 
@@ -146,56 +148,66 @@ def weight_sparsity(model: nn.Module) -> float:
     return sum(int((w == 0).sum()) for w in weights) / sum(w.numel() for w in weights)
 
 
-def work_dir(cfg: PipelineConfig, dataset: DatasetArtifact, student: ModelArtifact, teacher: ModelArtifact) -> Path:
+class Reads(TrainingReads):
+    prune: PruneConfig
+    distill: DistillConfig   # the fine-tune's temperature, augmentation, weight decay, patience; the fixed clips
+
+
+def work_dir(cfg: PipelineConfig | Reads, dataset: DatasetArtifact, student: ModelArtifact,
+             teacher: ModelArtifact) -> StageWork:
+    reads = Reads.of(cfg)
     inputs = [artifact_hash(dataset), artifact_hash(student)]  # the teacher only when its logits are the targets
-    return stage_dir(cfg, STAGE, SECTIONS, inputs + ([artifact_hash(teacher)] if cfg.prune.distill_from == "teacher"
-                                                    else []))
+    return stage_work(reads, STAGE, inputs + ([artifact_hash(teacher)] if reads.prune.distill_from == "teacher"
+                                              else []))
 
 
-def run(cfg: PipelineConfig, dataset: DatasetArtifact, student: ModelArtifact, teacher: ModelArtifact,
+def run(cfg: PipelineConfig | Reads, dataset: DatasetArtifact, student: ModelArtifact, teacher: ModelArtifact,
         logger: EpochLogger | None = None) -> ModelArtifact:
+    cfg = Reads.of(cfg)
     work = work_dir(cfg, dataset, student, teacher)
-    done = finished_artifact(work, "pruned", dataset, STAGE)
+    done = finished_artifact(work, "pruned", dataset)
     if done is not None:
         return done
 
-    model, arch = load_model_dir(student.uri)
+    model, arch = load_model_dir(work.store.get_dir(student.uri))
     if not isinstance(arch, StudentArch):
         raise PruneError(f"prune: {student.uri} holds a {arch.kind}, not a student; pass the distilled student")
     p, d, batch = cfg.prune, cfg.distill, cfg.clips.batch_size
-    train_rows, val_rows = train_val_rows(dataset, STAGE)
-    train_set = cached_clip_set(cfg, dataset, train_rows, "train", d.cached_clips_per_video)
-    val_set = cached_clip_set(cfg, dataset, val_rows, "val", cfg.clips.eval_clips_per_video) if val_rows else None
+    train_val_rows(work.store, dataset, STAGE)
     # Fine-tuning matches the unpruned student's logits (prune.distill_from), or the teacher's, on the training clips;
     # the same model's logits on the val clips are what the best epoch is chosen by
-    source = student if p.distill_from == "student" else teacher
-    caches = [work / f"{p.distill_from}_logits.pt", work / f"{p.distill_from}_val_logits.pt"]  # once: a resumed
-    teacher_model = None if all(c.exists() for c in caches) else load_artifact_model(source)  # run loads neither
-    train_set = attach_teacher_logits(train_set, teacher_model, batch, cache=caches[0])
-    if val_set is not None:
-        val_set = attach_teacher_logits(val_set, teacher_model, batch, cache=caches[1])
-    selection = "val" if val_set is not None else "train"
+    source = artifact_model_spec(work.store, student if p.distill_from == "student" else teacher)
+    train_clips = clip_set(cfg, dataset, "train", d.cached_clips_per_video)
+    train_logits = logits_of(cfg, source, train_clips, work.child(f"{p.distill_from}_logits.pt"))
+    held_out = selection(cfg, dataset, STAGE)   # val clips (or the training ones, with no val videos)
+    held_out_logits = logits_of(cfg, source, held_out.clips, work.child(f"{p.distill_from}_held_out_logits.pt"))
     # Best epoch and early stopping by the fine-tune's own objective on the val clips, not by val top-1: on the demo's
     # 72 val clips top-1 read 100% after the first fine-tuning epoch of one run, no later epoch matched it, and the
     # barely tuned epoch-1 weights were kept (test top-1 2.5 points under the unpruned student's).
-    kd_loss = lambda m, clips: clip_set_distillation_loss(m, clips, batch, p.alpha, d.temperature)  # noqa: E731
-    score = score_fn_with_fallback(STAGE, val_set is not None, lambda m: kd_loss(m, val_set),
-                                   lambda m: kd_loss(m, train_set))
-    selection_top1 = lambda m: clip_set_top1(m, val_set or train_set, batch)  # noqa: E731
+    choose = selection(cfg, dataset, STAGE, "distillation_loss", (held_out_logits, held_out_logits))
+    chosen_by = choose.name.split("_")[0]   # val / train
+    kd_score, selection_top1 = _held_out_scores(work, choose, batch, p.alpha, d.temperature)
 
-    before = model_metrics(model, cfg, dataset, {"epochs_run": 0, "best_epoch": -1})  # same clips as after
-    notes, masked = {"method": p.method, "widths_before": _widths(arch), "distilled_from": p.distill_from}, []
-    batches = EpochBatches(train_set, batch, cfg.run.seed, augment=cfg.distill.augment)
+    before = model_metrics(cfg, work, model, artifact_model_spec(work.store, student), dataset,
+                           {"epochs_run": 0, "best_epoch": -1})  # same clips as after
+    notes = {"method": p.method, "widths_before": _widths(arch), "distilled_from": p.distill_from}
 
-    def finetune(epochs: int, checkpoint: Path, stage: str) -> dict:
-        """Distillation fine-tuning; each round has its own checkpoint, so a resumed run replays the finished rounds
-        (pruning is deterministic, a finished fit only reloads its best weights) and resumes the unfinished one."""
+    def finetune(epochs: int, name: str, stage: str, keep_zeros: bool = False) -> dict:
+        """Distillation fine-tuning as a training job of its own; a resumed run replays the finished rounds (pruning
+        is deterministic, a finished job's result is in the store) and resumes the unfinished one."""
         if epochs == 0:
             return {"epochs_run": 0, "best_epoch": -1}
-        return fit(model, lambda m, b: distillation_loss(m(b[0]), b[2], b[1], p.alpha, d.temperature), batches,
-                   score, FitSpec(epochs=epochs, lr=p.lr, weight_decay=d.weight_decay, patience=d.patience,
-                                  stage=stage, channels_last=True, score_name=f"{selection}_kd_loss", maximize=False),
-                   checkpoint=checkpoint, logger=logger, on_epoch_start=batches.start_epoch)
+        spec = put_weights(work, model, f"{name}_input.safetensors", arch).model_copy(update={"keep_zeros": keep_zeros})
+        job = TrainJob(
+            stage=stage, store=work.store.spec, run_dir=work.uri, checkpoint_name=name,
+            output=work.child(f"{name}.safetensors"), model=spec,
+            data=FixedClips(clips=train_clips, logits=train_logits),
+            objective=Objective(loss="distillation", alpha=p.alpha, temperature=d.temperature), selection=choose,
+            augment=d.augment, epochs=epochs, lr=p.lr, weight_decay=d.weight_decay, patience=d.patience,
+            maximize=False, batch_size=batch, seed=cfg.run.seed, placement=placement(cfg))
+        result = run_training(job, cfg.train, cfg.ray, logger)
+        model.load_state_dict(load_file(str(work.store.get_file(result.weights))))
+        return result.model_dump()
 
     if p.method == "structured":
         plans = step_plans(arch, p.target_macs_ratio, p.steps, p.channel_multiple)
@@ -203,46 +215,64 @@ def run(cfg: PipelineConfig, dataset: DatasetArtifact, student: ModelArtifact, t
         for k, plan in enumerate(plans[:-1], start=1):  # the rounds before the last: a short fine-tune each
             arch = prune_to_widths(model, arch, plan)
             pruned_top1 = selection_top1(model)
-            step = finetune(p.step_epochs, work / f"round{k}_{CHECKPOINT}", f"{STAGE}.round{k}")
+            step = finetune(p.step_epochs, f"round{k}_{CHECKPOINT}", f"{STAGE}.round{k}")
             rounds.append({"widths": plan.conv_widths + plan.temporal_widths,
-                           f"{selection}_top1_after_pruning": pruned_top1,
-                           f"{selection}_top1_after_finetune": selection_top1(model)})
+                           f"{chosen_by}_top1_after_pruning": pruned_top1,
+                           f"{chosen_by}_top1_after_finetune": selection_top1(model)})
             log.info("%s: round %d/%d widths %s: %s top-1 %.3f after pruning, %.3f after %d epochs", STAGE, k,
-                     p.steps, rounds[-1]["widths"], selection, pruned_top1,
-                     rounds[-1][f"{selection}_top1_after_finetune"], step["epochs_run"])
+                     p.steps, rounds[-1]["widths"], chosen_by, pruned_top1,
+                     rounds[-1][f"{chosen_by}_top1_after_finetune"], step["epochs_run"])
         arch = prune_to_widths(model, arch, plans[-1])
         if rounds:
             notes["rounds"] = json.dumps(rounds)
-    else:  # the mask stays attached while fine-tuning, else the optimizer would grow the zeros back
+    else:  # the smallest weights become zeros; the fine-tune keeps them zero
         masked = _masked_weights(model)
         torch_prune.global_unstructured(masked, pruning_method=torch_prune.L1Unstructured, amount=p.sparsity)
+        for module, name in masked:
+            torch_prune.remove(module, name)   # weight_orig * weight_mask -> a plain weight with the zeros in it
         notes["speed"] = L1_NOTE
     # right after (the last round of) pruning, before its fine-tuning
-    pruned_top1, pruned_kd_loss = selection_top1(model), score(model)
+    pruned_top1, pruned_kd_loss = selection_top1(model), kd_score(model)
 
-    result = finetune(p.finetune_epochs, work / CHECKPOINT, STAGE)
-    for module, name in masked:
-        torch_prune.remove(module, name)  # weight_orig * weight_mask -> a plain weight with the zeros in it
-
-    metrics = model_metrics(model, cfg, dataset, result)
+    result = finetune(p.finetune_epochs, CHECKPOINT, STAGE, keep_zeros=p.method != "structured")
+    final = put_weights(work, model, "pruned.safetensors", arch)
+    metrics = model_metrics(cfg, work, model, final, dataset, result)
     metrics.update({f"{k}_before": before[k] for k in ("macs", "params", "size_bytes")},
                    macs_ratio=metrics["macs"] / before["macs"],
                    rebuild_max_abs_diff=_rebuild_diff(model, arch))
     metrics.update({f"{k}_change": metrics[k] - before[k] for k in before if "top1" in k and k in metrics})
-    metrics.update({f"{selection}_top1_clip_before_finetune": pruned_top1,
-                    f"{selection}_kd_loss_before_finetune": pruned_kd_loss})
-    if "best_score" in result:
-        metrics[f"{selection}_kd_loss"] = result["best_score"]
-    if masked:
+    metrics.update({f"{chosen_by}_top1_clip_before_finetune": pruned_top1,
+                    f"{chosen_by}_kd_loss_before_finetune": pruned_kd_loss})
+    if result.get("best_score") is not None:
+        metrics[f"{chosen_by}_kd_loss"] = result["best_score"]
+    if p.method != "structured":
         metrics["sparsity"] = weight_sparsity(model)
-    kept = f", kept epoch {result['best_epoch'] + 1} (lowest {selection} distillation loss)" \
+    kept = f", kept epoch {result['best_epoch'] + 1} (lowest {chosen_by} distillation loss)" \
         if result["best_epoch"] >= 0 else ""
     notes.update(widths_after=_widths(arch),
-                 finetune=f"{result['epochs_run']} epochs{kept}; {selection} top-1 {pruned_top1:.3f} before; after: "
+                 finetune=f"{result['epochs_run']} epochs{kept}; {chosen_by} top-1 {pruned_top1:.3f} before; after: "
                           + ", ".join(f"{k} {metrics[k]:.3f} (unpruned {before[k]:.3f})" for k in before
                                       if "top1_clip" in k and k in metrics))
+    if "device" in result:
+        notes.update(training_notes(TrainResult.model_validate(result)))
     log.info("%s: %s, MACs x%.3f; %s", STAGE, p.method, metrics["macs_ratio"], notes["finetune"])
-    return save_artifact(work, model, arch, metrics, cfg, "pruned", dataset, notes)
+    return save_artifact(work, model, arch, metrics, stage_config(cfg), "pruned", dataset, notes)
+
+
+def _held_out_scores(work: StageWork, choose: Selection, batch: int, alpha: float, temperature: float):
+    """(distillation loss, top-1) of a module on the selection clips, here: the pruning rounds' progress notes."""
+    held_out = load_clip_set(work.store, choose.clips)
+    targets = torch.load(work.store.get_file(choose.logits), map_location="cpu", weights_only=True)
+    cpu = torch.device("cpu")
+
+    def kd_score(model: nn.Module) -> float:
+        logits = clip_logits(model, held_out.clips, batch, cpu)
+        return float(distillation_loss(logits, targets, held_out.labels, alpha, temperature))
+
+    def top1(model: nn.Module) -> float:
+        logits = clip_logits(model, held_out.clips, batch, cpu)
+        return float((logits.argmax(1) == held_out.labels).float().mean())
+    return kd_score, top1
 
 
 def _widths(arch: StudentArch) -> str:
@@ -268,20 +298,11 @@ def prune_task(cfg: PipelineConfig, dataset: DatasetArtifact, student: ModelArti
                parent_run_id: str) -> ModelArtifact:
     with stage_run(STAGE, parent_run_id) as stage:  # [MLflow] nested run; per-epoch metrics go through `fit`
         pruned = run(cfg, dataset, student, teacher, logger=stage)
-        log_model_stage(stage, cfg, SECTIONS, pruned)
+        log_model_stage(stage, Reads.of(cfg), pruned, work_dir(cfg, dataset, student, teacher).store)
     return pruned
 
 
-def _standalone(cfg: PipelineConfig) -> ModelArtifact:
-    """The upstream stages first: each is cached in the project dir, so a re-run (or a resumed one) reuses them."""
-    from tasks import distill, ingest, train_teacher
-
-    dataset = ingest.run(cfg)
-    teacher = train_teacher.run(cfg, dataset)
-    return run(cfg, dataset, distill.run(cfg, dataset, teacher), teacher)
-
-
 if __name__ == "__main__":
-    from vidopt.config import run_stage_standalone
+    from tasks.dag import run_stage_standalone
 
-    run_stage_standalone(_standalone)
+    run_stage_standalone(STAGE)

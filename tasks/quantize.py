@@ -12,7 +12,6 @@ rank on its own machine), the fp32 weights they came from, arch.json, metrics.js
 from __future__ import annotations
 
 import copy
-import json
 import logging
 from pathlib import Path
 
@@ -20,31 +19,41 @@ import numpy as np
 import onnx
 import torch
 from prefect import task
+from safetensors.torch import load_file
 from torch import nn
 
 from tasks.caching import stage_cache
-from tasks.common import EpochBatches, cached_clip_set, log_model_stage, score_fn_with_fallback
+from tasks.common import (
+    TrainingReads,
+    clip_set,
+    load_clip_set,
+    log_model_stage,
+    logits_of,
+    placement,
+    put_weights,
+    save_artifact,
+    selection,
+    stage_config,
+)
 from tasks.retry import IO_RETRY_DELAYS, only_io_errors
 from vidopt.artifacts import DatasetArtifact, ModelArtifact
-from vidopt.checkpoint import load_model_dir, save_model_dir
-from vidopt.config import PipelineConfig
-from vidopt.distillation import ClipSet, attach_teacher_logits, clip_set_top1, distillation_loss
+from vidopt.checkpoint import load_model_dir
+from vidopt.config import BudgetConfig, DistillConfig, PipelineConfig, QuantizeConfig
+from vidopt.distillation import ClipSet
 from vidopt.metrics import count_macs, count_params, top1, top1_per_video
 from vidopt.models import StudentArch
-from vidopt.onnx_utils import (FP32_FILE, INT8_FILE, INT8_FORMS_DIR, INT8_WEIGHT_MAX, PARITY_TOLERANCE,
-                               compare_latency, export_onnx, file_mb, input_layout, ort_predict, ort_session,
-                               quantize_model_int8, takes_pixels)
-from vidopt.stages import artifact_hash, split_rows, stage_dir
-from vidopt.storage import atomic_write_text, sha256_file
+from vidopt.onnx_utils import (FP32_FILE, INT8_FILE, INT8_FORMS_DIR, PARITY_TOLERANCE, compare_latency, export_onnx,
+                               file_mb, input_layout, ort_predict, ort_session, quantize_model_int8, takes_pixels)
+from vidopt.stages import StageWork, artifact_hash, open_store, split_rows, stage_work
+from vidopt.storage import sha256_file
+from vidopt.store import FileRef
 from vidopt.tracking import stage_run
-from vidopt.training import FitSpec, fit, predict
+from vidopt.train_jobs import FixedClips, Objective, TrainJob
+from vidopt.training import predict
+from workers.train import run_training
 
 log = logging.getLogger("vidopt.quantize")
 
-NOTES = "notes.json"
-# distill: the QAT loss (alpha, temperature) and the cached training clips; budgets: min_argmax_agreement decides which
-# int8 forms may be kept
-SECTIONS = ["clips", "distill", "quantize", "budgets"]
 LATENCY_BATCHES = (1, 8)     # batch 1: one camera, lowest latency; batch 8: throughput of a server batching requests
 LATENCY_ROUNDS, LATENCY_ITERS = 5, 10  # interleaved fp32/int8 rounds, median over rounds: the machine is shared
 # Each measurement also times calls for at least this long: with 10 calls of a 0.3 ms model, two demo runs of the same
@@ -56,22 +65,29 @@ class QuantizeError(RuntimeError):
     """The exported model does not match PyTorch, or the input is not a student."""
 
 
-def work_dir(cfg: PipelineConfig, dataset: DatasetArtifact, model: ModelArtifact) -> Path:
-    return stage_dir(cfg, "quantize", SECTIONS, [artifact_hash(dataset), artifact_hash(model)])
+class Reads(TrainingReads):
+    quantize: QuantizeConfig
+    distill: DistillConfig   # the QAT loss (alpha, temperature, augmentation) and the fixed training clips
+    budgets: BudgetConfig    # min_argmax_agreement decides which int8 forms may be kept
 
 
-def run(cfg: PipelineConfig, dataset: DatasetArtifact, model: ModelArtifact, logger=None) -> ModelArtifact:
-    work = work_dir(cfg, dataset, model)
-    record = work / "artifact.json"
-    if record.exists():  # written last: same inputs and config, the finished result is returned, not redone
-        log.info("quantize: %s already holds the int8 model for these inputs", work / "model")
-        return ModelArtifact.model_validate_json(record.read_text())
-    student, arch = load_model_dir(model.uri)
+def work_dir(cfg: PipelineConfig | Reads, dataset: DatasetArtifact, pruned: ModelArtifact) -> StageWork:
+    return stage_work(Reads.of(cfg), "quantize", [artifact_hash(dataset), artifact_hash(pruned)])
+
+
+def run(cfg: PipelineConfig | Reads, dataset: DatasetArtifact, pruned: ModelArtifact, logger=None) -> ModelArtifact:
+    cfg = Reads.of(cfg)
+    work = work_dir(cfg, dataset, pruned)
+    record = work.child("artifact.json")
+    if work.store.has(record):  # written last: same inputs and config, the finished result is returned, not redone
+        log.info("quantize: %s already holds the int8 model for these inputs", work.child("model"))
+        return ModelArtifact.model_validate_json(work.store.read_text(record))
+    student, arch = load_model_dir(work.store.get_dir(pruned.uri))
     if arch.kind != "student":
-        raise QuantizeError(f"quantize: {model.uri} holds a {arch.kind}; int8 export is for the 2D+1D student")
+        raise QuantizeError(f"quantize: {pruned.uri} holds a {arch.kind}; int8 export is for the 2D+1D student")
     shape = (3, arch.frames, arch.height, arch.width)  # [C, T, H, W]
     student, metrics, notes = quantize_student(cfg, dataset, student, arch, work, logger)
-    fp32_path, int8_path = work / "onnx" / FP32_FILE, work / "onnx" / INT8_FILE
+    fp32_path, int8_path = work.local / "onnx" / FP32_FILE, work.local / "onnx" / INT8_FILE
     metrics.update({"params": count_params(student), "macs": count_macs(student, shape),
                     "size_fp32_mb": file_mb(fp32_path), "size_int8_mb": file_mb(int8_path)})
     metrics["size_ratio"] = metrics["size_fp32_mb"] / metrics["size_int8_mb"]
@@ -80,26 +96,25 @@ def run(cfg: PipelineConfig, dataset: DatasetArtifact, model: ModelArtifact, log
              notes["quantization"], metrics["test_top1_clip"], metrics["fp32.test_top1_clip"],
              metrics.get("speedup.b1.t1", float("nan")), metrics["size_ratio"])
 
-    out = work / "model"
-    atomic_write_text(work / NOTES, json.dumps(notes, indent=2, sort_keys=True))
-    save_model_dir(out, student, arch, metrics, cfg.model_dump(mode="json"),
-                   extra_files={FP32_FILE: fp32_path, INT8_FILE: int8_path, NOTES: work / NOTES,
-                                INT8_FORMS_DIR: work / "onnx" / INT8_FORMS_DIR})
-    artifact = ModelArtifact(uri=str(out.resolve()), kind="int8", arch=arch.model_dump(mode="json"),
-                             weights_sha256=sha256_file(out / INT8_FILE), metrics=metrics,
-                             data_version=dataset.data_version, notes=notes)
-    atomic_write_text(record, artifact.model_dump_json(indent=2))
+    artifact = save_artifact(work, student, arch, metrics, stage_config(cfg), "int8", dataset, notes,
+                             extra_files={FP32_FILE: fp32_path, INT8_FILE: int8_path,
+                                          INT8_FORMS_DIR: work.local / "onnx" / INT8_FORMS_DIR})
+    # an int8 model is known by its int8 file: what the export targets ship
+    artifact = artifact.model_copy(update={"weights_sha256": sha256_file(work.store.get_dir(artifact.uri) / INT8_FILE)})
+    work.store.write_text(record, artifact.model_dump_json(indent=2))
     return artifact
 
 
-def quantize_student(cfg: PipelineConfig, dataset: DatasetArtifact, student: nn.Module, arch: StudentArch,
-                     work: Path, logger=None) -> tuple[nn.Module, dict, dict[str, str]]:
+def quantize_student(cfg: Reads, dataset: DatasetArtifact, student: nn.Module, arch: StudentArch,
+                     work: StageWork, logger=None) -> tuple[nn.Module, dict, dict[str, str]]:
     """PTQ, then QAT if PTQ falls short (ptq_shortfalls). Leaves <work>/onnx/model_{fp32,int8}.onnx for the returned
     student (the input one, or its QAT fine-tuned weights) and returns (student, metrics, notes)."""
     shape = (3, arch.frames, arch.height, arch.width)
-    train, test = _clip_sets(cfg, dataset, ("train", "test"))
+    train_ref = clip_set(cfg, dataset, "train", cfg.distill.cached_clips_per_video)
+    train = load_clip_set(work.store, train_ref)
+    test = load_clip_set(work.store, _eval_clip_set(cfg, dataset, "test"))
     calibration = _calibration_batches(train, cfg)
-    fp32_path, int8_path = work / "onnx" / FP32_FILE, work / "onnx" / INT8_FILE
+    fp32_path, int8_path = work.local / "onnx" / FP32_FILE, work.local / "onnx" / INT8_FILE
     metrics = _export_quantize_evaluate(student, shape, calibration, test, fp32_path, int8_path, cfg, "ptq")
     baseline, ptq = metrics["fp32.test_top1_clip"], metrics["ptq.test_top1_clip"]
     notes = {"quantization": "ptq", "fp32_test_top1": f"{baseline:.4f}", "ptq_test_top1": f"{ptq:.4f}",
@@ -107,10 +122,7 @@ def quantize_student(cfg: PipelineConfig, dataset: DatasetArtifact, student: nn.
     final, reasons = "ptq", ptq_shortfalls(cfg, metrics)
     if reasons:
         log.info("quantize: %s; quantization-aware fine-tuning", "; ".join(reasons))
-        # the fp32 student's own logits are the soft targets: QAT is to keep its function through int8 rounding
-        attach_teacher_logits(train, student, cfg.clips.batch_size, cache=work / "fp32_logits.pt")
-        val = _clip_sets(cfg, dataset, ("val",))[0] if split_rows(dataset, "val") else None
-        student = qat_finetune(student, arch, train, val, cfg, work / "qat_last.pt", logger)
+        student = qat_finetune(student, arch, train_ref, dataset, cfg, work, logger)
         metrics.update(_export_quantize_evaluate(student, shape, calibration, test, fp32_path, int8_path, cfg, "qat"))
         final, qat = "qat", metrics["qat.test_top1_clip"]
         notes.update(quantization="qat", qat_test_top1=f"{qat:.4f}", reason="; ".join(reasons))
@@ -141,18 +153,12 @@ def ptq_shortfalls(cfg: PipelineConfig, metrics: dict[str, float]) -> list[str]:
     return reasons
 
 
-def _clip_sets(cfg: PipelineConfig, dataset: DatasetArtifact, splits: tuple[str, ...]) -> list[ClipSet]:
-    """Decoded clips per split: training clips as distillation caches them, eval clips as evaluation samples them.
-    Cached under <project>/cache/clip_sets by data content and clip settings, so the stages share one decode."""
-    sets = []
-    for split in splits:
-        per_video = cfg.distill.cached_clips_per_video if split == "train" else cfg.clips.eval_clips_per_video
-        rows = split_rows(dataset, split)
-        if not rows:
-            raise QuantizeError(f"quantize: the {split} split of dataset {dataset.data_version} is empty; "
-                                "add videos or change data.split_fractions")
-        sets.append(cached_clip_set(cfg, dataset, rows, split, per_video))
-    return sets
+def _eval_clip_set(cfg: Reads, dataset: DatasetArtifact, split: str) -> FileRef:
+    """A split's clips as evaluation samples them (the store's clip set every stage shares)."""
+    if not split_rows(dataset, split, open_store(cfg.run)):
+        raise QuantizeError(f"quantize: the {split} split of dataset {dataset.data_version} is empty; "
+                            "add videos or change data.split_fractions")
+    return clip_set(cfg, dataset, split, cfg.clips.eval_clips_per_video)
 
 
 def _calibration_batches(train: ClipSet, cfg: PipelineConfig) -> list[torch.Tensor]:
@@ -213,108 +219,41 @@ def latency_metrics(fp32_path: Path, int8_path: Path, shape, threads: list[int])
 
 # --- quantization-aware fine-tuning -------------------------------------------------------------------------------
 
-def _qconfig_mapping():
-    """Fake-quantization that simulates what onnxruntime's static QDQ quantization does to this model: uint8
-    asymmetric activations (full range), symmetric per-channel weights on quantize_int8's 7-bit grid
-    (-INT8_WEIGHT_MAX..INT8_WEIGHT_MAX)."""
-    from torch.ao.quantization import (FakeQuantize, MovingAverageMinMaxObserver,
-                                       MovingAveragePerChannelMinMaxObserver, QConfig, QConfigMapping)
-
-    activation = FakeQuantize.with_args(observer=MovingAverageMinMaxObserver, quant_min=0, quant_max=255,
-                                        dtype=torch.quint8, qscheme=torch.per_tensor_affine)
-    weight = FakeQuantize.with_args(observer=MovingAveragePerChannelMinMaxObserver, quant_min=-INT8_WEIGHT_MAX,
-                                    quant_max=INT8_WEIGHT_MAX, dtype=torch.qint8,
-                                    qscheme=torch.per_channel_symmetric, ch_axis=0)
-    return QConfigMapping().set_global(QConfig(activation=activation, weight=weight))
-
-
-def prepare_qat(student: nn.Module, arch: StudentArch) -> nn.Module:
-    """A copy of the student whose encoder and head are FX-prepared for QAT: Conv+BN+ReLU fused with fake-quantized
-    folded weights, fake-quant on every activation onnxruntime quantizes. The stem's input is 8 bits in both, but
-    not alike: the int8 file reads the uint8 pixels of x_t and x_{t+1} (DeployedStudent(pixel_input=True)), QAT
-    fake-quantizes the (x_t, x_{t+1} - x_t) that training sees; both 8 bits per tensor, so the noise QAT adapts to is
-    of the same size. The two parts are traced separately because
-    the student's [B, C, T, H, W] -> [B*T, C, H, W] reshape unpacks x.shape, which FX cannot trace; the reshapes move
-    data only, and int8 tensors pass through them unchanged in onnxruntime as well."""
-    from torch.ao.nn.intrinsic.qat import freeze_bn_stats
-    from torch.ao.quantization.quantize_fx import prepare_qat_fx
-
-    qat = copy.deepcopy(student).train()
-    frames = torch.randn(2, arch.input_channels(), arch.height, arch.width)  # what the encoder reads per frame
-    qat.encoder = prepare_qat_fx(qat.encoder, _qconfig_mapping(), (frames,))
-    qat.head = prepare_qat_fx(qat.head, _qconfig_mapping(), (torch.randn(2, arch.feature_dim(), arch.frames),))
-    # The student arrives trained: its BN statistics are right, and freezing them makes the fake-quantized folded
-    # weights the ones onnxruntime will fold and quantize.
-    return qat.apply(freeze_bn_stats)
-
-
-def student_state_from_qat(qat: nn.Module) -> dict[str, torch.Tensor]:
-    """The plain student's state dict from a QAT model: fake-quant state dropped; a fused Conv+BN(+ReLU) module at
-    index k of its Sequential holds the conv weight, and its `.bn` was the student's module k + 1."""
-    state = {}
-    for key, value in qat.state_dict().items():
-        if "fake_quant" in key or "activation_post_process" in key:
-            continue
-        prefix, sep, rest = key.partition(".bn.")
-        if sep:
-            parent, index = prefix.rsplit(".", 1)
-            key = f"{parent}.{int(index) + 1}.{rest}"
-        state[key] = value
-    return state
-
-
-def qat_finetune(student: nn.Module, arch: StudentArch, train: ClipSet, val: ClipSet | None, cfg: PipelineConfig,
-                 checkpoint: Path, logger=None) -> nn.Module:
-    """Fine-tune with fake-quantization and distillation for `qat_epochs` (the one loop, `fit`); returns the plain
-    student holding the fine-tuned weights, ready to export and quantize again."""
-    from torch.ao.quantization import disable_observer
-
-    qat = prepare_qat(student, arch)
-    batches = EpochBatches(train, cfg.clips.batch_size, cfg.run.seed, augment=cfg.distill.augment)
-    d = cfg.distill
-
-    def loss_fn(model: nn.Module, batch) -> torch.Tensor:
-        x, labels, fp32_logits = batch
-        return distillation_loss(model(x), fp32_logits, labels, d.alpha, d.temperature)
-
-    def on_epoch_start(epoch: int) -> None:
-        batches.start_epoch(epoch)
-        if epoch >= 1:  # ranges settle in the first epoch; later epochs train weights against fixed scales
-            qat.apply(disable_observer)
-
-    bs = cfg.clips.batch_size
-    score = score_fn_with_fallback("quantize", val is not None, lambda m: clip_set_top1(m, val, bs),
-                                   lambda m: clip_set_top1(m, train, bs))
-    spec = FitSpec(epochs=cfg.quantize.qat_epochs, lr=cfg.quantize.qat_lr, weight_decay=d.weight_decay, stage="qat",
-                   score_name="val_top1" if val is not None else "train_top1")
-    fit(qat, loss_fn, batches, score, spec, checkpoint, logger, on_epoch_start)
+def qat_finetune(student: nn.Module, arch: StudentArch, train: FileRef, dataset: DatasetArtifact, cfg: Reads,
+                 work: StageWork, logger=None) -> nn.Module:
+    """Fine-tune with fake-quantization (vidopt/qat.py) and distillation for `qat_epochs`, as a training job; the
+    fp32 student's own logits are the soft targets: QAT is to keep its function through int8 rounding. Returns the
+    plain student holding the fine-tuned weights, ready to export and quantize again."""
+    d, q = cfg.distill, cfg.quantize
+    start = put_weights(work, student, "qat_input.safetensors", arch)
+    fp32_logits = logits_of(cfg, start, train, work.child("fp32_logits.pt"))
+    job = TrainJob(
+        stage="qat", store=work.store.spec, run_dir=work.uri, checkpoint_name="qat_last",
+        output=work.child("qat.safetensors"), model=start.model_copy(update={"qat": True}),
+        data=FixedClips(clips=train, logits=fp32_logits),
+        objective=Objective(loss="distillation", alpha=d.alpha, temperature=d.temperature),
+        selection=selection(cfg, dataset, "quantize"), augment=d.augment, epochs=q.qat_epochs, lr=q.qat_lr,
+        weight_decay=d.weight_decay, patience=q.qat_epochs, batch_size=cfg.clips.batch_size, seed=cfg.run.seed,
+        placement=placement(cfg))
+    result = run_training(job, cfg.train, cfg.ray, logger)
     tuned = copy.deepcopy(student)
-    tuned.load_state_dict(student_state_from_qat(qat))  # strict: every student weight must come back
+    tuned.load_state_dict(load_file(str(work.store.get_file(result.weights))))  # strict: every weight comes back
     return tuned.eval()
 
 
 # [Prefect] retries cover object-store reads only; `run` above is the plain function tests call.
 @task(name="quantize", retries=len(IO_RETRY_DELAYS), retry_delay_seconds=IO_RETRY_DELAYS,
       retry_condition_fn=only_io_errors, **stage_cache(work_dir))
-def quantize_task(cfg: PipelineConfig, dataset: DatasetArtifact, model: ModelArtifact,
+def quantize_task(cfg: PipelineConfig, dataset: DatasetArtifact, pruned: ModelArtifact,
                   parent_run_id: str) -> ModelArtifact:
     with stage_run("quantize", parent_run_id) as stage:  # [MLflow] nested run: QAT epochs (if any), then the result
-        artifact = run(cfg, dataset, model, logger=stage)
-        log_model_stage(stage, cfg, SECTIONS, artifact)  # params, metrics, the model dir (ONNX files, notes.json)
+        artifact = run(cfg, dataset, pruned, logger=stage)
+        # params, metrics, the model dir (ONNX files, notes.json)
+        log_model_stage(stage, Reads.of(cfg), artifact, work_dir(cfg, dataset, pruned).store)
     return artifact
 
 
-def _standalone(cfg: PipelineConfig) -> ModelArtifact:
-    """The upstream stages first: each is cached in the project dir, so a re-run (or a resumed one) reuses them."""
-    from tasks import distill, ingest, prune, train_teacher
-
-    dataset = ingest.run(cfg)
-    teacher = train_teacher.run(cfg, dataset)
-    pruned = prune.run(cfg, dataset, distill.run(cfg, dataset, teacher), teacher)
-    return run(cfg, dataset, pruned)
-
-
 if __name__ == "__main__":
-    from vidopt.config import run_stage_standalone
+    from tasks.dag import run_stage_standalone
 
-    run_stage_standalone(_standalone)
+    run_stage_standalone("quantize")

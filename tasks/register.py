@@ -10,21 +10,18 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from pathlib import Path
 
 from prefect import task
 
 from tasks.caching import stage_cache
 from tasks.retry import IO_RETRY_DELAYS, only_io_errors
 from vidopt.artifacts import DatasetArtifact, ModelArtifact, TargetResult
-from vidopt.config import PipelineConfig
+from vidopt.config import BudgetConfig, PipelineConfig
 from vidopt.registry import promotion_gates
-from vidopt.stages import artifact_hash, stage_dir
-from vidopt.storage import atomic_write_text
+from vidopt.stages import StageReads, StageWork, artifact_hash, stage_work
 from vidopt.tracking import code_version
 
 log = logging.getLogger("vidopt.register")
-SECTIONS = ["budgets"]
 CHALLENGER, CHAMPION = "challenger", "champion"
 DECISIONS = "decisions.json"
 
@@ -38,25 +35,30 @@ def model_name(target: str) -> str:
 LOGGED_AT = ("mlflow_run_id", "mlflow_artifact_uri")
 
 
-def work_dir(cfg: PipelineConfig, dataset: DatasetArtifact, teacher: ModelArtifact,
-             targets: list[TargetResult]) -> Path:
+class Reads(StageReads):
+    budgets: BudgetConfig
+
+
+def work_dir(cfg: PipelineConfig | Reads, dataset: DatasetArtifact, teacher: ModelArtifact,
+             targets: list[TargetResult]) -> StageWork:
     verified = [t.model_copy(update={"extra": {k: v for k, v in t.extra.items() if k not in LOGGED_AT}})
                 for t in targets]
     results = json.dumps([t.model_dump(mode="json") for t in verified], sort_keys=True)
-    return stage_dir(cfg, "register", SECTIONS, [artifact_hash(dataset), artifact_hash(teacher),
-                                                 hashlib.sha256(results.encode()).hexdigest()])
+    return stage_work(Reads.of(cfg), "register", [artifact_hash(dataset), artifact_hash(teacher),
+                                                  hashlib.sha256(results.encode()).hexdigest()])
 
 
 def run(cfg: PipelineConfig, dataset: DatasetArtifact, teacher: ModelArtifact,
         targets: list[TargetResult]) -> list[dict]:
-    """One decision per target: {target, model, version (None when not registered), champion, gates, reason}."""
+    """One decision per target: {target, model, version (None when not registered), champion, gates, reason}. The
+    config hash tagged on each version is the whole run's (what produced it), so this stage reads it whole."""
     work = work_dir(cfg, dataset, teacher, targets)
-    if (work / DECISIONS).exists():  # these results were registered already: registering again would add versions
-        return json.loads((work / DECISIONS).read_text())
+    if work.store.has(work.child(DECISIONS)):  # registered already: registering again would add versions
+        return json.loads(work.store.read_text(work.child(DECISIONS)))
     teacher_top1 = teacher.metrics.get("test_top1_clip")
     tags = {"data_version": dataset.data_version, "config_hash": cfg.config_hash(), "code_version": code_version()}
     decisions = [register_target(result, teacher_top1, cfg, tags) for result in targets]
-    atomic_write_text(work / DECISIONS, json.dumps(decisions, indent=2))
+    work.store.write_text(work.child(DECISIONS), json.dumps(decisions, indent=2))
     return decisions
 
 

@@ -11,50 +11,62 @@ import hashlib
 import json
 import logging
 from datetime import datetime, timezone
-from pathlib import Path
 
 from prefect import task
 
 from tasks.caching import stage_cache
 from tasks.retry import IO_RETRY_DELAYS, only_io_errors
 from vidopt.artifacts import DatasetArtifact, ModelArtifact, ReportArtifact, TargetResult
-from vidopt.config import PipelineConfig
+from vidopt.config import BudgetConfig, ExportConfig, PipelineConfig, ReportConfig
 from vidopt.report import best_summary, build_report, write_report
-from vidopt.stages import artifact_hash, stage_dir
+from vidopt.stages import StageReads, StageWork, artifact_hash, open_store, stage_work
 
 log = logging.getLogger("vidopt.report")
-SECTIONS = ["budgets", "report", "export"]  # export: cpu_threads picks which of the ladder's latencies are shown
 
 
-def work_dir(cfg: PipelineConfig, dataset: DatasetArtifact, ladder: dict[str, ModelArtifact],
-             targets: list[TargetResult]) -> Path:
+class Reads(StageReads):
+    budgets: BudgetConfig
+    report: ReportConfig
+    export: ExportConfig   # cpu_threads picks which of the ladder's latencies are shown
+
+
+def work_dir(cfg: PipelineConfig | Reads, dataset: DatasetArtifact, teacher: ModelArtifact, student: ModelArtifact,
+             pruned: ModelArtifact, int8: ModelArtifact, targets: list[TargetResult]) -> StageWork:
+    ladder = {"teacher": teacher, "student": student, "pruned": pruned, "int8": int8}
     results = json.dumps([t.model_dump(mode="json") for t in targets], sort_keys=True)
     inputs = [artifact_hash(dataset), *(f"{name}:{a.weights_sha256}" for name, a in ladder.items()),
               hashlib.sha256(results.encode()).hexdigest()]
-    return stage_dir(cfg, "report", SECTIONS, inputs)
+    return stage_work(Reads.of(cfg), "report", inputs)
 
 
-def run(cfg: PipelineConfig, dataset: DatasetArtifact, ladder: dict[str, ModelArtifact],
-        targets: list[TargetResult]) -> ReportArtifact:
-    """`ladder`: {"teacher", "student", "pruned", "int8"} artifacts; `targets`: the export stage's results."""
-    work = work_dir(cfg, dataset, ladder, targets)
+def run(cfg: PipelineConfig | Reads, dataset: DatasetArtifact, teacher: ModelArtifact, student: ModelArtifact,
+        pruned: ModelArtifact, int8: ModelArtifact, targets: list[TargetResult]) -> ReportArtifact:
+    """The compression ladder's models and the export stage's results -> the report, published to the store."""
+    reads = Reads.of(cfg)
+    work = work_dir(reads, dataset, teacher, student, pruned, int8, targets)
+    ladder = {"teacher": teacher, "student": student, "pruned": pruned, "int8": int8}
     context = {"data version": dataset.data_version, "classes": str(len(dataset.classes)),
-               "config hash": cfg.config_hash(), "run name": cfg.run.name or "-",
+               "config hash": cfg.config_hash() if isinstance(cfg, PipelineConfig) else "-",
+               "run name": reads.run.name or "-",
                "written": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
-    report = build_report(ladder, targets, cfg.budgets, cfg.report.profiles, cfg.export.cpu_threads, context)
-    paths = write_report(report, work)
+    report = build_report(ladder, targets, reads.budgets, reads.report.profiles, reads.export.cpu_threads, context)
+    folder = work.child("report")
+    paths = write_report(report, work.local / "report")
+    work.store.put_dir(work.local / "report", folder)
     best = best_summary(report)
-    log.info("report: %s (best per target: %s)", paths["html"],
+    uris = {kind: f"{folder}/{path.name}" for kind, path in paths.items()}
+    log.info("report: %s (best per target: %s)", uris["html"],
              ", ".join(f"{t} {c['variant'] or 'none'}" for t, c in best.items()))
-    return ReportArtifact(uri=str(work), html_uri=str(paths["html"]), plot_uri=str(paths["plot"]),
-                          rows_uri=str(paths["rows"]), table_uri=str(paths["table"]), best=best)
+    return ReportArtifact(uri=folder, html_uri=uris["html"], plot_uri=uris["plot"], rows_uri=uris["rows"],
+                          table_uri=uris["table"], best=best)
 
 
-def log_report(stage, record: ReportArtifact) -> None:
+def log_report(stage, record: ReportArtifact, store) -> None:
     """[MLflow] the report's files under `report/`, the best variant per target as tags, its numbers as metrics
     (energy and cost named *_estimate: they come from the profiles, not from a meter)."""
+    folder = store.get_dir(record.uri)
     for uri in (record.html_uri, record.plot_uri, record.rows_uri, record.table_uri):
-        stage.log_artifact(uri, "report")
+        stage.log_artifact(folder / uri.rsplit("/", 1)[1], "report")
     for target, best in record.best.items():
         stage.set_tags({f"best.{target}": best["variant"] or "none", f"best.{target}.reason": best["reason"][:5000]})
         names = {"top1": "top1", "latency_ms": "latency_ms", "artifact_bytes": "artifact_bytes",
@@ -68,29 +80,18 @@ def log_report(stage, record: ReportArtifact) -> None:
 # [Prefect] retries cover I/O only (an MLflow server or object store that blips); `run` is the plain function.
 @task(name="report", retries=len(IO_RETRY_DELAYS), retry_delay_seconds=IO_RETRY_DELAYS,
       retry_condition_fn=only_io_errors, **stage_cache(work_dir))
-def report_task(cfg: PipelineConfig, dataset: DatasetArtifact, ladder: dict[str, ModelArtifact],
-                targets: list[TargetResult], parent_run_id: str) -> ReportArtifact:
+def report_task(cfg: PipelineConfig, dataset: DatasetArtifact, teacher: ModelArtifact, student: ModelArtifact,
+                pruned: ModelArtifact, int8: ModelArtifact, targets: list[TargetResult],
+                parent_run_id: str) -> ReportArtifact:
     from vidopt.tracking import stage_run
 
     with stage_run("report", parent_run_id) as stage:  # [MLflow] nested run holding the report
-        record = run(cfg, dataset, ladder, targets)
-        log_report(stage, record)
+        record = run(cfg, dataset, teacher, student, pruned, int8, targets)
+        log_report(stage, record, open_store(cfg.run))
     return record
 
 
-def _standalone(cfg: PipelineConfig) -> ReportArtifact:
-    from tasks import distill, export, ingest, prune, quantize, train_teacher
-
-    dataset = ingest.run(cfg)
-    teacher = train_teacher.run(cfg, dataset)
-    student = distill.run(cfg, dataset, teacher)
-    pruned = prune.run(cfg, dataset, student, teacher)
-    int8 = quantize.run(cfg, dataset, pruned)
-    ladder = {"teacher": teacher, "student": student, "pruned": pruned, "int8": int8}
-    return run(cfg, dataset, ladder, export.run(cfg, dataset, int8))
-
-
 if __name__ == "__main__":
-    from vidopt.config import run_stage_standalone
+    from tasks.dag import run_stage_standalone
 
-    run_stage_standalone(_standalone)
+    run_stage_standalone("report")

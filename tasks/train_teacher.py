@@ -12,45 +12,51 @@ import logging
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from prefect import task
 from torch import nn
 
 from tasks.caching import stage_cache
 from tasks.common import (
-    CHECKPOINT,
-    cached_clip_set,
+    TrainingReads,
     finished_artifact,
     log_model_stage,
     model_metrics,
+    placement,
+    put_weights,
     save_artifact,
-    score_fn_with_fallback,
+    selection,
+    stage_config,
     train_val_rows,
 )
 from tasks.retry import IO_RETRY_DELAYS, only_io_errors
 from vidopt.artifacts import DatasetArtifact, ModelArtifact
-from vidopt.augment import augment_clips
 from vidopt.checkpoint import load_state_dict_uri
-from vidopt.config import PipelineConfig
-from vidopt.data import make_loader
-from vidopt.distillation import clip_set_top1
+from vidopt.config import PipelineConfig, TeacherConfig
 from vidopt.models import TeacherArch, build_model
-from vidopt.stages import artifact_hash, stage_dir
+from vidopt.stages import StageWork, artifact_hash, stage_work
 from vidopt.storage import is_s3, sha256_file
+from vidopt.store import FileRef
 from vidopt.tracking import stage_run
-from vidopt.training import FitSpec, bf16_training, fit
+from vidopt.train_jobs import Objective, TrainJob, VideoClips
+from workers.train import run_training
 
 log = logging.getLogger("vidopt.train_teacher")
-STAGE, SECTIONS = "train_teacher", ["teacher", "clips"]
+STAGE = "train_teacher"
 
 
-def work_dir(cfg: PipelineConfig, dataset: DatasetArtifact) -> Path:
-    return stage_dir(cfg, STAGE, SECTIONS, [artifact_hash(dataset), *_init_identity(cfg.teacher.init)])
+class Reads(TrainingReads):
+    teacher: TeacherConfig
 
 
-def run(cfg: PipelineConfig, dataset: DatasetArtifact, logger=None) -> ModelArtifact:
+def work_dir(cfg: PipelineConfig | Reads, dataset: DatasetArtifact) -> StageWork:
+    reads = Reads.of(cfg)
+    return stage_work(reads, STAGE, [artifact_hash(dataset), *_init_identity(reads.teacher.init)])
+
+
+def run(cfg: PipelineConfig | Reads, dataset: DatasetArtifact, logger=None) -> ModelArtifact:
+    cfg = Reads.of(cfg)
     work = work_dir(cfg, dataset)
-    done = finished_artifact(work, "teacher", dataset, STAGE)
+    done = finished_artifact(work, "teacher", dataset)
     if done is not None:
         return done
 
@@ -60,39 +66,40 @@ def run(cfg: PipelineConfig, dataset: DatasetArtifact, logger=None) -> ModelArti
     torch.manual_seed(cfg.run.seed)  # initial weights follow run.seed, which is part of the stage key
     model = build_model(arch)
     notes = {"init": load_init(model, t.init)} if t.init else {}
+    start = put_weights(work, model, "init.safetensors", arch)
 
-    train_rows, val_rows = train_val_rows(dataset, STAGE)
-    train_loader = make_loader(train_rows, dataset.classes, cfg.clips, train=True, seed=cfg.run.seed)
-    # The val clips are the same every epoch: decoded once (cached in the project dir, as later stages reuse them).
-    per_video, batch = cfg.clips.eval_clips_per_video, cfg.clips.batch_size
-    scored = cached_clip_set(cfg, dataset, val_rows or train_rows, "val" if val_rows else "train", per_video)
-    score = score_fn_with_fallback(STAGE, bool(val_rows), lambda m: clip_set_top1(m, scored, batch),
-                                   lambda m: clip_set_top1(m, scored, batch))
+    train_rows, val_rows = train_val_rows(work.store, dataset, STAGE)
+    job = TrainJob(
+        stage=STAGE, store=work.store.spec, run_dir=work.uri, output=work.child("trained.safetensors"), model=start,
+        data=VideoClips(manifest=FileRef(uri=dataset.manifest_uri, sha256=dataset.manifest_sha256),
+                        classes=dataset.classes, clips=cfg.clips, source_endpoint_url=dataset.source_endpoint_url,
+                        source_region=dataset.source_region),
+        objective=Objective(loss="cross_entropy"), selection=selection(cfg, dataset, STAGE), augment=t.augment,
+        epochs=t.epochs, lr=t.lr, weight_decay=t.weight_decay, patience=t.patience,
+        batch_size=cfg.clips.batch_size, seed=cfg.run.seed, placement=placement(cfg, cpu_precision=t.precision))
+    log.info("%s: %s width %.3g, %d classes, %d train / %d val videos, work in %s", STAGE, t.arch, t.width,
+             arch.num_classes, len(train_rows), len(val_rows), work.uri)
+    result = run_training(job, cfg.train, cfg.ray, logger)
+    trained = start.model_copy(update={"weights": result.weights})
+    model = load_trained(trained, work)
+    metrics = model_metrics(cfg, work, model, trained, dataset, result.model_dump())
+    log.info("%s: done after %d epochs (best %d) on %s: %s", STAGE, result.epochs_run, result.best_epoch + 1,
+             result.device, {k: round(v, 3) for k, v in metrics.items() if "top1" in k})
+    return save_artifact(work, model, arch, metrics, stage_config(cfg), "teacher", dataset,
+                         {**notes, **training_notes(result)})
 
-    augment = torch.Generator() if t.augment else None
 
-    def start_epoch(epoch: int) -> None:
-        # New random clip offsets, shuffle and augmentation every epoch, the same ones again after a resume.
-        train_loader.dataset.epoch = epoch
-        train_loader.generator.manual_seed(cfg.run.seed + epoch)
-        if augment is not None:
-            augment.manual_seed(cfg.run.seed * 100_003 + epoch)
+def load_trained(spec, work: StageWork) -> nn.Module:
+    """The module a training job left in the store."""
+    from vidopt.train_jobs import load_spec_model
 
-    def cross_entropy(model: nn.Module, batch: tuple) -> torch.Tensor:
-        x, y, _video = batch  # x: [B, C, T, H, W]
-        return F.cross_entropy(model(x if augment is None else augment_clips(x, augment)), y)
+    model, _ = load_spec_model(spec, work.store, seed=0)
+    return model.eval()
 
-    log.info("%s: %s width %.3g, %d classes, %d train / %d val videos, work dir %s", STAGE, t.arch, t.width,
-             arch.num_classes, len(train_rows), len(val_rows), work)
-    result = fit(model, cross_entropy, train_loader, score,
-                 FitSpec(epochs=t.epochs, lr=t.lr, weight_decay=t.weight_decay, patience=t.patience, stage=STAGE,
-                         channels_last=True, bf16=bf16_training(t.precision),
-                         score_name="val_top1" if val_rows else "train_top1"),
-                 checkpoint=work / CHECKPOINT, logger=logger, on_epoch_start=start_epoch)
-    metrics = model_metrics(model, cfg, dataset, result)
-    log.info("%s: done after %d epochs (best %d): %s", STAGE, result["epochs_run"], result["best_epoch"] + 1,
-             {k: round(v, 3) for k, v in metrics.items() if "top1" in k})
-    return save_artifact(work, model, arch, metrics, cfg, "teacher", dataset, notes)
+
+def training_notes(result) -> dict[str, str]:
+    return {"trained_on": f"{result.device}, {result.precision}, {result.world_size} worker(s)"
+                          + (f"; {result.note}" if result.note else "")}
 
 
 def load_init(model: nn.Module, uri: str) -> str:
@@ -133,17 +140,11 @@ def _init_identity(init: str | None) -> list[str]:
 def train_teacher_task(cfg: PipelineConfig, dataset: DatasetArtifact, parent_run_id: str) -> ModelArtifact:
     with stage_run(STAGE, parent_run_id) as stage:  # [MLflow] nested run; per-epoch metrics go through `fit`
         teacher = run(cfg, dataset, logger=stage)
-        log_model_stage(stage, cfg, SECTIONS, teacher)
+        log_model_stage(stage, Reads.of(cfg), teacher, work_dir(cfg, dataset).store)
     return teacher
 
 
-def _standalone(cfg: PipelineConfig) -> ModelArtifact:
-    from tasks import ingest
-
-    return run(cfg, ingest.run(cfg))
-
-
 if __name__ == "__main__":
-    from vidopt.config import run_stage_standalone
+    from tasks.dag import run_stage_standalone
 
-    run_stage_standalone(_standalone)
+    run_stage_standalone(STAGE)

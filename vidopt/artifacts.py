@@ -1,7 +1,11 @@
 """Records that stages hand each other: URIs, content hashes and metrics — never live tensors or modules."""
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
+
+from vidopt.store import FileRef, StoreSpec
 
 
 class Artifact(BaseModel):
@@ -19,6 +23,8 @@ class DatasetArtifact(Artifact):
     num_videos: int
     num_quarantined: int
     downloaded: int                        # objects fetched from the source this time (0 on an unchanged re-run)
+    source_endpoint_url: str | None = None  # how other nodes reach the rows' s3:// URIs (data.s3_endpoint_url)
+    source_region: str | None = None
 
 
 class ModelArtifact(Artifact):
@@ -30,15 +36,69 @@ class ModelArtifact(Artifact):
     notes: dict[str, str] = {}             # what was done and why (e.g. "quantization: ptq" or "qat after ptq lost 3.1")
 
 
+class CpuOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    target: Literal["cpu"] = "cpu"
+    threads: int = 1                       # onnxruntime intra-op threads shipped (export.cpu_threads)
+    min_argmax_agreement: float = 0.0      # int8 forms below it are not shipped (budgets.min_argmax_agreement)
+
+
+class GpuOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    target: Literal["gpu"] = "gpu"
+    threads: int = 1                       # onnxruntime threads where a variant runs on the host CPU
+
+
+class TpuOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    target: Literal["tpu"] = "tpu"
+    bf16: bool = False                     # also export and verify a bf16 StableHLO program
+    pjrt_device: str | None = None         # None: TPU where the exporting child counts chips, else CPU
+    latency_iters: int = 6                 # timed batch-1 calls, each on its own clip (~0.5 s compile each on a
+    #                                        CPU); no warm-up call: every call compiles afresh, and the batched calls
+    #                                        before them warmed PJRT
+    timeout_s: float = 1800                # per child process (export, verify)
+
+
+class FpgaOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    target: Literal["fpga"] = "fpga"
+    fixed_width: int = 16                  # total bits of each ap_fixed<W, I>
+    calibration_clips: int = 32            # first eval clips whose activations set each layer's integer bits
+    margin_bits: int = 1                   # integer bits over the calibrated range: headroom for unseen clips
+    max_eval_clips: int | None = None      # the C++ emulation is slow: a cap for big test splits; None: every clip
+
+
+TargetOptions = Annotated[CpuOptions | GpuOptions | TpuOptions | FpgaOptions, Field(discriminator="target")]
+
+
+def default_options(target: str) -> CpuOptions | GpuOptions | TpuOptions | FpgaOptions:
+    return TypeAdapter(TargetOptions).validate_python({"target": target})
+
+
 class ExportJob(BaseModel):
-    """One hardware target's export + verification, as sent to a worker pool: URIs only, never live modules."""
+    """One hardware target's export + verification, as sent to a worker pool on any node: store URIs and content
+    hashes only, never a path of the machine that sent it, never a live module."""
     model_config = ConfigDict(extra="forbid")
     target: str                            # "cpu", "gpu", "tpu", "fpga"
+    store: StoreSpec                       # the artifact store every node reads and writes
+    model: str                             # the quantize stage's model folder: fp32 weights, arch.json, the ONNX
+    #                                        files and int8 forms
+    eval_clips: FileRef                    # clip set {"clips": uint8 [N, T, H, W, C], "labels": [N], "videos": [N]}
+    out: str                               # store URI the target's outputs are published under
+    options: TargetOptions
+
+
+class LocalExportJob(BaseModel):
+    """An ExportJob on the node that runs it: its inputs fetched into this node's cache, its outputs in a local
+    folder that is published to the store afterwards. What every back-end's run_target reads."""
+    model_config = ConfigDict(extra="forbid")
+    target: str
     model_dir: str                         # fp32 model dir (arch.json + weights.safetensors) of the final student
     int8_dir: str | None = None            # quantize stage's dir (model_int8.onnx), for targets that ship int8
-    eval_clips: str                        # torch file {"clips": uint8 [N, T, H, W, C], "labels": [N], "videos": [N]}
+    eval_clips: str                        # the clip set file
     out_dir: str                           # where the target writes its deployable artifact
-    options: dict = {}                     # target-specific settings from the export config section
+    options: TargetOptions
 
 
 class TargetResult(BaseModel):

@@ -17,15 +17,34 @@ SHIFT_FRACTION = 8       # translate by up to 1/8 of the frame size in each dire
 
 def augment_clips(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     """x: normalised clips [B, C, T, H, W] -> augmented clips of the same shape (a new tensor)."""
-    b, c, t, h, w = x.shape
+    b, c, _, h, w = x.shape
+    return apply_augmentation(x, draw_augmentation(b, c, h, w, generator))
+
+
+def draw_augmentation(b: int, c: int, h: int, w: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
+    """The random transform of each of b clips, drawn on the CPU generator: a data-parallel worker draws those of the
+    whole global batch and applies its own rows (shard_augmentation), so its clips get what one worker's would."""
     order = torch.stack([torch.randperm(c, generator=generator) for _ in range(b)])  # [B, C] channel order per clip
-    x = torch.gather(x, 1, order.view(b, c, 1, 1, 1).expand_as(x))
     gain = torch.empty(b, 1, 1, 1, 1).uniform_(*GAIN, generator=generator)
     offset = torch.empty(b, c, 1, 1, 1).uniform_(*OFFSET, generator=generator)
+    pad_h, pad_w = max(1, h // SHIFT_FRACTION), max(1, w // SHIFT_FRACTION)
+    dy = torch.randint(0, 2 * pad_h + 1, (b,), generator=generator)
+    dx = torch.randint(0, 2 * pad_w + 1, (b,), generator=generator)
+    return {"order": order, "gain": gain, "offset": offset, "dy": dy, "dx": dx}
+
+
+def shard_augmentation(params: dict[str, torch.Tensor], rows: slice) -> dict[str, torch.Tensor]:
+    return {k: v[rows] for k, v in params.items()}
+
+
+def apply_augmentation(x: torch.Tensor, params: dict[str, torch.Tensor]) -> torch.Tensor:
+    """x [B, C, T, H, W] on any device, params of its B clips (drawn on the CPU) -> augmented clips."""
+    b, c, t, h, w = x.shape
+    order, gain, offset = (params[k].to(x.device) for k in ("order", "gain", "offset"))
+    x = torch.gather(x, 1, order.view(b, c, 1, 1, 1).expand_as(x))
     x = x * gain + offset
     pad_h, pad_w = max(1, h // SHIFT_FRACTION), max(1, w // SHIFT_FRACTION)
     padded = F.pad(x.reshape(b, c * t, h, w), (pad_w, pad_w, pad_h, pad_h), mode="replicate")  # [B, C*T, H', W']
-    dy = torch.randint(0, 2 * pad_h + 1, (b,), generator=generator).tolist()
-    dx = torch.randint(0, 2 * pad_w + 1, (b,), generator=generator).tolist()
+    dy, dx = params["dy"].tolist(), params["dx"].tolist()
     shifted = torch.stack([padded[i, :, dy[i]:dy[i] + h, dx[i]:dx[i] + w] for i in range(b)])
     return shifted.reshape(b, c, t, h, w)

@@ -176,6 +176,8 @@ class ExportConfig(Section):
 
 
 class RayConfig(Section):
+    # which cluster runs the work, not what it produces (a target no pool offers is skipped and never cached)
+    runtime_only = frozenset({"address", "emulate", "num_cpus", "job_timeout_s", "retries", "local_nice"})
     address: str | None = None               # join this cluster ("auto", "ray://host:10001"); None: start a local Ray
     emulate: list[Literal["gpu", "tpu", "fpga"]] = Field(default_factory=lambda: ["gpu", "tpu", "fpga"])
     #                                          ^ accelerator resources a *local* node declares, so every pool exists
@@ -241,9 +243,33 @@ class TrackingConfig(Section):
 
 
 class RunConfig(Section):
-    project_dir: str = ".vidopt"         # cache, run outputs, mlflow.db, prefect home
+    # where things are kept, not what they are: a moved project or store reuses every finished stage
+    runtime_only = frozenset({"project_dir", "name", "artifact_root", "store_endpoint_url", "store_region"})
+    project_dir: str = ".vidopt"         # this machine's space: Prefect home, mlflow.db, caches, scratch
     name: str | None = None              # MLflow run name; None: MLflow picks one
     seed: int = 0
+    artifact_root: str | None = None     # where every stage output, checkpoint, clip set, export package and report
+    #                                      lives: a local folder, or s3://bucket/prefix that every Ray node reads and
+    #                                      writes (AWS, MinIO). None: <project_dir>
+    store_endpoint_url: str | None = None  # S3 endpoint of the artifact store (MinIO); None: boto3's usual config
+    store_region: str | None = None
+
+
+class TrainConfig(Section):
+    """Where and how training runs: it decides speed, not the model (data-parallel steps match one worker's within
+    float tolerance), so none of it is part of a stage's cache key."""
+    runtime_only = frozenset({"workers", "device", "launcher", "cpus_per_worker", "gpu_precision", "max_failures",
+                              "prefetch_batches"})
+    workers: int = Field(1, ge=1)        # data-parallel workers (Ray Train TorchTrainer + DDP); global batch unchanged
+    device: Literal["auto", "cpu", "gpu"] = "auto"  # auto: the GPU pool where the Ray cluster has GPUs, else CPUs.
+    #                                      A worker without CUDA trains on its CPU and says so
+    launcher: Literal["auto", "ray", "local"] = "auto"  # auto: in this process when there is nothing to spread (one
+    #                                      worker, no ray.address, a local store, no GPU asked for); else Ray Train
+    cpus_per_worker: int | None = None   # CPU workers' threads and Ray CPUs; None: the local node's cores / workers
+    gpu_precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"  # mixed precision on GPUs; auto: bf16 where the
+    #                                      GPU has it (Ampere and later), else fp16 with a gradient scaler
+    max_failures: int = Field(2, ge=0)   # worker (or node) losses survived, each resuming from the last epoch
+    prefetch_batches: int = Field(4, ge=1)  # batches decoded ahead per loader process, so the device never waits
 
 
 class PipelineConfig(Section):
@@ -256,6 +282,7 @@ class PipelineConfig(Section):
     quantize: QuantizeConfig = Field(default_factory=QuantizeConfig)
     export: ExportConfig = Field(default_factory=ExportConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     budgets: BudgetConfig = Field(default_factory=BudgetConfig)
     report: ReportConfig = Field(default_factory=ReportConfig)
@@ -377,20 +404,3 @@ def flatten(obj: dict[str, Any], prefix: str = "") -> dict[str, Any]:
         else:
             out[key] = v
     return out
-
-
-
-def run_stage_standalone(stage_run, argv: list[str] | None = None) -> None:
-    """`python -m tasks.<stage> --profile tiny key.sub=value ...`: run one stage's plain function, print its record."""
-    import argparse
-    import logging
-
-    parser = argparse.ArgumentParser(description=stage_run.__module__)
-    parser.add_argument("--profile", default="tiny")
-    parser.add_argument("overrides", nargs="*", help="key.sub=value")
-    args = parser.parse_args(argv)
-    # force: importing Prefect (the stage's @task) already put a WARNING-level handler on the root logger.
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", force=True)
-    result = stage_run(load_config(args.profile, args.overrides))
-    records = result if isinstance(result, list) else [result]
-    print(json.dumps([r.model_dump(mode="json") for r in records], indent=2))

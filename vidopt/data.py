@@ -83,8 +83,8 @@ def normalise_clips(clips):
     """uint8 clips [..., T, H, W, C] -> float [..., C, T, H, W], scaled to [0, 1] and standardised per channel."""
     torch = _import_torch()
     x = clips.float().div_(255.0).movedim(-1, -4)  # [..., T, H, W, C] -> [..., C, T, H, W]
-    mean = torch.tensor(KINETICS_MEAN).view(3, 1, 1, 1)
-    std = torch.tensor(KINETICS_STD).view(3, 1, 1, 1)
+    mean = torch.tensor(KINETICS_MEAN, device=x.device).view(3, 1, 1, 1)
+    std = torch.tensor(KINETICS_STD, device=x.device).view(3, 1, 1, 1)
     return (x - mean) / std
 
 

@@ -480,8 +480,8 @@ def write_report(report: Report, out_dir: Path) -> dict[str, Path]:
     return paths
 
 
-def terminal_summary(record) -> tuple[str, str]:
-    """(the report's text table, the HTML report's path) of a ReportArtifact or its model_dump(): what `vidopt run`
-    prints at the end."""
+def terminal_summary(record, store) -> tuple[str, str]:
+    """(the report's text table, the HTML report's URI) of a ReportArtifact or its model_dump(): what `vidopt run`
+    prints at the end; `store` is the run's artifact store, which holds the files."""
     fields = record if isinstance(record, dict) else record.model_dump()
-    return Path(fields["table_uri"]).read_text(), fields["html_uri"]
+    return store.read_text(fields["table_uri"]), fields["html_uri"]

@@ -1,62 +1,130 @@
-"""Where a stage keeps its work: `<project>/stages/<stage>/<key>/`, the key hashing everything the result depends on
-(input artifacts' content hashes and the config sections the stage reads). Same inputs -> same directory, so a
-crashed stage finds its checkpoint there and resumes, and a finished one finds its model and is not redone."""
+"""Where a stage keeps its work, and what it may read.
+
+A stage's outputs live at `<artifact root>/stages/<stage>/<key>/`, the key hashing exactly what the result depends on:
+the config the stage reads (its `StageReads` record, runtime-only fields left out) and its inputs' content hashes.
+Same inputs -> same place, so a crashed stage finds its checkpoint there and resumes, and a finished one is returned.
+The stage sees the config only through its record: reading a section it did not declare fails at once, so a cache
+key can never miss a field the stage depends on.
+"""
 from __future__ import annotations
 
 import hashlib
 import json
-import os
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict
 
 from vidopt.artifacts import DatasetArtifact, ModelArtifact
-from vidopt.config import PipelineConfig
-from vidopt.storage import read_jsonl
+from vidopt.config import PipelineConfig, RunConfig, Section
+from vidopt.store import ArtifactStore, StoreSpec
 
 
-def stage_key(cfg: PipelineConfig, sections: list[str], inputs: list[str]) -> str:
-    payload = {"sections": {s: cfg.section_hash(s) for s in sections}, "inputs": inputs, "seed": cfg.run.seed}
-    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+class StageReads(BaseModel):
+    """The sections of PipelineConfig one stage reads; subclasses add theirs as fields of the same names."""
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    run: RunConfig   # the seed; where things live is runtime-only
+
+    @classmethod
+    def of(cls, cfg: PipelineConfig | StageReads) -> Any:
+        """This record's sections taken from a whole config (or from a larger record)."""
+        if isinstance(cfg, cls):
+            return cfg
+        return cls.model_validate({name: getattr(cfg, name) for name in cls.model_fields})
+
+    def key(self, inputs: list[str]) -> str:
+        reads = {name: _without_runtime(getattr(self, name)) for name in type(self).model_fields}
+        payload = json.dumps({"reads": reads, "inputs": inputs}, sort_keys=True)
+        return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
-def stage_dir(cfg: PipelineConfig, stage: str, sections: list[str], inputs: list[str]) -> Path:
-    path = Path(cfg.run.project_dir).resolve() / "stages" / stage / stage_key(cfg, sections, inputs)
-    path.mkdir(parents=True, exist_ok=True)
-    return path
+def _without_runtime(section: Section) -> dict:
+    return section.model_dump(mode="json", exclude=set(section.runtime_only))
 
 
-def stage_incarnation(work: Path) -> str:
-    """A random id written once when `work` is first used and kept while it exists. Part of the Prefect cache key, so
-    a cached result is only ever reused while the directory it points into is still there: deleting a stage dir
-    (or the whole project dir) makes the next run redo that stage instead of returning a record of missing files."""
-    marker = work / ".incarnation"
-    try:
-        fd = os.open(marker, os.O_WRONLY | os.O_CREAT | os.O_EXCL)  # exactly one writer wins a race
-    except FileExistsError:
-        return marker.read_text().strip() or _rewrite(marker)
-    with os.fdopen(fd, "w") as out:
-        token = uuid.uuid4().hex[:12]
-        out.write(token)
-    return token
+def store_spec(run: RunConfig) -> StoreSpec:
+    """The artifact store of a run: run.artifact_root, or the project dir (absolute: records travel to other
+    processes, which may start elsewhere)."""
+    root = run.artifact_root or run.project_dir
+    if "://" not in root:
+        root = str(Path(root).resolve())
+    return StoreSpec(root=root, endpoint_url=run.store_endpoint_url, region=run.store_region)
 
 
-def forget_incarnation(work: Path) -> None:
-    """The next use of `work` gets a new id: its content is not a result to reuse (an incomplete export)."""
-    (work / ".incarnation").unlink(missing_ok=True)
+def open_store(run: RunConfig) -> ArtifactStore:
+    """The run's store, caching what it fetches under this machine's project dir."""
+    return ArtifactStore(store_spec(run), cache_dir=Path(run.project_dir).resolve() / "cache" / "store")
 
 
-def _rewrite(marker: Path) -> str:
-    """A marker left empty by a crash between create and write: replace it (atomically) with a fresh id."""
+@dataclass(frozen=True)
+class StageWork:
+    """One stage's place: `uri` in the store (what it publishes) and `local`, this machine's folder for it (the same
+    folder on a local store; scratch on an S3 one)."""
+    store: ArtifactStore
+    stage: str
+    key: str
+    uri: str
+    local: Path
+
+    def child(self, name: str) -> str:
+        return f"{self.uri}/{name}"
+
+
+def stage_work(reads: StageReads, stage: str, inputs: list[str]) -> StageWork:
+    store = open_store(reads.run)
+    key = reads.key(inputs)
+    uri = store.uri("stages", stage, key)
+    if store.is_local:
+        local = store.local_path(uri)
+    else:
+        local = Path(reads.run.project_dir).resolve() / "scratch" / stage / key
+    local.mkdir(parents=True, exist_ok=True)
+    return StageWork(store, stage, key, uri, local)
+
+
+INCARNATION = ".incarnation"
+
+
+def stage_incarnation(work: StageWork) -> str:
+    """A random id written once when the stage's place is first used and kept while it exists. Part of the Prefect
+    cache key, so a cached result is only reused while what it points to is still in the store: deleting a stage's
+    folder (or the whole store) makes the next run redo that stage instead of returning a record of missing files."""
+    uri = work.child(INCARNATION)
+    if work.store.has(uri):
+        token = work.store.read_text(uri).strip()
+        if token:
+            return token
     token = uuid.uuid4().hex[:12]
-    tmp = marker.with_suffix(f".{token}.part")
-    tmp.write_text(token)
-    os.replace(tmp, marker)
+    work.store.write_text(uri, token)
     return token
+
+
+def forget_incarnation(work: StageWork) -> None:
+    """The next use of the stage gets a new id: its content is not a result to reuse (an incomplete export)."""
+    uri = work.child(INCARNATION)
+    if work.store.has(uri):
+        work.store.delete(uri)
 
 
 def artifact_hash(artifact: DatasetArtifact | ModelArtifact) -> str:
     return artifact.manifest_sha256 if isinstance(artifact, DatasetArtifact) else artifact.weights_sha256
 
 
-def split_rows(dataset: DatasetArtifact, split: str) -> list[dict]:
-    return [r for r in read_jsonl(Path(dataset.manifest_uri)) if r["split"] == split]
+def read_manifest(store: ArtifactStore, dataset: DatasetArtifact) -> list[dict]:
+    from vidopt.store import FileRef
+
+    path = store.get_file(FileRef(uri=dataset.manifest_uri, sha256=dataset.manifest_sha256))
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def split_rows(dataset: DatasetArtifact, split: str, store: ArtifactStore | None = None) -> list[dict]:
+    """The manifest rows of one split. Without a store the manifest URI must be a local path."""
+    if store is None:
+        from vidopt.storage import read_jsonl
+
+        rows = read_jsonl(Path(dataset.manifest_uri))
+    else:
+        rows = read_manifest(store, dataset)
+    return [r for r in rows if r["split"] == split]

@@ -1,4 +1,5 @@
-"""What every back-end needs: the eval clips of a job, the PyTorch reference logits, parity and top-1, archiving.
+"""What every back-end needs: a job's inputs from the artifact store and its outputs back there, the eval clips, the
+PyTorch reference logits, parity and top-1, archiving.
 
 Kept free of Ray, Prefect and accelerator libraries so each back-end stays importable on its own machine.
 """
@@ -13,24 +14,57 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from vidopt.artifacts import ExportJob
+from vidopt.artifacts import ExportJob, LocalExportJob, TargetResult
 from vidopt.checkpoint import load_model_dir
 from vidopt.data import normalise_clips
+from vidopt.store import ArtifactStore
 
 EVAL_BATCH = 8
 
 
-def load_eval_clips(job: ExportJob) -> tuple[torch.Tensor, np.ndarray]:
+def load_eval_clips(job: LocalExportJob) -> tuple[torch.Tensor, np.ndarray]:
     """-> (clips [N, C, T, H, W] float normalised, labels [N]) from the job's uint8 clip file."""
     stored, labels = load_stored_clips(job)
     return normalise_clips(stored), labels
 
 
-def load_stored_clips(job: ExportJob) -> tuple[torch.Tensor, np.ndarray]:
+def load_stored_clips(job: LocalExportJob) -> tuple[torch.Tensor, np.ndarray]:
     """-> (clips [N, T, H, W, C] uint8 as stored, labels [N]): what an ONNX model is fed through
     vidopt.onnx_utils.ort_predict, which gives a pixel model its pixels and a float model normalised clips."""
     saved = torch.load(job.eval_clips, map_location="cpu", weights_only=True)
     return saved["clips"], saved["labels"].numpy()
+
+
+def run_export_job(job: ExportJob, run_target) -> TargetResult:
+    """An ExportJob on this node: its inputs fetched from the store into the node cache, `run_target` on them, its
+    output folder published to job.out, and every local path in the result replaced by its store URI."""
+    import hashlib
+    import shutil
+
+    store = ArtifactStore(job.store)
+    model_dir = store.get_dir(job.model)
+    if store.is_local:
+        out_dir = store.local_path(job.out)
+    else:
+        out_dir = store.cache_dir / "export" / hashlib.sha256(job.out.encode()).hexdigest()[:16]
+    shutil.rmtree(out_dir, ignore_errors=True)   # an earlier attempt's leftovers are not this job's output
+    out_dir.mkdir(parents=True)
+    local = LocalExportJob(target=job.target, model_dir=str(model_dir), int8_dir=str(model_dir),
+                           eval_clips=str(store.get_file(job.eval_clips)), out_dir=str(out_dir), options=job.options)
+    result = run_target(local)
+    store.put_dir(out_dir, job.out)
+    return TargetResult.model_validate(_in_store(result.model_dump(), str(out_dir), job.out))
+
+
+def _in_store(value, local: str, uri: str):
+    """`value` with every string under the local folder rewritten to the same place under `uri`."""
+    if isinstance(value, dict):
+        return {k: _in_store(v, local, uri) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_in_store(v, local, uri) for v in value]
+    if isinstance(value, str) and (value == local or value.startswith(local + "/")):
+        return uri + value[len(local):]
+    return value
 
 
 def batches(x: torch.Tensor, size: int = EVAL_BATCH):
@@ -38,7 +72,7 @@ def batches(x: torch.Tensor, size: int = EVAL_BATCH):
 
 
 @torch.no_grad()
-def reference_logits(job: ExportJob, x: torch.Tensor) -> np.ndarray:
+def reference_logits(job: LocalExportJob, x: torch.Tensor) -> np.ndarray:
     """The fp32 PyTorch model's logits: what every target must reproduce."""
     model, _ = load_model_dir(job.model_dir)
     return np.concatenate([model(b).numpy() for b in batches(x)])

@@ -1,6 +1,6 @@
 """CPU target: the int8 onnxruntime model from the ladder, packaged with the thread settings it was measured with.
 
-    python -m workers.cpu JOB.json      # run one export job (see vidopt.artifacts.ExportJob) and print its result
+    python -m workers.cpu JOB.json      # run one export job (see vidopt.artifacts.LocalExportJob) and print its result
 
 This is what most video-analytics servers run. The int8 form shipped is the fastest on this machine (the quantize
 stage's choice was made on its own) of those that agree with the reference within the argmax-agreement budget
@@ -16,7 +16,7 @@ from pathlib import Path
 
 import onnxruntime as ort
 
-from vidopt.artifacts import ExportJob, TargetResult
+from vidopt.artifacts import LocalExportJob, TargetResult
 from vidopt.data import normalise_clips
 from vidopt.onnx_utils import (FORMS_INDEX, INPUT_NAME, INT8_FILE, INT8_FORMS_DIR, OUTPUT_NAME, faithful_int8_forms,
                                input_layout, int8_form_files, measure_latency, ort_predict, ort_session,
@@ -24,10 +24,9 @@ from vidopt.onnx_utils import (FORMS_INDEX, INPUT_NAME, INT8_FILE, INT8_FORMS_DI
 from workers.common import archive, batches, load_stored_clips, parity, reference_logits, top1
 
 
-def run_target(job: ExportJob) -> TargetResult:
+def run_target(job: LocalExportJob) -> TargetResult:
     started = time.monotonic()
-    threads = int(job.options.get("threads", 1))
-    min_agreement = float(job.options.get("min_argmax_agreement", 0.0))
+    threads, min_agreement = job.options.threads, job.options.min_argmax_agreement
     source = Path(job.int8_dir or "") / INT8_FILE
     if not source.exists():
         return TargetResult(target="cpu", status="failed", reason=f"{source}: no int8 model (run the quantize stage)")
@@ -85,4 +84,4 @@ def int8_to_ship(int8_dir: Path, input_shape: tuple[int, ...], threads: int, sto
 if __name__ == "__main__":
     import sys
 
-    print(run_target(ExportJob.model_validate_json(Path(sys.argv[1]).read_text())).model_dump_json(indent=2))
+    print(run_target(LocalExportJob.model_validate_json(Path(sys.argv[1]).read_text())).model_dump_json(indent=2))

@@ -1,6 +1,6 @@
 """FPGA target: the student as two hls4ml IPs (frame encoder, temporal head) in calibrated fixed point.
 
-    python -m workers.fpga JOB.json      # run one export job (see vidopt.artifacts.ExportJob) and print its result
+    python -m workers.fpga JOB.json      # run one export job (see vidopt.artifacts.LocalExportJob) and print its result
 
 Verified in hls4ml's bit-accurate C++ emulation (g++): argmax agreement with the fp32 PyTorch reference and top-1 on the
 test clips. Synthesis needs AMD Vitis, absent here, so the HLS projects ship as an archive with the commands to run.
@@ -20,14 +20,11 @@ import yaml
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
-from vidopt.artifacts import ExportJob, TargetResult
+from vidopt.artifacts import LocalExportJob, TargetResult
 from vidopt.checkpoint import load_model_dir
 from vidopt.models import Student, StudentArch, has_pool
 from workers.common import archive, batches, load_eval_clips, parity, reference_logits, top1
 
-CALIBRATION_CLIPS = 32   # first N eval clips whose activations set each layer's integer bits
-FIXED_WIDTH = 16         # total bits of every ap_fixed<W, I>
-MARGIN_BITS = 1          # extra integer bits over the calibrated activation range: headroom for unseen clips
 IO_TYPE = "io_stream"    # layer-by-layer FIFOs: the only way a 112x112 frame fits an FPGA (io_parallel unrolls it all)
 CLOCK_NS = 5             # 200 MHz target clock for synthesis
 ROUNDING = "RND,SAT"     # round to nearest (ap's default truncation biases every layer down) and saturate, never wrap
@@ -240,7 +237,7 @@ def missing_toolchain() -> str:
     return ""
 
 
-def run_target(job: ExportJob) -> TargetResult:
+def run_target(job: LocalExportJob) -> TargetResult:
     started = time.monotonic()
     if reason := missing_toolchain():
         return TargetResult(target="fpga", status="skipped", reason=reason)
@@ -250,20 +247,19 @@ def run_target(job: ExportJob) -> TargetResult:
     if arch.kind != "student":
         return TargetResult(target="fpga", status="skipped",
                             reason=f"fpga: only a student exports to hls4ml, not a {arch.kind} (Conv3d is unsupported)")
-    width = int(job.options.get("fixed_width", FIXED_WIDTH))
-    margin = int(job.options.get("margin_bits", MARGIN_BITS))
+    width, margin = job.options.fixed_width, job.options.margin_bits
     x, labels = load_eval_clips(job)                                      # [N, C, T, H, W] normalised
     # The emulation is slow (one core: ~2.6 s per 16x64x64 clip, ~10 s at 16x112x112): a cap keeps big test splits
     # inside the pool's job timeout. None: every clip.
-    if limit := job.options.get("max_eval_clips"):
-        x, labels = x[:int(limit)], labels[:int(limit)]
+    if limit := job.options.max_eval_clips:
+        x, labels = x[:limit], labels[:limit]
     t, d, c = arch.frames, arch.feature_dim(), arch.input_channels()
     encoder, head = fold_student(model, arch)
     with torch.no_grad():  # the host's part: frame differences (parameter-free), before the encoder IP
         encoder_x = model.encoder_input(x)                                # [N, C', T, H, W]
     frames = encoder_x.permute(0, 2, 3, 4, 1).reshape(-1, arch.height, arch.width, c)  # [N*T, H, W, C'], NHWC
     # Calibration on the first eval (test) clips, as the contract offers no other split here; ranges only, no labels.
-    calib = encoder_x[: int(job.options.get("calibration_clips", CALIBRATION_CLIPS))]
+    calib = encoder_x[: job.options.calibration_clips]
     calib_frames = calib.transpose(1, 2).reshape(-1, c, arch.height, arch.width)  # [n, C', T, H, W] -> [n*T, C', H, W]
     enc_ranges = activation_ranges(encoder, calib_frames)
     with torch.no_grad():
@@ -320,4 +316,4 @@ def run_target(job: ExportJob) -> TargetResult:
 if __name__ == "__main__":
     import sys
 
-    print(run_target(ExportJob.model_validate_json(Path(sys.argv[1]).read_text())).model_dump_json(indent=2))
+    print(run_target(LocalExportJob.model_validate_json(Path(sys.argv[1]).read_text())).model_dump_json(indent=2))

@@ -1,6 +1,6 @@
 """GPU target: fp16 and int8 ONNX for TensorRT, and an AOTInductor package, each verified on what really runs here.
 
-    python -m workers.gpu JOB.json        # run one export job (see vidopt.artifacts.ExportJob), print its result
+    python -m workers.gpu JOB.json        # run one export job (see vidopt.artifacts.LocalExportJob), print its result
     python -m workers.gpu --demo DIR      # build a tiny trained student + clips + int8 ONNX in DIR and run on them
     python -m workers.gpu --run-aoti PACKAGE CLIPS LOGITS_OUT THREADS   # (child) load a .pt2 fresh, run, time it
 
@@ -25,7 +25,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from vidopt.artifacts import ExportJob, TargetResult
+from vidopt.artifacts import LocalExportJob, TargetResult, default_options
 from vidopt.checkpoint import load_model_dir
 from vidopt.data import normalise_clips
 from workers.common import archive, batches, load_stored_clips, parity, reference_logits, run_module, top1
@@ -41,7 +41,7 @@ AOTI_CHILD_TIMEOUT_S = 600    # load + run every eval clip + time batch 1; secon
 PRIMARY_ORDER = ("tensorrt_int8", "ort_int8", "tensorrt_fp16", "ort_fp16", "aoti")
 
 
-def run_target(job: ExportJob) -> TargetResult:
+def run_target(job: LocalExportJob) -> TargetResult:
     started = time.monotonic()
     package = Path(job.out_dir) / "package"     # everything deployable; archived as a whole
     package.mkdir(parents=True, exist_ok=True)
@@ -49,7 +49,7 @@ def run_target(job: ExportJob) -> TargetResult:
     x = normalise_clips(stored)                  # [N, C, T, H, W] float, for PyTorch and AOTInductor
     reference = reference_logits(job, x)
     model, _ = load_model_dir(job.model_dir)
-    threads = int(job.options.get("threads", 1))
+    threads = job.options.threads
     cuda = torch.cuda.is_available()
 
     variants: dict[str, dict] = {}
@@ -126,7 +126,7 @@ def _p50_ms(call: Callable[[], object], sync: Callable[[], None] = lambda: None)
 
 # ---- (a) ONNX: fp16 and int8 for TensorRT, verified with onnxruntime -----------------------------------------------
 
-def _onnx_files(job: ExportJob, model, input_shape: tuple, package: Path) -> dict[str, Path]:
+def _onnx_files(job: LocalExportJob, model, input_shape: tuple, package: Path) -> dict[str, Path]:
     """fp16: the fp32 export with every float weight and activation cast to fp16 (fp32 input/output kept);
     int8: the quantize stage's QDQ model as is (onnxruntime CPU's uint8-activation flavour), and its form with the
     fewest multiply-adds rewritten with symmetric int8 activations, the only kind TensorRT accepts."""
@@ -305,7 +305,7 @@ def run_aoti_package(package: str, clips_file: str, logits_out: str, threads: in
 
 # ---- a tiny job to try this module on any machine ---------------------------------------------------------------------
 
-def make_demo_job(root: Path, with_int8: bool = True, target: str = "gpu") -> ExportJob:
+def make_demo_job(root: Path, with_int8: bool = True, target: str = "gpu") -> LocalExportJob:
     """A tiny student trained for a few steps on clips whose label is their brightest colour channel (so logits are
     decisive and argmax agreement means something), 24 eval clips, and, if asked, its int8 QDQ ONNX (with every int8
     form, as the quantize stage keeps them)."""
@@ -350,8 +350,9 @@ def make_demo_job(root: Path, with_int8: bool = True, target: str = "gpu") -> Ex
             int8_dir = root / "int8"
         except ImportError as error:
             print(f"demo: no int8 model, {type(error).__name__}: {error}", file=sys.stderr)
-    return ExportJob(target=target, model_dir=str(root / "student"), int8_dir=str(int8_dir) if int8_dir else None,
-                     eval_clips=str(root / "eval.pt"), out_dir=str(root / "out"), options={})
+    return LocalExportJob(target=target, model_dir=str(root / "student"),
+                          int8_dir=str(int8_dir) if int8_dir else None, eval_clips=str(root / "eval.pt"),
+                          out_dir=str(root / "out"), options=default_options(target))
 
 
 if __name__ == "__main__":
@@ -363,4 +364,4 @@ if __name__ == "__main__":
         demo = make_demo_job(Path(sys.argv[2]))
         print(run_target(demo).model_dump_json(indent=2, exclude={"extra": {"variants": {"__all__": {"trace"}}}}))
     else:
-        print(run_target(ExportJob.model_validate_json(Path(sys.argv[1]).read_text())).model_dump_json(indent=2))
+        print(run_target(LocalExportJob.model_validate_json(Path(sys.argv[1]).read_text())).model_dump_json(indent=2))

@@ -22,6 +22,7 @@ from ray.exceptions import RayActorError
 
 from vidopt.artifacts import ExportJob, TargetResult
 from vidopt.config import RayConfig
+from workers.common import run_export_job
 
 log = logging.getLogger("vidopt.pools")
 
@@ -45,7 +46,7 @@ def connect(cfg: RayConfig) -> dict[str, float]:
             emulated = set(cfg.emulate)
             ray.init(
                 num_cpus=cfg.num_cpus,
-                num_gpus=1 if "gpu" in emulated else 0,
+                num_gpus=local_gpus("gpu" in emulated),
                 resources={RESOURCE_NAMES[t]: 1 for t in ("tpu", "fpga") if t in emulated},
                 include_dashboard=False,
                 _node_ip_address="127.0.0.1",  # a local run listens on loopback only
@@ -54,13 +55,22 @@ def connect(cfg: RayConfig) -> dict[str, float]:
     return ray.cluster_resources()
 
 
+def local_gpus(emulate: bool) -> int | None:
+    """GPUs a local node declares: None lets Ray count the real ones; with none, 1 emulated where asked, else 0."""
+    import torch
+
+    if torch.cuda.is_available():
+        return None
+    return 1 if emulate else 0
+
+
 def missing_resource(target: str, available: dict[str, float]) -> str | None:
     """The resource `target` needs that no node of the cluster offers, or None."""
     name = RESOURCE_NAMES[target]
     return None if available.get(name, 0) >= 1 else name
 
 
-BACKEND_MODULE = "workers.{target}"  # each back-end module offers run_target(ExportJob) -> TargetResult
+BACKEND_MODULE = "workers.{target}"  # each back-end module offers run_target(LocalExportJob) -> TargetResult
 
 
 @ray.remote(max_restarts=0)
@@ -71,7 +81,7 @@ class TargetWorker:
         if nice:
             os.nice(nice)  # this actor process (one per job) and the compilers and children it starts
         backend = importlib.import_module(backend_module.format(target=job["target"]))
-        return backend.run_target(ExportJob.model_validate(job)).model_dump()
+        return run_export_job(ExportJob.model_validate(job), backend.run_target).model_dump()
 
 
 @dataclass

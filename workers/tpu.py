@@ -1,6 +1,6 @@
 """TPU target: the fp32 student as a StableHLO bundle (torch-xla), reloaded in a fresh process and run on PJRT.
 
-    python -m workers.tpu JOB.json      # run one export job (see vidopt.artifacts.ExportJob) and print its result
+    python -m workers.tpu JOB.json      # run one export job (see vidopt.artifacts.LocalExportJob) and print its result
 
 The Ray worker that calls `run_target` never imports torch_xla: export and verification each run in a child process.
 The verifying child is the proof that the saved files alone reproduce the model (nothing shared with the exporter),
@@ -27,33 +27,30 @@ from pathlib import Path
 
 import numpy as np
 
-from vidopt.artifacts import ExportJob, TargetResult
+from vidopt.artifacts import LocalExportJob, TargetResult
 from workers.common import archive, load_eval_clips, parity, reference_logits, run_module, top1
 
 FP32_TOL = 1e-4          # max |logit| difference allowed between the reloaded fp32 StableHLO and PyTorch
 BF16_REL_TOL = 5e-2      # bf16 keeps 8 mantissa bits (~4e-3 per rounding); reported against max |logit|, not gated
-LATENCY_ITERS = 6        # timed batch-1 calls, each on its own clip (~0.5 s compile each on CPU); `latency_iters` option.
-#                          No warm-up call: every call compiles afresh, and the batched calls before them warmed PJRT
-CHILD_TIMEOUT_S = 1800
 MAX_VERIFY_BATCH = 64    # static batch of the verification-only export: the eval set in equal batches of at most this
 NO_TORCH_XLA = 3         # exit code of a child that cannot import torch_xla
 
 
-def pjrt_device(options: dict, tpu_chips: int) -> str:
+def pjrt_device(options, tpu_chips: int) -> str:
     """The job's `pjrt_device` option, else 'TPU' when the exporting child counted TPU chips on this host, else 'CPU'."""
-    if options.get("pjrt_device"):
-        return str(options["pjrt_device"]).upper()
+    if options.pjrt_device:
+        return options.pjrt_device.upper()
     return "TPU" if tpu_chips > 0 else "CPU"
 
 
-def run_target(job: ExportJob) -> TargetResult:
+def run_target(job: LocalExportJob) -> TargetResult:
     started = time.monotonic()
     if importlib.util.find_spec("torch_xla") is None:
         return TargetResult(target="tpu", status="skipped",
                             reason="torch_xla is not installed here (pip install torch-xla==<torch version>)")
     out = Path(job.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    bf16 = bool(job.options.get("bf16", False))
+    bf16 = job.options.bf16
     programs = {"fp32": out / "stablehlo"} | ({"bf16": out / "stablehlo_bf16"} if bf16 else {})
     work = out / "verify"
     work.mkdir(exist_ok=True)
@@ -66,7 +63,7 @@ def run_target(job: ExportJob) -> TargetResult:
         return _child_failure("export", exported, started)
     report = json.loads(exported.stdout.strip().splitlines()[-1])
     device = pjrt_device(job.options, report["tpu_chips"])
-    iters = str(int(job.options.get("latency_iters", LATENCY_ITERS)))
+    iters = str(job.options.latency_iters)
     verified = _child(["--verify", *map(str, programs.values()), "--clips", job.eval_clips, "--work", str(work),
                        "--iters", iters], device, job)
     if verified.returncode:
@@ -90,6 +87,7 @@ def run_target(job: ExportJob) -> TargetResult:
             "shipped_batch1_parity": {**shipped_check, "clips": len(shipped)},
             "artifact": str(archive(program, out / f"{program.name}.tar.gz")),
         }
+        variants[name]["bytes"] = Path(variants[name]["artifact"]).stat().st_size
     fp32 = variants["fp32"]
     if bf16:
         variants["bf16"]["within_tolerance"] = variants["bf16"]["rel_max_abs_diff"] <= BF16_REL_TOL
@@ -111,8 +109,8 @@ def verify_batch(clips: int) -> int:
     return math.ceil(clips / math.ceil(clips / MAX_VERIFY_BATCH))
 
 
-def _child(args: list[str], device: str, job: ExportJob) -> subprocess.CompletedProcess:
-    return run_module("workers.tpu", args, float(job.options.get("timeout_s", CHILD_TIMEOUT_S)),
+def _child(args: list[str], device: str, job: LocalExportJob) -> subprocess.CompletedProcess:
+    return run_module("workers.tpu", args, job.options.timeout_s,
                       env={"PJRT_DEVICE": device}, timeout_note="(option timeout_s)")
 
 
@@ -239,7 +237,7 @@ def _main(argv: list[str]) -> int:
         verify_stablehlo(dirs, argv[argv.index("--clips") + 1], Path(argv[argv.index("--work") + 1]),
                          int(argv[argv.index("--iters") + 1]))
     else:
-        print(run_target(ExportJob.model_validate_json(Path(argv[0]).read_text())).model_dump_json(indent=2))
+        print(run_target(LocalExportJob.model_validate_json(Path(argv[0]).read_text())).model_dump_json(indent=2))
     return 0
 
 

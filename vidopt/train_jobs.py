@@ -1,0 +1,438 @@
+"""Training and inference as records of URIs, so any process on any node can run them: the teacher, distillation, the
+pruning fine-tunes and QAT are TrainJobs; teacher logits and evaluation are LogitsJobs. Everything a job reads comes
+from the artifact store by content hash, and what it writes goes back there. workers/train.py runs them, in this
+process or as Ray Train workers; `run_train_job` is what each worker runs (one rank of `world`).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import tempfile
+from pathlib import Path
+from typing import Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from vidopt.augment import apply_augmentation, draw_augmentation, shard_augmentation
+from vidopt.config import ClipConfig
+from vidopt.data import ClipDataset, FrameStore, normalise_clips
+from vidopt.distillation import distillation_loss
+from vidopt.models import arch_from_dict, build_model
+from vidopt.store import ArtifactStore, FileRef, StoreSpec
+from vidopt.training import CheckpointIO, EpochLogger, FileCheckpoint, FitSpec, Precision, bf16_training, fit
+
+log = logging.getLogger("vidopt.train")
+
+
+class Record(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelSpec(Record):
+    arch: dict                           # TeacherArch / StudentArch record: rebuilds the module anywhere
+    weights: FileRef | None = None       # safetensors; None: fresh weights from the job's seed
+    qat: bool = False                    # train a fake-quantized copy (vidopt/qat.py); the plain weights come back
+    keep_zeros: bool = False             # weights that are zero stay zero (L1-unstructured pruning's masks)
+
+
+class VideoClips(Record):
+    """A new random clip of every video each epoch, decoded from the videos themselves (the teacher)."""
+    kind: Literal["videos"] = "videos"
+    manifest: FileRef                    # the dataset's manifest (JSONL rows with uri, sha256, split, label, ...)
+    split: str = "train"
+    classes: list[str]
+    clips: ClipConfig
+    source_endpoint_url: str | None = None  # how this node reaches the rows' s3:// URIs (MinIO); None: boto3's config
+    source_region: str | None = None
+
+
+class FixedClips(Record):
+    """Decoded clips fixed once (uint8 [N, T, H, W, C] with labels and video ids), and the logits to match."""
+    kind: Literal["clips"] = "clips"
+    clips: FileRef
+    logits: FileRef | None = None        # [N, classes]: what a distillation objective matches
+
+
+class Objective(Record):
+    loss: Literal["cross_entropy", "distillation"]
+    alpha: float = 1.0                   # distillation: weight of CE(labels); 1 - alpha weighs T^2 * KL
+    temperature: float = 1.0
+
+
+class Selection(Record):
+    """What picks the best epoch (and stops early): top-1, or the distillation loss, on fixed held-out clips."""
+    score: Literal["top1", "distillation_loss"]
+    clips: FileRef
+    logits: FileRef | None = None        # the distillation loss's targets
+    name: str                            # logged as <stage>.<name>, e.g. val_top1
+
+
+class Placement(Record):
+    """Where a job's tensors go; from the train config section."""
+    device: Literal["auto", "cpu", "gpu"] = "auto"
+    gpu_precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
+    cpu_precision: Literal["fp32", "bf16", "auto"] = "fp32"   # teacher.precision; students stay fp32
+    threads: int | None = None           # torch threads of a CPU worker; None: torch's default
+    loader_workers: int = 0              # processes decoding videos (VideoClips)
+    prefetch_batches: int = 4
+
+
+class TrainJob(Record):
+    stage: str                           # progress lines and metric names: "train_teacher", "prune.round2", "qat"
+    store: StoreSpec
+    run_dir: str                         # store URI of this job's folder: checkpoints (Ray Train's run folder)
+    checkpoint_name: str = "last"        # <run_dir>/<name>.pt in this process; Ray Train's run name otherwise
+    output: str                          # store URI of the best weights (safetensors); <output>.json the result
+    model: ModelSpec
+    data: VideoClips | FixedClips = Field(discriminator="kind")
+    objective: Objective
+    selection: Selection
+    augment: bool = False                # colour / brightness / shift per clip (vidopt/augment.py)
+    epochs: int
+    lr: float
+    weight_decay: float
+    patience: int
+    maximize: bool = True                # False: the selection score is a loss
+    batch_size: int                      # the global batch: split over the workers
+    seed: int
+    placement: Placement = Placement()
+
+
+class TrainResult(Record):
+    weights: FileRef
+    best_score: float | None
+    best_epoch: int
+    epochs_run: int
+    resumed_from: int
+    history: list[dict]
+    device: str                          # what trained, e.g. "cuda:0 (NVIDIA H100 80GB HBM3)" or "cpu"
+    note: str = ""                       # why not what was asked (a GPU node without CUDA)
+    precision: str
+    world_size: int
+
+
+class LogitsJob(Record):
+    """A model's logits over a stored clip set (teacher logits for distillation; evaluation)."""
+    store: StoreSpec
+    model: ModelSpec
+    clips: FileRef
+    output: str                          # store URI of the logits tensor [N, classes] float32
+    batch_size: int
+    placement: Placement = Placement()
+
+
+# --- devices ---------------------------------------------------------------------------------------------------------
+
+def pick_device(request: str) -> tuple[torch.device, str]:
+    """(device, note): CUDA where asked for (or "auto") and present; a worker asked for a GPU that has no CUDA (a
+    node that declares a GPU it lacks, a CPU build of torch) trains on its CPU, and the note says so."""
+    if request != "cpu" and torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device()), ""
+    if request == "gpu":
+        note = ("a GPU was asked for, but CUDA is not available to this worker (torch.cuda.is_available() is False): "
+                "it trains on its CPU")
+        log.warning("train: %s", note)
+        return torch.device("cpu"), note
+    return torch.device("cpu"), ""
+
+
+def describe_device(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"{device} ({torch.cuda.get_device_name(device)})"
+    return "cpu"
+
+
+def pick_precision(placement: Placement, device: torch.device) -> Precision:
+    """GPU: bf16 where the GPU has it, else fp16 with a gradient scaler (gpu_precision auto); CPU: cpu_precision."""
+    if device.type != "cuda":
+        return "bf16" if bf16_training(placement.cpu_precision) else "fp32"
+    if placement.gpu_precision != "auto":
+        return placement.gpu_precision
+    return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+
+
+# --- data: each rank's share of every global batch -------------------------------------------------------------------
+
+def global_batches(n: int, batch_size: int, seed: int) -> list[torch.Tensor]:
+    """The epoch's order (seed: run seed + epoch) cut into global batches; the same on every rank."""
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    return [order[i:i + batch_size] for i in range(0, n, batch_size)]
+
+
+def shard(batch: torch.Tensor, rank: int, world: int) -> slice | None:
+    """Rank's contiguous rows of one global batch (sizes differ by at most one), or None when the batch is smaller
+    than the world (then every rank skips it: a rank without rows would leave the others waiting in all-reduce)."""
+    n = len(batch)
+    if n < world:
+        return None
+    return slice(rank * n // world, (rank + 1) * n // world)
+
+
+class ShardedBatches:
+    """This rank's part of each global batch: (uint8 clips [b, T, H, W, C], labels [b], extra [b, ...], share), where
+    share = b * world / global b weighs the rank's mean loss so that DDP's average is the global mean (uneven last
+    batch), and the augmentation of the whole global batch is drawn and this rank's rows applied, so any number of
+    workers trains on exactly what one worker would."""
+
+    def __init__(self, n: int, batch_size: int, seed: int, rank: int, world: int, augment: bool,
+                 fetch, pin: bool = False):
+        self.n, self.batch_size, self.seed, self.rank, self.world = n, batch_size, seed, rank, world
+        self.augment, self.fetch, self.pin, self.epoch = augment, fetch, pin, 0
+
+    def start_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def plan(self) -> list[tuple[torch.Tensor, slice]]:
+        batches = global_batches(self.n, self.batch_size, self.seed + self.epoch)
+        return [(b, rows) for b in batches if (rows := shard(b, self.rank, self.world)) is not None]
+
+    def __len__(self) -> int:
+        return len(self.plan())
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        plan = self.plan()
+        for (batch, rows), (clips, labels, extra) in zip(plan, self.fetch([b[r] for b, r in plan])):
+            params = None
+            if self.augment:   # drawn for the whole global batch, in the order one worker would draw them
+                params = shard_augmentation(draw_augmentation(len(batch), 3, clips.shape[2], clips.shape[3],
+                                                              generator), rows)
+            if self.pin:
+                clips = clips.pin_memory()
+            yield clips, labels, extra, torch.tensor(len(clips) * self.world / len(batch)), params
+
+
+def fixed_clip_fetch(saved: dict, logits: torch.Tensor | None):
+    """Batches of a decoded clip set by index lists: (clips, labels, logits or video ids)."""
+    def fetch(index_lists):
+        for idx in index_lists:
+            extra = logits[idx] if logits is not None else saved["videos"][idx]
+            yield saved["clips"][idx], saved["labels"][idx], extra
+    return fetch
+
+
+def video_clip_fetch(rows: list[dict], classes: list[str], clips: ClipConfig, seed: int, placement: Placement,
+                     epoch_of) -> callable:
+    """Batches of fresh random clips of manifest videos: decoded in DataLoader processes a few batches ahead, or once
+    up front (FrameStore) when the videos fit in clips.memory_cache_mb."""
+    store = FrameStore.decode_if_fits(rows, clips)
+    dataset = ClipDataset(rows, classes, clips, train=True, seed=seed, normalise=False, store=store)
+    workers = 0 if store is not None else placement.loader_workers
+
+    def fetch(index_lists):
+        dataset.epoch = epoch_of()
+        loader = torch.utils.data.DataLoader(
+            dataset, batch_sampler=[idx.tolist() for idx in index_lists], num_workers=workers,
+            prefetch_factor=placement.prefetch_batches if workers else None,
+            pin_memory=torch.cuda.is_available(), persistent_workers=False)
+        for x, y, video in loader:   # x: uint8 [b, T, H, W, C]
+            yield x, y, video
+    return fetch
+
+
+def localise_rows(rows: list[dict], data: VideoClips) -> list[dict]:
+    """Manifest rows with `path` on this node: videos in S3 are fetched by content hash into the node cache; files of
+    a local source are read where they are (the same machine, or a file system every node mounts)."""
+    out = []
+    for row in rows:
+        if row["uri"].startswith("s3://"):
+            bucket = row["uri"].split("/", 3)[2]
+            videos = ArtifactStore(StoreSpec(root=f"s3://{bucket}", endpoint_url=data.source_endpoint_url,
+                                             region=data.source_region))
+            row = {**row, "path": str(videos.get_file(FileRef(uri=row["uri"], sha256=row["sha256"])))}
+        else:
+            row = {**row, "path": row["uri"]}
+        out.append(row)
+    return out
+
+
+# --- the per-worker job ----------------------------------------------------------------------------------------------
+
+def load_spec_model(spec: ModelSpec, store: ArtifactStore, seed: int) -> tuple[nn.Module, object]:
+    arch = arch_from_dict(spec.arch)
+    torch.manual_seed(seed)   # fresh weights follow the seed, which is part of every stage key
+    model = build_model(arch)
+    if spec.weights is not None:
+        model.load_state_dict(load_file(str(store.get_file(spec.weights))))
+    return model, arch
+
+
+def run_train_job(job: TrainJob, checkpoint: CheckpointIO | None = None, rank: int = 0, world: int = 1,
+                  logger: EpochLogger | None = None, on_driver: bool = False) -> TrainResult | None:
+    """Train as rank `rank` of `world` (DDP when world > 1; the process group is the caller's). Rank 0 puts the best
+    weights at job.output and the TrainResult beside them (<output>.json), and returns it; other ranks return None.
+    on_driver: this process ingested the data, so the manifest's local paths are valid here."""
+    store = ArtifactStore(job.store)
+    device, note = pick_device(job.placement.device)
+    if job.placement.threads:
+        torch.set_num_threads(job.placement.threads)
+    model, arch = load_spec_model(job.model, store, job.seed)
+    if job.model.qat:
+        from vidopt.qat import prepare_qat
+
+        model = prepare_qat(model, arch)
+    masked = _keep_zeros(model) if job.model.keep_zeros else []
+    model.to(device)
+    forward = None
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        from vidopt.sync_bn import convert_sync_batchnorm
+
+        if not job.model.qat:   # QAT freezes BN statistics: nothing to synchronise
+            convert_sync_batchnorm(model)
+        forward = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+    batches = _batches(job, store, rank, world, device, on_driver)
+    precision = pick_precision(job.placement, device)
+    loss_fn = _loss_fn(job)
+    score_fn = _score_fn(job, store, device)
+    spec = FitSpec(epochs=job.epochs, lr=job.lr, weight_decay=job.weight_decay, patience=job.patience,
+                   stage=job.stage, channels_last=True, score_name=job.selection.name, maximize=job.maximize,
+                   precision=precision)
+    if checkpoint is None:
+        checkpoint = FileCheckpoint(local_checkpoint_path(job, store))
+    on_epoch_start = _qat_epoch_hook(model, batches) if job.model.qat else batches.start_epoch
+    result = fit(model, loss_fn, batches, score_fn, spec, checkpoint, logger, on_epoch_start, device, forward)
+    if rank != 0:
+        return None
+    model.cpu()
+    if world > 1 and not job.model.qat:
+        from vidopt.sync_bn import revert_sync_batchnorm
+
+        revert_sync_batchnorm(model)
+    for module, name in masked:
+        torch.nn.utils.prune.remove(module, name)   # weight_orig * mask -> a plain weight with the zeros in it
+    if job.model.qat:
+        from vidopt.qat import student_state_from_qat
+
+        state = student_state_from_qat(model)
+    else:
+        state = model.state_dict()
+    weights = _put_weights(store, state, job.output)
+    trained = TrainResult(weights=weights, best_score=result["best_score"], best_epoch=result["best_epoch"],
+                          epochs_run=result["epochs_run"], resumed_from=result["resumed_from"],
+                          history=result["history"], device=describe_device(device), note=note,
+                          precision=precision, world_size=world)
+    store.write_text(result_uri(job), trained.model_dump_json(indent=2))
+    return trained
+
+
+def result_uri(job: TrainJob) -> str:
+    return f"{job.output}.json"
+
+
+def local_checkpoint_path(job: TrainJob, store: ArtifactStore) -> Path:
+    """The in-process checkpoint: in the run folder on a local store; in this node's cache on an S3 one."""
+    if store.is_local:
+        return store.local_path(job.run_dir) / f"{job.checkpoint_name}.pt"
+    return store.cache_dir / "checkpoints" / job.run_dir.split("://", 1)[1] / f"{job.checkpoint_name}.pt"
+
+
+def _put_weights(store: ArtifactStore, state: dict, uri: str) -> FileRef:
+    with tempfile.TemporaryDirectory(prefix="vidopt-weights-") as tmp:
+        path = Path(tmp) / "weights.safetensors"
+        save_file({k: v.detach().contiguous() for k, v in state.items()}, str(path))
+        return store.put_file(path, uri)
+
+
+def _keep_zeros(model: nn.Module) -> list[tuple[nn.Module, str]]:
+    """Masks that hold today's zeros at zero while fine-tuning (else the optimizer grows them back)."""
+    from torch.nn.utils import prune
+
+    masked = [(m, "weight") for m in model.modules() if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Linear))]
+    for module, name in masked:
+        prune.custom_from_mask(module, name, mask=getattr(module, name) != 0)
+    return masked
+
+
+def _qat_epoch_hook(model: nn.Module, batches: ShardedBatches):
+    from torch.ao.quantization import disable_observer
+
+    def start(epoch: int) -> None:
+        batches.start_epoch(epoch)
+        if epoch >= 1:  # ranges settle in the first epoch; later epochs train weights against fixed scales
+            model.apply(disable_observer)
+    return start
+
+
+def _batches(job: TrainJob, store: ArtifactStore, rank: int, world: int, device: torch.device,
+             on_driver: bool) -> ShardedBatches:
+    pin = device.type == "cuda"
+    if isinstance(job.data, FixedClips):
+        saved = torch.load(store.get_file(job.data.clips), map_location="cpu", weights_only=True)
+        logits = torch.load(store.get_file(job.data.logits), map_location="cpu", weights_only=True) \
+            if job.data.logits else None
+        fetch = fixed_clip_fetch(saved, logits)
+        n = len(saved["labels"])
+        return ShardedBatches(n, job.batch_size, job.seed, rank, world, job.augment, fetch, pin)
+    data = job.data
+    rows = [json.loads(line) for line in store.get_file(data.manifest).read_text().splitlines() if line.strip()]
+    rows = [r for r in rows if r["split"] == data.split]
+    if not on_driver:
+        rows = localise_rows(rows, data)
+    holder: list[ShardedBatches] = []
+    fetch = video_clip_fetch(rows, data.classes, data.clips, job.seed, job.placement, lambda: holder[0].epoch)
+    holder.append(ShardedBatches(len(rows), job.batch_size, job.seed, rank, world, job.augment, fetch,
+                                 pin=False))   # the DataLoader pins
+    return holder[0]
+
+
+def _loss_fn(job: TrainJob):
+    objective = job.objective
+
+    def loss(model: nn.Module, batch: tuple) -> torch.Tensor:
+        clips, labels, extra, share, params = batch
+        x = normalise_clips(clips)                      # uint8 [b, T, H, W, C] -> float [b, C, T, H, W], on device
+        if params is not None:
+            x = apply_augmentation(x, params)
+        logits = model(x)
+        if objective.loss == "cross_entropy":
+            value = nn.functional.cross_entropy(logits, labels)
+        else:
+            value = distillation_loss(logits, extra, labels, objective.alpha, objective.temperature)
+        return value * share
+    return loss
+
+
+def _score_fn(job: TrainJob, store: ArtifactStore, device: torch.device):
+    selection, batch = job.selection, job.batch_size
+    saved = torch.load(store.get_file(selection.clips), map_location="cpu", weights_only=True)
+    targets = torch.load(store.get_file(selection.logits), map_location="cpu", weights_only=True) \
+        if selection.logits else None
+
+    def score(model: nn.Module) -> float:
+        logits = clip_logits(model, saved["clips"], batch, device)
+        if selection.score == "top1":
+            return float((logits.argmax(1) == saved["labels"]).float().mean())
+        return float(distillation_loss(logits, targets, saved["labels"], job.objective.alpha,
+                                       job.objective.temperature))
+    return score
+
+
+@torch.no_grad()
+def clip_logits(model: nn.Module, clips: torch.Tensor, batch_size: int, device: torch.device) -> torch.Tensor:
+    """Float32 logits [N, classes] on the CPU of uint8 clips [N, T, H, W, C], in eval mode, `batch_size` at a time."""
+    model.eval()
+    out = []
+    for i in range(0, len(clips), batch_size):
+        x = clips[i:i + batch_size].to(device, non_blocking=True)
+        out.append(model(normalise_clips(x)).float().cpu())
+    return torch.cat(out) if out else torch.zeros(0)
+
+
+def run_logits_job(job: LogitsJob) -> FileRef:
+    store = ArtifactStore(job.store)
+    device, _ = pick_device(job.placement.device)
+    if job.placement.threads:
+        torch.set_num_threads(job.placement.threads)
+    model, _ = load_spec_model(job.model, store, seed=0)
+    saved = torch.load(store.get_file(job.clips), map_location="cpu", weights_only=True)
+    logits = clip_logits(model.to(device), saved["clips"], job.batch_size, device)
+    with tempfile.TemporaryDirectory(prefix="vidopt-logits-") as tmp:
+        path = Path(tmp) / "logits.pt"
+        torch.save(logits, path)
+        return store.put_file(path, job.output)
