@@ -8,6 +8,7 @@
     vidopt bench rerun [--profile tiny]                  cold run vs unchanged re-run vs a quantize-only change
     vidopt bench int8-widths [...]                       int8 vs fp32 speed of 3x3 conv stacks at each layer width
     vidopt bench ops [FILE ...] [--project-dir .vidopt]  onnxruntime's time per node: fp32 and every int8 form
+    vidopt bench train [--profile tiny] [--workers 1 2]  teacher training clips/s: vidopt vs a plain PyTorch loop
     vidopt config [--profile demo] [...]                 print the resolved config
     vidopt listen [--profile demo] [...] [--once]        emit vidopt.data.arrived for new clips in data.source
     vidopt serve [--profile demo] [...]                  Prefect deployments of the pipeline: cron + new-data events
@@ -67,17 +68,17 @@ def cmd_sample(args: argparse.Namespace) -> int:
     return 0
 
 
-BENCHES = ("decode", "ladder", "export", "rerun", "int8-widths", "ops")
+BENCHES = ("decode", "ladder", "export", "rerun", "int8-widths", "ops", "train")
 
 
 def run_bench(name: str, argv: list[str]) -> int:
     """Each benchmark parses its own arguments (argparse's REMAINDER would drop a leading --option)."""
-    from vidopt.bench import decode, int8_widths, ladder, ops
+    from vidopt.bench import decode, int8_widths, ladder, ops, train
     from flows import bench_rerun as rerun
     from workers import bench as export
 
     {"decode": decode.main, "ladder": ladder.main, "export": export.main, "rerun": rerun.main,
-     "int8-widths": int8_widths.main, "ops": ops.main}[name](argv)
+     "int8-widths": int8_widths.main, "ops": ops.main, "train": train.main}[name](argv)
     return 0
 
 
@@ -135,7 +136,8 @@ def build_parser() -> argparse.ArgumentParser:
                        ("export", "export targets alone vs all together on the Ray pools"),
                        ("rerun", "cold run vs unchanged re-run vs quantize-only change (Prefect's cache)"),
                        ("int8-widths", "int8 vs fp32 speed of conv stacks by layer width"),
-                       ("ops", "onnxruntime's time per node of ONNX files, side by side")):
+                       ("ops", "onnxruntime's time per node of ONNX files, side by side"),
+                       ("train", "teacher training clips/s: vidopt in-process / Ray Train vs a plain PyTorch loop")):
         one = bench.add_parser(name, help=what, add_help=False)
         one.add_argument("rest", nargs=argparse.REMAINDER)
 

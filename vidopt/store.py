@@ -130,8 +130,12 @@ class ArtifactStore:
         return f"{self.spec.root}/{self._safe(self.spec.root, '/'.join(parts))}" if parts else self.spec.root
 
     def local_path(self, uri: str) -> Path:
+        """The path of `uri` in a local store. A local store also reaches absolute paths outside its root (a model
+        folder or manifest a user points at on this machine); an S3 store takes none (another machine's paths)."""
         if not self.is_local:
             raise StoreError(f"{uri}: local_path needs a local store, this one is {self.spec.root}")
+        if "://" not in uri and Path(uri).is_absolute() and not (uri + "/").startswith(self.spec.root + "/"):
+            return Path(uri)
         return Path(self.spec.root, self._rel(uri))
 
     def _safe(self, uri: str, rel: str) -> str:

@@ -296,7 +296,8 @@ def run_train_job(job: TrainJob, checkpoint: CheckpointIO | None = None, rank: i
     if checkpoint is None:
         checkpoint = FileCheckpoint(local_checkpoint_path(job, store))
     on_epoch_start = _qat_epoch_hook(model, batches) if job.model.qat else batches.start_epoch
-    result = fit(model, loss_fn, batches, score_fn, spec, checkpoint, logger, on_epoch_start, device, forward)
+    result = fit(model, loss_fn, batches, score_fn, spec, checkpoint, logger=logger, on_epoch_start=on_epoch_start,
+                 device=device, forward=forward)
     if rank != 0:
         return None
     model.cpu()

@@ -1,7 +1,7 @@
-"""infra/'s cluster files declare what the code asks for: in the Ray launcher config and the KubeRay manifest, as Ray's
-own autoscaler reads them, a worker type per pool of workers/pools.py offering the resource that pool asks for and a head
-that runs no Ray work; the pinned versions; shell that parses; no secret in plain text; servers on loopback (compose)
-or inside the cluster (Kubernetes); and a Prefect deployment (infra/prefect-cluster.yaml) that joins the cluster."""
+"""infra/'s cluster files declare what the code asks for: in the Ray launcher config and the KubeRay manifest, as
+Ray's own autoscaler reads them, a worker type per pool of workers/pools.py offering the resource that pool asks for and
+a head that runs no Ray work; the pinned versions; shell that parses; no secret in plain text; servers on loopback
+(compose) or inside the cluster (Kubernetes); and a Prefect deployment (infra/prefect-cluster.yaml) that joins it."""
 from __future__ import annotations
 
 import json
@@ -184,6 +184,8 @@ def test_every_ray_node_installs_the_checkout_the_deployment_runs_in():
                  for n, t in launcher["available_node_types"].items() if n != "head"}
     per_node |= {f"kuberay {n}": [" ".join(g["template"]["spec"]["containers"][0]["command"])]
                  for n, g in ray_groups().items()}
+    # ... and on Kubernetes, a startup probe holds KubeRay's liveness probe off while it installs
+    assert all("startupProbe" in g["template"]["spec"]["containers"][0] for g in ray_groups().values())
     for where, commands in per_node.items():
         text = " ; ".join(commands)
         assert "git clone" in text and re.search(r"pip install .*-e ~/vidopt", text), f"{where}: {commands}"
@@ -205,10 +207,10 @@ def test_cluster_deployment_reaches_the_servers_the_files_define():
     mlflow = urlsplit(config["tracking"]["uri"])
     launcher, compose = load(LAUNCHER), load(COMPOSE)["services"]
     k8s_services = {o["metadata"]["name"]: o for o in k8s_objects() if o["kind"] == "Service"}
-    prefect_api = {e["value"] for e in ray_groups()["head"]["template"]["spec"]["containers"][0]["env"]
-                   if e["name"] == "PREFECT_API_URL"}
-    assert prefect_api == {"http://prefect:4200/api"}
-    assert f"prefect config set PREFECT_API_URL={prefect_api.pop()}" in launcher["head_setup_commands"]
+    [prefect_api] = [e["value"] for e in ray_groups()["head"]["template"]["spec"]["containers"][0]["env"]
+                     if e["name"] == "PREFECT_API_URL"]
+    assert prefect_api == "http://prefect:4200/api"  # the worker on the head, in both manifests
+    assert f"prefect config set PREFECT_API_URL={prefect_api}" in launcher["head_setup_commands"]
     for host, port in ((mlflow.hostname, mlflow.port), ("prefect", 4200)):
         assert host in compose and f"127.0.0.1:{port}:{port}" in compose[host]["ports"]
         assert [p["port"] for p in k8s_services[host]["spec"]["ports"]] == [port]

@@ -21,7 +21,8 @@ from tasks import common, distill, ingest, train_teacher
 from tests.tasks.test_train_teacher import capture_saved_logits, check_model_dir
 from vidopt.checkpoint import load_checkpoint
 from vidopt.config import load_config
-from vidopt.stages import artifact_hash, split_rows, stage_dir
+from vidopt import train_jobs
+from vidopt.stages import split_rows
 
 REPO = Path(__file__).resolve().parents[2]
 # A 1-epoch tiny teacher is enough to distill from; a small student keeps each epoch well under a second.
@@ -51,17 +52,18 @@ class ListLogger:
 
 
 def count_teacher_forwards(monkeypatch) -> dict:
-    """Wrap the teacher the stage loads so every forward pass (one per batch) is counted."""
+    """Wrap every teacher a job loads so every forward pass (one per batch) is counted."""
     calls = {"batches": 0, "loads": 0}
-    original = distill.load_artifact_model
+    original = train_jobs.load_spec_model
 
-    def load(artifact):
-        calls["loads"] += 1
-        model = original(artifact)
-        model.register_forward_pre_hook(lambda *_: calls.__setitem__("batches", calls["batches"] + 1))
-        return model
+    def load(spec, store, seed):
+        model, arch = original(spec, store, seed)
+        if arch.kind == "teacher":
+            calls["loads"] += 1
+            model.register_forward_pre_hook(lambda *_: calls.__setitem__("batches", calls["batches"] + 1))
+        return model, arch
 
-    monkeypatch.setattr(distill, "load_artifact_model", load)
+    monkeypatch.setattr(train_jobs, "load_spec_model", load)
     return calls
 
 
@@ -87,12 +89,12 @@ def test_distill_runs_the_teacher_once_and_trains_the_student(upstream, monkeypa
     check_model_dir(student, cfg, dataset, saved)
 
     # Finished: returned as it is, nothing trained, no teacher loaded.
-    monkeypatch.setattr(distill, "fit", lambda *a, **k: pytest.fail("trained again"))
+    monkeypatch.setattr(distill, "run_training", lambda *a, **k: pytest.fail("trained again"))
     assert distill.run(cfg, dataset, teacher) == student
     assert calls["loads"] == 1
 
-    # Crashed after the last checkpoint but before the model dir was written: the checkpoint and the cached logits
-    # finish the job without running the teacher, and give the same best weights.
+    # Crashed after training but before the model dir was written: the stored training result and the cached logits
+    # finish the stage without running the teacher or training again, and give the same best weights.
     monkeypatch.undo()
     calls = count_teacher_forwards(monkeypatch)
     work = Path(student.uri).parent
@@ -110,7 +112,7 @@ def test_distill_killed_mid_training_resumes_from_its_checkpoint(upstream, sampl
     cfg = config(f"distill.epochs={epochs}")
     project = Path(cfg.run.project_dir)
     # Where the subprocess will work (same key: same config, dataset and teacher as the cached ones it will find).
-    work = stage_dir(cfg, distill.STAGE, distill.SECTIONS, [artifact_hash(dataset), artifact_hash(teacher)])
+    work = distill.work_dir(cfg, dataset, teacher).local
     command = [sys.executable, "-m", "tasks.distill", "--profile", "tiny", f"run.project_dir={project}",
                f"data.source={sample_dir}", *FAST, f"distill.epochs={epochs}"]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}

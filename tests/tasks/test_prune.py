@@ -10,7 +10,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from tasks import ingest, prune
-from tasks.distill import EpochBatches
 from vidopt.artifacts import ModelArtifact
 from vidopt.checkpoint import load_checkpoint, load_model_dir, save_model_dir
 from vidopt.config import load_config
@@ -19,13 +18,16 @@ from vidopt.metrics import count_macs
 from vidopt.models import Student, StudentArch, TeacherArch, build_model
 from vidopt.stages import split_rows
 from vidopt.storage import sha256_file, write_jsonl
+from vidopt.store import store_for
 from vidopt.training import FitSpec, evaluate, fit
 
 STUDENT_EPOCHS = 4  # enough for the student to fit its training clips, so pruning has accuracy to lose
 
 
 def _model_artifact(out: Path, model: nn.Module, arch, kind: str, data_version: str) -> ModelArtifact:
+    """A model folder published where it is (a local store reads this machine's paths wherever they are)."""
     sha = save_model_dir(out, model, arch, {}, {})
+    store_for(str(out.parent)).put_dir(out, str(out))
     return ModelArtifact(uri=str(out), kind=kind, arch=arch.model_dump(), weights_sha256=sha, metrics={},
                          data_version=data_version)
 
@@ -58,9 +60,9 @@ def upstream(sample_dir, tmp_path_factory):
     # the student fit 17% of its training clips in 4 epochs instead of 37% (chance: 12.5%).
     student = build_model(arch)
     train = decode_clip_set(rows, dataset.classes, cfg.clips, cfg.distill.cached_clips_per_video)
-    batches = EpochBatches(train, cfg.clips.batch_size, seed=0)
+    batches = list(train.batches(cfg.clips.batch_size, shuffle=True, seed=0))
     fit(student, lambda m, b: F.cross_entropy(m(b[0]), b[1]), batches, lambda m: 0.0,
-        FitSpec(epochs=STUDENT_EPOCHS, lr=3e-3), root / "student.pt", on_epoch_start=batches.start_epoch)
+        FitSpec(epochs=STUDENT_EPOCHS, lr=3e-3), root / "student.pt")
     teacher_arch = TeacherArch(arch="r3d_18", width=0.125, num_classes=classes)
     return {"dataset": dataset,
             "student": _model_artifact(root / "student", student, arch, "student", dataset.data_version),
@@ -156,7 +158,7 @@ def test_structured_stage_fine_tunes_back_what_pruning_lost(upstream, tiny_cfg):
     assert m["val_top1_clip"] >= m["val_top1_clip_before_finetune"]      # fine-tuning won it back
     # The kept epoch is the one closest to the unpruned student on the val clips (lowest distillation loss), which
     # fine-tuning brought below where pruning left it.
-    history = load_checkpoint(Path(pruned.uri).parent / prune.CHECKPOINT)["history"]
+    history = load_checkpoint(Path(pruned.uri).parent / f"{prune.CHECKPOINT}.pt")["history"]
     val_losses = [h["score"] for h in history]
     assert m["best_epoch"] == min(range(len(val_losses)), key=lambda e: (val_losses[e], -e))
     assert m["val_kd_loss"] == min(val_losses) < m["val_kd_loss_before_finetune"]
@@ -200,13 +202,15 @@ def test_iterative_rounds_reach_the_target_and_a_rerun_replays_finished_rounds(u
     student_widths = upstream["student"].arch["conv_widths"] + upstream["student"].arch["temporal_widths"]
     assert all(s >= f >= t for s, f, t in zip(student_widths, first, final)) and first != final
 
-    # A crash after round 1: the finished stage is gone, round 1's checkpoint is not. The rerun re-prunes, reloads
-    # round 1's fine-tuned weights instead of training them again, and ends with the very same model.
+    # A crash after round 1: the finished stage and the last fine-tune are gone, round 1's result is not. The rerun
+    # re-prunes, reloads round 1's fine-tuned weights instead of training them again, and ends with the very same
+    # model.
     work = Path(pruned.uri).parent
-    round1 = work / f"round1_{prune.CHECKPOINT}"
+    round1 = work / f"round1_{prune.CHECKPOINT}.pt"
     stamp = round1.stat().st_mtime_ns
     shutil.rmtree(pruned.uri)
-    (work / prune.CHECKPOINT).unlink()
+    for last in work.glob(f"{prune.CHECKPOINT}.*"):   # its checkpoint, weights and result
+        last.unlink()
     again = prune.run(cfg, upstream["dataset"], upstream["student"], upstream["teacher"])
     assert round1.stat().st_mtime_ns == stamp
     assert again.weights_sha256 == pruned.weights_sha256

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from tasks import ingest, quantize
+from tasks.common import clip_set, load_clip_set
 from vidopt.artifacts import ModelArtifact
 from vidopt.checkpoint import load_model_dir, save_model_dir
 from vidopt.config import load_config
@@ -16,8 +17,19 @@ from vidopt.distillation import clip_set_top1
 from vidopt.models import StudentArch, build_model
 from vidopt.onnx_utils import (FORMS_INDEX, INT8_FORMS_DIR, int8_form_files, op_counts, ort_predict, ort_session,
                                takes_pixels)
+from vidopt.qat import prepare_qat, student_state_from_qat
+from vidopt.stages import open_store
 from vidopt.storage import sha256_file
 from vidopt.training import FitSpec, fit
+
+
+def clip_sets(cfg, dataset, splits: tuple[str, ...]) -> list:
+    """The stage's clip sets of these splits (the store's: training clips as distillation fixes them, eval clips as
+    evaluation samples them)."""
+    reads, store = quantize.Reads.of(cfg), open_store(cfg.run)
+    per_video = {"train": cfg.distill.cached_clips_per_video}
+    return [load_clip_set(store, clip_set(reads, dataset, split, per_video.get(split, cfg.clips.eval_clips_per_video)))
+            for split in splits]
 
 
 def _config(project: Path, source: Path, *overrides: str):
@@ -32,7 +44,7 @@ def trained(tmp_path_factory, sample_dir):
     root = tmp_path_factory.mktemp("quantize")
     cfg = _config(root / "project", sample_dir)
     dataset = ingest.run(cfg)
-    train, val = quantize._clip_sets(cfg, dataset, ("train", "val"))
+    train, val = clip_sets(cfg, dataset, ("train", "val"))
     torch.manual_seed(0)
     arch = StudentArch(frames=cfg.clips.frames, height=cfg.clips.height, width=cfg.clips.width,
                        conv_widths=[16, 32, 32], conv_strides=[2, 2, 2], temporal_widths=[32],
@@ -41,13 +53,14 @@ def trained(tmp_path_factory, sample_dir):
     fit(model, lambda m, b: F.cross_entropy(m(b[0]), b[1]), list(train.batches(8, shuffle=True)),
         lambda m: clip_set_top1(m, val, 8), FitSpec(epochs=3, lr=3e-3), root / "student_last.pt")
     sha = save_model_dir(root / "student", model, arch, {}, cfg.model_dump(mode="json"))
+    open_store(cfg.run).put_dir(root / "student", str(root / "student"))
     student = ModelArtifact(uri=str(root / "student"), kind="student", arch=arch.model_dump(), weights_sha256=sha,
                             metrics={}, data_version=dataset.data_version)
     return {"root": root, "source": sample_dir, "dataset": dataset, "student": student}
 
 
 def _test_clip_logits(model_dir: Path, cfg, dataset, name: str) -> tuple[np.ndarray, np.ndarray]:
-    (test,) = quantize._clip_sets(cfg, dataset, ("test",))
+    (test,) = clip_sets(cfg, dataset, ("test",))
     clips = [test.clips[i:i + 8] for i in range(0, len(test.labels), 8)]   # as stored: ort_predict adapts them
     return ort_predict(ort_session(model_dir / name), clips), test.labels.numpy()
 
@@ -98,10 +111,10 @@ def test_ptq_writes_a_verified_int8_model(trained):
 
 def test_qat_weights_map_back_to_the_plain_student_exactly(trained):
     student, arch = load_model_dir(trained["student"].uri)
-    qat = quantize.prepare_qat(student, arch)
+    qat = prepare_qat(student, arch)
     fake_quant = sum("fake_quant" in k or "activation_post_process" in k for k in qat.state_dict())
     assert fake_quant > 0
-    state = quantize.student_state_from_qat(qat)
+    state = student_state_from_qat(qat)
     rebuilt = build_model(arch)
     rebuilt.load_state_dict(state)  # strict: no key missing, none left over
     for key, value in student.state_dict().items():
@@ -137,13 +150,13 @@ def test_qat_runs_when_ptq_misses_the_budget(trained):
     # The soft targets were the fp32 student's own logits on the training clips (no teacher is an input)
     soft = torch.load(Path(art.uri).parent / "fp32_logits.pt", weights_only=True)
     student, _ = load_model_dir(trained["student"].uri)
-    (train,) = quantize._clip_sets(cfg, trained["dataset"], ("train",))
+    (train,) = clip_sets(cfg, trained["dataset"], ("train",))
     with torch.no_grad():
         assert torch.allclose(soft, torch.cat([student(x) for x, _, _ in train.batches(8, shuffle=False)]), atol=1e-5)
     # The model dir holds the fine-tuned weights, and model_fp32.onnx is exactly their export.
     assert sha256_file(out / "weights.safetensors") != trained["student"].weights_sha256
     tuned, _ = load_model_dir(out)
-    (test,) = quantize._clip_sets(cfg, trained["dataset"], ("test",))
+    (test,) = clip_sets(cfg, trained["dataset"], ("test",))
     x = next(test.batches(8, shuffle=False))[0]
     with torch.no_grad():
         expected = tuned(x).numpy()

@@ -100,7 +100,11 @@ def test_uri_rejects_keys_that_escape_the_root(tmp_path, parts):
 def test_uris_outside_the_root_and_bad_specs_are_rejected(tmp_path):
     store = store_for(str(tmp_path / "store"))
     with pytest.raises(StoreError, match="not under the store root"):
-        store.read_text(str(tmp_path / "elsewhere.json"))
+        store.read_text("relative/elsewhere.json")
+    with pytest.raises(StoreError, match="not under the store root"):
+        store_for("s3://bucket/runs").get_file(str(tmp_path / "a-local-path-of-another-machine.json"))
+    (tmp_path / "elsewhere.json").write_text("{}")   # a local store reads this machine's files wherever they are
+    assert store.read_text(str(tmp_path / "elsewhere.json")) == "{}"
     with pytest.raises(StoreError, match="needs a local store"):
         ArtifactStore(StoreSpec(root="s3://b/p")).local_path("s3://b/p/x")
     with pytest.raises(ValidationError, match="must be absolute"):
