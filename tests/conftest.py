@@ -78,17 +78,12 @@ def tiny_cfg(tmp_path):
 def tiny_ladder(sample_dir, tmp_path_factory):
     """Every model stage of the tiny profile run once per session (plain functions, no Prefect): later tests and the
     flow test reuse the finished stage dirs. -> (cfg, {"dataset", "teacher", "student", "pruned", "int8"})."""
-    from tasks import distill, ingest, prune, quantize, train_teacher
+    from tasks.dag import run_until
     from vidopt.config import load_config
 
     project = tmp_path_factory.mktemp("ladder") / "project"
     cfg = load_config("tiny", [f"run.project_dir={project}", f"data.source={sample_dir}"])
-    dataset = ingest.run(cfg)
-    teacher = train_teacher.run(cfg, dataset)
-    student = distill.run(cfg, dataset, teacher)
-    pruned = prune.run(cfg, dataset, student, teacher)
-    int8 = quantize.run(cfg, dataset, pruned)
-    return cfg, {"dataset": dataset, "teacher": teacher, "student": student, "pruned": pruned, "int8": int8}
+    return cfg, run_until(cfg, "quantize")
 
 
 @pytest.fixture(scope="session")

@@ -6,6 +6,7 @@ from pathlib import Path
 
 from tests.vidopt.test_onnx_utils import negate_int8_classifier
 from vidopt.onnx_utils import FORMS_INDEX, INT8_FORMS_DIR, int8_form_files
+from tests.workers.conftest import for_target
 from workers import cpu
 
 
@@ -18,8 +19,7 @@ def test_ships_the_form_fastest_at_its_own_thread_count(demo_job, tmp_path):
     forms = int8_form_files(Path(demo_job.int8_dir) / INT8_FORMS_DIR)
     for threads in (1, 2):
         out = tmp_path / f"t{threads}"
-        result = cpu.run_target(demo_job.model_copy(update={"target": "cpu", "out_dir": str(out),
-                                                            "options": {"threads": threads}}))
+        result = cpu.run_target(for_target(demo_job, "cpu", {"threads": threads}, out_dir=str(out)))
         assert result.status == "ok", result.reason
         times, chosen = result.extra["int8_forms_best_p50_ms"], result.extra["int8_form"]
         assert set(times) == set(forms) and chosen == min(times, key=times.get)
@@ -36,7 +36,7 @@ def test_ships_the_target_ranking_not_the_quantize_stage_choice(demo_job, tmp_pa
     at_quantize = json.loads((forms_dir / FORMS_INDEX).read_text())["chosen"]
     other = next(name for name in forms if name != at_quantize)
     monkeypatch.setattr(cpu, "rank_int8_forms", lambda files, shape, threads: (other, {n: 1.0 for n in files}))
-    result = cpu.run_target(demo_job.model_copy(update={"target": "cpu", "out_dir": str(tmp_path)}))
+    result = cpu.run_target(for_target(demo_job, "cpu", out_dir=str(tmp_path)))
     assert result.status == "ok" and result.extra["int8_form"] == other
     assert _shipped(result) == forms[other].read_bytes() != (Path(demo_job.int8_dir) / cpu.INT8_FILE).read_bytes()
 
@@ -49,16 +49,14 @@ def test_a_form_below_the_agreement_budget_is_not_shipped(demo_job, tmp_path):
     forms = int8_form_files(int8_dir / INT8_FORMS_DIR)
     broken = next(iter(forms))
     negate_int8_classifier(forms[broken])
-    job = demo_job.model_copy(update={"target": "cpu", "int8_dir": str(int8_dir),
-                                      "options": {"min_argmax_agreement": 0.9}})
+    job = for_target(demo_job, "cpu", {"min_argmax_agreement": 0.9}, int8_dir=str(int8_dir))
     result = cpu.run_target(job.model_copy(update={"out_dir": str(tmp_path / "gated")}))
     agreement, times = result.extra["int8_forms_argmax_agreement"], result.extra["int8_forms_best_p50_ms"]
     assert set(agreement) == set(forms) and agreement[broken] < 0.9
     assert min(value for name, value in agreement.items() if name != broken) >= 0.9
     assert broken not in times and result.extra["int8_form"] != broken and result.parity["argmax_agreement"] >= 0.9
     # no form within the budget: the most faithful one ships, and the registry's gate will say why it is not promoted
-    strict = cpu.run_target(job.model_copy(update={"out_dir": str(tmp_path / "strict"),
-                                                   "options": {"min_argmax_agreement": 1.01}}))
+    strict = cpu.run_target(for_target(job, "cpu", {"min_argmax_agreement": 1.01}, out_dir=str(tmp_path / "strict")))
     assert strict.status == "ok" and strict.extra["int8_forms_best_p50_ms"] == {}
     assert agreement[strict.extra["int8_form"]] == max(agreement.values())
 
@@ -66,14 +64,13 @@ def test_a_form_below_the_agreement_budget_is_not_shipped(demo_job, tmp_path):
 def test_model_dir_without_forms_ships_its_int8_file(demo_job, tmp_path):
     int8_dir = tmp_path / "int8"
     shutil.copytree(demo_job.int8_dir, int8_dir, ignore=shutil.ignore_patterns(INT8_FORMS_DIR))
-    result = cpu.run_target(demo_job.model_copy(update={"target": "cpu", "int8_dir": str(int8_dir),
-                                                        "out_dir": str(tmp_path / "out")}))
+    result = cpu.run_target(for_target(demo_job, "cpu", int8_dir=str(int8_dir), out_dir=str(tmp_path / "out")))
     assert result.status == "ok", result.reason
     assert result.extra["int8_form"] == cpu.INT8_FILE and result.extra["int8_forms_best_p50_ms"] == {}
     assert _shipped(result) == (int8_dir / cpu.INT8_FILE).read_bytes()
 
 
 def test_no_int8_model_fails_with_the_path(demo_job, tmp_path):
-    result = cpu.run_target(demo_job.model_copy(update={"target": "cpu", "int8_dir": str(tmp_path / "nothing"),
-                                                        "out_dir": str(tmp_path / "out")}))
+    result = cpu.run_target(for_target(demo_job, "cpu", int8_dir=str(tmp_path / "nothing"),
+                                       out_dir=str(tmp_path / "out")))
     assert result.status == "failed" and str(tmp_path / "nothing" / cpu.INT8_FILE) in result.reason

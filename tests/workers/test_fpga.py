@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vidopt.artifacts import ExportJob
+from vidopt.artifacts import FpgaOptions, LocalExportJob
 from vidopt.checkpoint import save_model_dir
 from vidopt.data import normalise_clips
 from vidopt.models import Student, StudentArch
@@ -47,8 +47,8 @@ def job(tmp_path_factory):
     save_model_dir(root / "student", model.eval(), ARCH, {}, {})
     clips, labels = _clips(48, seed=2)
     torch.save({"clips": clips, "labels": labels, "videos": torch.arange(48)}, root / "eval.pt")
-    return ExportJob(target="fpga", model_dir=str(root / "student"), eval_clips=str(root / "eval.pt"),
-                     out_dir=str(root / "out"), options={"fixed_width": 16, "calibration_clips": 16})
+    return LocalExportJob(target="fpga", model_dir=str(root / "student"), eval_clips=str(root / "eval.pt"),
+                          out_dir=str(root / "out"), options=FpgaOptions(fixed_width=16, calibration_clips=16))
 
 
 def test_fixed_type_covers_range_with_sign_and_margin():

@@ -1,11 +1,13 @@
 """Pool behaviour on a real local Ray: resources honoured, missing pools skipped fast, crashes retried, hangs timed out."""
+import json
 import time
 from pathlib import Path
 
 import pytest
 import ray
 
-from vidopt.artifacts import ExportJob
+from vidopt.artifacts import ExportJob, default_options
+from vidopt.store import store_for
 from vidopt.config import RayConfig
 from workers.pools import run_jobs
 
@@ -25,8 +27,19 @@ def local_ray():
     ray.shutdown()
 
 
-def _job(target, tmp_path, **options):
-    return ExportJob(target=target, model_dir="unused", eval_clips="unused", out_dir=str(tmp_path), options=options)
+def _job(target, tmp_path, **script):
+    """A job of store URIs whose model folder holds the fake back-end's script (its attempts counted in
+    <tmp_path>/<target>.attempts)."""
+    store = store_for(str(tmp_path / "store"))
+    folder = tmp_path / "scripts" / f"{target}-{len(list(tmp_path.glob('scripts/*')))}"
+    folder.mkdir(parents=True)
+    (folder / "behaviour.json").write_text(json.dumps({**script, "attempts_file": str(tmp_path / f"{target}.attempts")}))
+    model = store.uri("models", folder.name)
+    store.put_dir(folder, model)
+    (tmp_path / "clips.pt").write_bytes(b"unused by the fake back-ends")
+    clips = store.put_file(tmp_path / "clips.pt", store.uri("clips.pt"))
+    return ExportJob(target=target, store=store.spec, model=model, eval_clips=clips, out=store.uri("out", target),
+                     options=default_options(target))
 
 
 def test_targets_run_concurrently_on_their_pools_and_missing_pool_is_skipped(local_ray, tmp_path):

@@ -7,6 +7,7 @@ import time
 import pytest
 import torch
 
+from tests.workers.conftest import for_target
 from workers import tpu
 
 from .import_check import import_without
@@ -21,7 +22,7 @@ def test_module_imports_without_torch_xla():
 
 def test_missing_torch_xla_skips(demo_job, tmp_path, monkeypatch):
     monkeypatch.setattr(tpu.importlib.util, "find_spec", lambda name: None)
-    result = tpu.run_target(demo_job.model_copy(update={"target": "tpu", "out_dir": str(tmp_path)}))
+    result = tpu.run_target(for_target(demo_job, "tpu", out_dir=str(tmp_path)))
     assert result.status == "skipped" and "torch_xla" in result.reason
 
 
@@ -30,9 +31,8 @@ def test_stablehlo_reloaded_in_a_fresh_process_matches_pytorch(demo_job, tmp_pat
     saved = torch.load(demo_job.eval_clips, weights_only=True)
     # Each StableHLOGraphModule call recompiles (~1 s on CPU), so 6 clips and 3 timed calls keep this test short.
     torch.save({k: v[:6] for k, v in saved.items()}, tmp_path / "eval6.pt")
-    job = demo_job.model_copy(update={"target": "tpu", "eval_clips": str(tmp_path / "eval6.pt"),
-                                      "out_dir": str(tmp_path / "out"), "options": {"bf16": True, "latency_iters": 3,
-                                                                                   "pjrt_device": "CPU"}})
+    job = for_target(demo_job, "tpu", {"bf16": True, "latency_iters": 3, "pjrt_device": "CPU"},
+                     eval_clips=str(tmp_path / "eval6.pt"), out_dir=str(tmp_path / "out"))
     xla_already_imported = "torch_xla" in sys.modules   # by another test in this session, perhaps
     started = time.monotonic()
     result = tpu.run_target(job)

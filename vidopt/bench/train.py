@@ -5,10 +5,11 @@ against the plain single-process PyTorch loop a user would write for the same mo
                        [--project-dir DIR] [--out DIR] [key.sub=value ...]
 
 Each row trains the teacher from the same fresh weights (run.seed) for --epochs epochs and times the epochs after the
-first (epoch 1 pays the warm-up: allocator, cuDNN autotuning, the loader's first batches); with --epochs 1 that one
-epoch is timed, and the report says so. Per row: clips/s of the training passes (scoring excluded), the share of that
-time the loop waited for its next batch, on CUDA the share the GPU was computing, and clips/s as a share of the plain
-loop's. The project's bar, on a GPU with the gpu profile: >= 80% of the plain loop's clips/s, data wait < 10%.
+first (epoch 1 pays the warm-up: the allocator, first kernel launches and oneDNN primitives, the loader's first
+batches); with --epochs 1 that one epoch is timed, and the report says so. Per row: clips/s of the training passes
+(scoring excluded; clips of all ranks), the share of that time the loop waited for its next batch and, on CUDA, the
+share the GPU was computing (both rank 0's), and clips/s as a share of the plain loop's. The project's bar, on a GPU
+with the gpu profile: >= 80% of the plain loop's clips/s, data wait < 10% of step time.
 
 What is the same in every row: the train split's manifest rows, the clip config, ClipDataset's uint8 clips (decoded
 once into memory where they fit clips.memory_cache_mb, else by clips.loader_workers processes), normalisation on the
@@ -36,11 +37,11 @@ from vidopt.data import ClipDataset, FrameStore, normalise_clips
 from vidopt.models import TeacherArch, build_model
 from vidopt.stages import open_store, split_rows
 from vidopt.store import FileRef
-from vidopt.train_jobs import (ModelSpec, Objective, Placement, TrainJob, TrainResult, VideoClips, global_batches,
-                               pick_device, pick_precision, shard)
+from vidopt.train_jobs import (ModelSpec, Objective, Placement, TrainJob, TrainResult, VideoClips, describe_device,
+                               global_batches, pick_device, pick_precision, shard)
 
 log = logging.getLogger("vidopt.bench.train")
-DEFAULTS = {"profile": "tiny", "workers": [1], "epochs": 3}   # sized for a CPU sanity run: ~1 min on 2 cores
+DEFAULTS = {"profile": "tiny", "workers": [1], "epochs": 3}   # sized for a CPU sanity run: ~20 s on 2 idle cores
 STAGE = "bench_train"
 PLAIN, IN_PROCESS, RAY_TRAIN = "plain PyTorch", "vidopt in-process", "vidopt Ray Train"
 
@@ -161,10 +162,9 @@ def plain_pytorch(rows: list[dict], classes: list[str], cfg: PipelineConfig, pla
                         "data_seconds": waited})
         log.info("bench train: plain PyTorch epoch %d/%d loss %.4f (%.1f s)", epoch + 1, epochs, loss_mean,
                  history[-1]["train_seconds"])
-    return {"launcher": PLAIN, "workers": 1, "world_size": 1,
-            "device": "cpu" if device.type == "cpu" else f"{device} ({torch.cuda.get_device_name(device)})",
-            "precision": precision, **summarise(history, [e["clips"] for e in history]), "note": note,
-            "history": history}
+    return {"launcher": PLAIN, "workers": 1, "world_size": 1, "device": describe_device(device), "precision": precision,
+            **summarise(history, [e["clips"] for e in history]), "note": note, "history": history,
+            "loader": "decoded once into memory" if store is not None else f"{workers} decoding processes"}
 
 
 # --- report ----------------------------------------------------------------------------------------------------------
@@ -243,15 +243,13 @@ def main(argv: list[str] | None = None) -> dict:
         row["share_of_plain"] = row["clips_per_s"] / table[0]["clips_per_s"]
 
     c = cfg.clips
-    in_memory = FrameStore.nbytes(rows, c) <= c.memory_cache_mb * 2**20
     setup = {"profile": args.profile, "epochs": args.epochs, "device": cfg.train.device, "workers": args.workers,
              "date": time.strftime("%Y-%m-%d %H:%M"), "machine": machine(), "clip_shape": [c.frames, c.height, c.width],
              "batch_size": c.batch_size, "train_videos": len(rows),
-             "loader": "decoded once into memory" if in_memory else f"{c.loader_workers} decoding processes",
+             "loader": table[0]["loader"],   # the same rule (FrameStore.decode_if_fits) in every row
              "teacher": teacher_arch(cfg, dataset.classes).model_dump(), "augment": cfg.teacher.augment,
              "clips_counted": "all ranks: every global batch but one smaller than the world (clips_per_epoch)"}
-    report = {"command": shlex.join(["vidopt", "bench", "train", *argv]),
-              "setup": setup, "rows": table}
+    report = {"command": shlex.join(["vidopt", "bench", "train", *argv]), "setup": setup, "rows": table}
     out = args.out or Path(cfg.run.project_dir) / "bench" / "train"
     write_report(out, "train", report, markdown(report))
     return report
