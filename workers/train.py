@@ -44,6 +44,7 @@ def run_training(job: TrainJob, train: TrainConfig, ray_cfg: RayConfig,
         if store.has(done.weights.uri):
             log.info("%s: %s holds the finished result; not training again", job.stage, result_uri(job))
             return done
+    store.write_text(f"{job.output}.job.json", job.model_dump_json(indent=2))   # what was trained, for the record
     if not use_ray(train, ray_cfg, job.store):
         return run_train_job(job, logger=logger, on_driver=True)
     result = _ray_train(job, train, ray_cfg)

@@ -11,8 +11,9 @@ from tasks import export
 
 @pytest.fixture
 def fresh_ray():
+    ray.shutdown()  # other modules start their own Ray with other resources, and keep it for the process
     yield
-    ray.shutdown()  # other modules start their own Ray with other resources
+    ray.shutdown()
 
 
 @pytest.mark.integration

@@ -9,6 +9,7 @@ from mlflow import MlflowClient
 from tasks import register
 from tasks.export import log_target
 from vidopt.artifacts import DatasetArtifact, ModelArtifact, TargetResult
+from vidopt.stages import open_store
 
 
 @pytest.fixture
@@ -39,7 +40,7 @@ def test_results_logged_again_under_new_mlflow_runs_register_no_new_version(tmp_
     logged = []
     for _ in range(2):  # the second: the export task run again (its Prefect result lost), same verified results
         with mlflow.start_run() as parent:
-            logged.append(log_target(verified, parent.info.run_id, "v1"))
+            logged.append(log_target(verified, parent.info.run_id, "v1", open_store(cfg.run)))
     assert logged[0].extra["mlflow_run_id"] != logged[1].extra["mlflow_run_id"]
 
     first = register.run(cfg, dataset, teacher, [logged[0]])

@@ -11,6 +11,7 @@ from vidopt.artifacts import ModelArtifact, TargetResult
 from vidopt.config import BudgetConfig, TargetProfile, TargetProfiles
 from vidopt.report import (ESTIMATE_NOTE, Point, build_report, estimate_per_million, ladder_points, pareto_front,
                            pareto_png, render_html, terminal_summary, write_report)
+from vidopt.store import store_for
 
 CPU_ORT = "onnxruntime 1.32.0 CPUExecutionProvider (1 thread(s))"
 EVIL = "<script>alert(1)</script>$x^{"  # HTML to escape, and mathtext that matplotlib must not parse
@@ -160,7 +161,8 @@ def test_html_embeds_the_plot_labels_estimates_and_escapes_names(tmp_path):
     rows = json.loads(paths["rows"].read_text())
     assert {p["label"] for p in rows["points"] if p["plotted"]} >= {"gpu/ort_int8", "ladder/int8"}
     assert rows["estimate_note"] == ESTIMATE_NOTE
-    table, html_path = terminal_summary({"table_uri": str(paths["table"]), "html_uri": str(paths["html"])})
+    table, html_path = terminal_summary({"table_uri": str(paths["table"]), "html_uri": str(paths["html"])},
+                                        store_for(str(tmp_path)))
     assert html_path == str(paths["html"])
     # ort_fp16 is not on the front (ladder/pruned fp32 is more accurate and faster), yet the GPU's best.
     assert re.search(r"^gpu +ort_fp16 \(best\) +78\.0 +1\.50 +0\.600 +fits", table, re.M)

@@ -42,7 +42,7 @@ def test_bf16_training_multiplies_in_bfloat16_and_keeps_float32_weights_and_loss
         losses.append(loss.item())
         return loss
 
-    fit(model, loss_fn, [(x, y)] * 4, lambda m: 0.5, FitSpec(epochs=3, lr=1e-2, bf16=True), tmp_path / "last.pt")
+    fit(model, loss_fn, [(x, y)] * 4, lambda m: 0.5, FitSpec(epochs=3, lr=1e-2, precision="bf16"), tmp_path / "last.pt")
     assert set(conv_outputs) == {torch.bfloat16}                 # the conv ran in bfloat16 ...
     assert set(logits) == {torch.float32}                        # ... the loss saw float32 logits
     assert all(t.dtype == torch.float32 for t in [*model.parameters(), model[1].running_mean, model[1].running_var])
