@@ -45,8 +45,13 @@ def test_two_ray_train_workers_end_where_one_in_process_worker_does(local_ray, t
 
 
 def _kill_a_worker_after_the_first_checkpoint(folder: Path, killed: list) -> None:
+    """Once Ray Train has registered a checkpoint (its snapshot names one; a checkpoint folder alone may not be
+    registered yet), SIGKILL one training worker."""
     deadline = time.monotonic() + 120
-    while not list(folder.glob("checkpoint_*/state.pt")) and time.monotonic() < deadline:
+    while time.monotonic() < deadline:
+        snapshot = folder / "checkpoint_manager_snapshot.json"
+        if snapshot.exists() and "checkpoint_" in snapshot.read_text():
+            break
         time.sleep(0.05)
     for proc in Path("/proc").glob("[0-9]*/cmdline"):
         try:
@@ -60,7 +65,7 @@ def _kill_a_worker_after_the_first_checkpoint(folder: Path, killed: list) -> Non
 
 def test_a_killed_worker_is_replaced_and_resumes_from_the_last_checkpoint(local_ray, tmp_path):
     epochs = 40
-    job = small_job(tmp_path, epochs=epochs).model_copy(update={"checkpoint_name": "killed"})
+    job = small_job(tmp_path, epochs=epochs).model_copy(update={"checkpoint_name": "killed", "patience": epochs})
     killed: list[int] = []
     killer = threading.Thread(target=_kill_a_worker_after_the_first_checkpoint,
                               args=(tmp_path / "run" / "killed", killed))
