@@ -147,19 +147,3 @@ class ClipDataset:
             frames = torch.from_numpy(read_frames(row["path"], indices, decoder=row["decoder"],
                                                   size=(self.clips.height, self.clips.width)))  # [T, H, W, C] uint8
         return (normalise_clips(frames) if self.normalise else frames), self.class_index[row["label"]], video
-
-
-def make_loader(rows: list[dict], classes: list[str], clips: ClipConfig, *, train: bool, seed: int = 0):
-    """DataLoader of `[B, C, T, H, W]` clips; decoding runs in `clips.loader_workers` worker processes, or, for
-    training videos that fit in `clips.memory_cache_mb`, once up front (FrameStore) with no workers."""
-    torch = _import_torch()
-    store = FrameStore.decode_if_fits(rows, clips) if train else None
-    dataset = ClipDataset(rows, classes, clips, train=train, seed=seed, store=store)
-    return torch.utils.data.DataLoader(
-        dataset,
-        batch_size=clips.batch_size,
-        shuffle=train,
-        num_workers=0 if store is not None else clips.loader_workers,
-        persistent_workers=False,
-        generator=torch.Generator().manual_seed(seed),
-    )

@@ -8,7 +8,6 @@ computed on every rank from the same weights, so every rank stops at the same ep
 """
 from __future__ import annotations
 
-import copy
 import logging
 import time
 from dataclasses import dataclass
@@ -266,11 +265,3 @@ def predict(model: nn.Module, batches: Iterable) -> tuple[np.ndarray, np.ndarray
 def evaluate(model: nn.Module, batches: Iterable) -> dict[str, float]:
     logits, labels, videos = predict(model, batches)
     return {"top1_clip": top1(logits, labels), "top1_video": top1_per_video(logits, labels, videos)}
-
-
-def frozen_copy(model: nn.Module) -> nn.Module:
-    """An eval-mode copy with no gradients (a teacher next to a student being trained)."""
-    teacher = copy.deepcopy(model).eval()
-    for p in teacher.parameters():
-        p.requires_grad_(False)
-    return teacher

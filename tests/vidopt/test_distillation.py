@@ -1,31 +1,29 @@
-"""The distillation objective over a clip set: the batch-size-independent mean of distillation_loss."""
+"""The distillation objective: labels and the teacher's softened answers, weighed by alpha, at a scale that does not
+depend on the temperature."""
 import pytest
 import torch
-from torch import nn
+import torch.nn.functional as F
 
-from vidopt.distillation import ClipSet, clip_set_distillation_loss, distillation_loss
-from vidopt.data import normalise_clips
-
-
-def _clip_set(n: int = 10) -> ClipSet:
-    g = torch.Generator().manual_seed(0)
-    clips = torch.randint(0, 256, (n, 2, 4, 4, 3), dtype=torch.uint8, generator=g)  # [N, T, H, W, C]
-    return ClipSet(clips, torch.randint(0, 3, (n,), generator=g), torch.arange(n),
-                   teacher_logits=torch.randn(n, 3, generator=g))
+from vidopt.distillation import distillation_loss
 
 
-def test_clip_set_loss_is_the_mean_over_every_clip_whatever_the_batch():
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 2 * 4 * 4, 3))
-    clips = _clip_set()
-    with torch.no_grad():
-        whole = distillation_loss(model(normalise_clips(clips.clips)), clips.teacher_logits, clips.labels, 0.3, 4.0)
-    for batch in (1, 3, 10):  # 3: a short last batch, weighted by its size
-        assert clip_set_distillation_loss(model, clips, batch, 0.3, 4.0) == pytest.approx(float(whole), rel=1e-5)
+def _logits(seed: int) -> torch.Tensor:
+    return torch.randn(6, 4, generator=torch.Generator().manual_seed(seed))
 
 
-def test_clip_set_loss_without_teacher_logits_says_what_is_missing():
-    clips = _clip_set()
-    clips.teacher_logits = None
-    with pytest.raises(ValueError, match="teacher's logits"):
-        clip_set_distillation_loss(nn.Flatten(), clips, 4, 0.5, 4.0)
+def test_alpha_one_is_cross_entropy_and_alpha_zero_matches_the_teacher_only():
+    student, teacher, labels = _logits(0), _logits(1), torch.tensor([0, 1, 2, 3, 0, 1])
+    assert distillation_loss(student, teacher, labels, 1.0, 4.0) == pytest.approx(float(F.cross_entropy(student, labels)))
+    assert float(distillation_loss(teacher, teacher, labels, 0.0, 4.0)) == pytest.approx(0.0, abs=1e-6)
+    assert float(distillation_loss(student, teacher, labels, 0.0, 4.0)) > 0
+
+
+def test_the_soft_term_keeps_its_gradient_scale_across_temperatures():
+    """T^2 (Hinton et al., 2015): at high temperatures the soft term's gradient is ~(s - t) / N whatever T."""
+    teacher, labels = _logits(1), torch.zeros(6, dtype=torch.long)
+    norms = []
+    for temperature in (8.0, 32.0):
+        student = _logits(0).mul(0.01).requires_grad_()
+        distillation_loss(student, teacher.mul(0.01), labels, 0.0, temperature).backward()
+        norms.append(float(student.grad.norm()))
+    assert norms[0] == pytest.approx(norms[1], rel=0.1)
