@@ -22,7 +22,7 @@ from vidopt.metrics import count_macs, count_params, top1, top1_per_video
 from vidopt.models import StudentArch, TeacherArch
 from vidopt.stages import StageReads, StageWork, open_store, split_rows
 from vidopt.store import ArtifactStore, FileRef
-from vidopt.train_jobs import LogitsJob, ModelSpec, Placement, Selection
+from vidopt.train_jobs import LogitsJob, ModelSpec, Placement, Selection, store_weights
 from workers.train import run_logits
 
 log = logging.getLogger("vidopt.tasks")
@@ -171,9 +171,7 @@ def model_metrics(reads: TrainingReads, work: StageWork, model: nn.Module, spec:
 
 def put_weights(work: StageWork, model: nn.Module, name: str, arch: TeacherArch | StudentArch) -> ModelSpec:
     """The module's weights in the stage's place in the store, as a job's model."""
-    from vidopt.train_jobs import _put_weights
-
-    return ModelSpec(arch=arch.model_dump(mode="json"), weights=_put_weights(work.store, model.state_dict(),
+    return ModelSpec(arch=arch.model_dump(mode="json"), weights=store_weights(work.store, model.state_dict(),
                                                                              work.child(name)))
 
 

@@ -37,7 +37,7 @@ from vidopt.stages import StageWork, artifact_hash, stage_work
 from vidopt.storage import is_s3, sha256_file
 from vidopt.store import FileRef
 from vidopt.tracking import stage_run
-from vidopt.train_jobs import Objective, TrainJob, VideoClips
+from vidopt.train_jobs import Objective, TrainJob, VideoClips, load_spec_model
 from workers.train import run_training
 
 log = logging.getLogger("vidopt.train_teacher")
@@ -91,8 +91,6 @@ def run(cfg: PipelineConfig | Reads, dataset: DatasetArtifact, logger=None) -> M
 
 def load_trained(spec, work: StageWork) -> nn.Module:
     """The module a training job left in the store."""
-    from vidopt.train_jobs import load_spec_model
-
     model, _ = load_spec_model(spec, work.store, seed=0)
     return model.eval()
 

@@ -16,11 +16,12 @@ from pydantic import BaseModel, ConfigDict, Field
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from vidopt.augment import apply_augmentation, draw_augmentation, shard_augmentation
+from vidopt.augment import apply_augmentation
 from vidopt.config import ClipConfig
-from vidopt.data import ClipDataset, FrameStore, normalise_clips
+from vidopt.data import normalise_clips
 from vidopt.distillation import distillation_loss
 from vidopt.models import arch_from_dict, build_model
+from vidopt.shards import ShardedBatches, fixed_clip_fetch, localise_rows, video_clip_fetch
 from vidopt.store import ArtifactStore, FileRef, StoreSpec
 from vidopt.training import (CheckpointIO, EpochLogger, FileCheckpoint, FitSpec, Precision, bf16_training,
                              conv_layout, fit)
@@ -155,101 +156,6 @@ def pick_precision(placement: Placement, device: torch.device) -> Precision:
     return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
 
 
-# --- data: each rank's share of every global batch -------------------------------------------------------------------
-
-def global_batches(n: int, batch_size: int, seed: int) -> list[torch.Tensor]:
-    """The epoch's order (seed: run seed + epoch) cut into global batches; the same on every rank."""
-    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
-    return [order[i:i + batch_size] for i in range(0, n, batch_size)]
-
-
-def shard(batch: torch.Tensor, rank: int, world: int) -> slice | None:
-    """Rank's contiguous rows of one global batch (sizes differ by at most one), or None when the batch is smaller
-    than the world (then every rank skips it: a rank without rows would leave the others waiting in all-reduce)."""
-    n = len(batch)
-    if n < world:
-        return None
-    return slice(rank * n // world, (rank + 1) * n // world)
-
-
-class ShardedBatches:
-    """This rank's part of each global batch: (uint8 clips [b, T, H, W, C], labels [b], extra [b, ...], share), where
-    share = b * world / global b weighs the rank's mean loss so that DDP's average is the global mean (uneven last
-    batch), and the augmentation of the whole global batch is drawn and this rank's rows applied, so any number of
-    workers trains on exactly what one worker would."""
-
-    def __init__(self, n: int, batch_size: int, seed: int, rank: int, world: int, augment: bool,
-                 fetch, pin: bool = False):
-        self.n, self.batch_size, self.seed, self.rank, self.world = n, batch_size, seed, rank, world
-        self.augment, self.fetch, self.pin, self.epoch = augment, fetch, pin, 0
-
-    def start_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def plan(self) -> list[tuple[torch.Tensor, slice]]:
-        batches = global_batches(self.n, self.batch_size, self.seed + self.epoch)
-        return [(b, rows) for b in batches if (rows := shard(b, self.rank, self.world)) is not None]
-
-    def __len__(self) -> int:
-        return len(self.plan())
-
-    def __iter__(self):
-        generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
-        plan = self.plan()
-        for (batch, rows), (clips, labels, extra) in zip(plan, self.fetch([b[r] for b, r in plan])):
-            params = None
-            if self.augment:   # drawn for the whole global batch, in the order one worker would draw them
-                params = shard_augmentation(draw_augmentation(len(batch), 3, clips.shape[2], clips.shape[3],
-                                                              generator), rows)
-            if self.pin:
-                clips = clips.pin_memory()
-            yield clips, labels, extra, torch.tensor(len(clips) * self.world / len(batch)), params
-
-
-def fixed_clip_fetch(saved: dict, logits: torch.Tensor | None):
-    """Batches of a decoded clip set by index lists: (clips, labels, logits or video ids)."""
-    def fetch(index_lists):
-        for idx in index_lists:
-            extra = logits[idx] if logits is not None else saved["videos"][idx]
-            yield saved["clips"][idx], saved["labels"][idx], extra
-    return fetch
-
-
-def video_clip_fetch(rows: list[dict], classes: list[str], clips: ClipConfig, seed: int, placement: Placement,
-                     epoch_of) -> callable:
-    """Batches of fresh random clips of manifest videos: decoded in DataLoader processes a few batches ahead, or once
-    up front (FrameStore) when the videos fit in clips.memory_cache_mb."""
-    store = FrameStore.decode_if_fits(rows, clips)
-    dataset = ClipDataset(rows, classes, clips, train=True, seed=seed, normalise=False, store=store)
-    workers = 0 if store is not None else placement.loader_workers
-
-    def fetch(index_lists):
-        dataset.epoch = epoch_of()
-        loader = torch.utils.data.DataLoader(
-            dataset, batch_sampler=[idx.tolist() for idx in index_lists], num_workers=workers,
-            prefetch_factor=placement.prefetch_batches if workers else None,
-            pin_memory=torch.cuda.is_available(), persistent_workers=False)
-        for x, y, video in loader:   # x: uint8 [b, T, H, W, C]
-            yield x, y, video
-    return fetch
-
-
-def localise_rows(rows: list[dict], data: VideoClips) -> list[dict]:
-    """Manifest rows with `path` on this node: videos in S3 are fetched by content hash into the node cache; files of
-    a local source are read where they are (the same machine, or a file system every node mounts)."""
-    out = []
-    for row in rows:
-        if row["uri"].startswith("s3://"):
-            bucket = row["uri"].split("/", 3)[2]
-            videos = ArtifactStore(StoreSpec(root=f"s3://{bucket}", endpoint_url=data.source_endpoint_url,
-                                             region=data.source_region))
-            row = {**row, "path": str(videos.get_file(FileRef(uri=row["uri"], sha256=row["sha256"])))}
-        else:
-            row = {**row, "path": row["uri"]}
-        out.append(row)
-    return out
-
-
 # --- the per-worker job ----------------------------------------------------------------------------------------------
 
 def load_spec_model(spec: ModelSpec, store: ArtifactStore, seed: int) -> tuple[nn.Module, object]:
@@ -317,7 +223,7 @@ def run_train_job(job: TrainJob, checkpoint: CheckpointIO | None = None, rank: i
         state = student_state_from_qat(model)
     else:
         state = model.state_dict()
-    weights = _put_weights(store, state, job.output)
+    weights = store_weights(store, state, job.output)
     trained = TrainResult(weights=weights, best_score=result["best_score"], best_epoch=result["best_epoch"],
                           epochs_run=result["epochs_run"], resumed_from=result["resumed_from"],
                           history=result["history"], device=describe_device(device), note=note,
@@ -337,7 +243,7 @@ def local_checkpoint_path(job: TrainJob, store: ArtifactStore) -> Path:
     return store.cache_dir / "checkpoints" / job.run_dir.split("://", 1)[1] / f"{job.checkpoint_name}.pt"
 
 
-def _put_weights(store: ArtifactStore, state: dict, uri: str) -> FileRef:
+def store_weights(store: ArtifactStore, state: dict, uri: str) -> FileRef:
     with tempfile.TemporaryDirectory(prefix="vidopt-weights-") as tmp:
         path = Path(tmp) / "weights.safetensors"
         save_file({k: v.detach().contiguous() for k, v in state.items()}, str(path))
@@ -378,9 +284,10 @@ def _batches(job: TrainJob, store: ArtifactStore, rank: int, world: int, device:
     rows = [json.loads(line) for line in store.get_file(data.manifest).read_text().splitlines() if line.strip()]
     rows = [r for r in rows if r["split"] == data.split]
     if not on_driver:
-        rows = localise_rows(rows, data)
+        rows = localise_rows(rows, data.source_endpoint_url, data.source_region)
     holder: list[ShardedBatches] = []
-    fetch = video_clip_fetch(rows, data.classes, data.clips, job.seed, job.placement, lambda: holder[0].epoch)
+    fetch = video_clip_fetch(rows, data.classes, data.clips, job.seed, job.placement.loader_workers,
+                             job.placement.prefetch_batches, lambda: holder[0].epoch)
     holder.append(ShardedBatches(len(rows), job.batch_size, job.seed, rank, world, job.augment, fetch,
                                  pin=False))   # the DataLoader pins
     return holder[0]

@@ -14,8 +14,9 @@ from tests.conftest import free_port
 from vidopt import train_jobs
 from vidopt.models import StudentArch, build_model
 from vidopt.store import ArtifactStore, store_for
-from vidopt.train_jobs import (FixedClips, ModelSpec, Objective, Placement, Selection, ShardedBatches, TrainJob,
-                               fixed_clip_fetch, global_batches, pick_device, run_train_job, shard)
+from vidopt.shards import ShardedBatches, fixed_clip_fetch, global_batches, shard
+from vidopt.train_jobs import (FixedClips, ModelSpec, Objective, Placement, Selection, TrainJob, pick_device,
+                               run_train_job, store_weights)
 from vidopt.training import FileCheckpoint
 
 ARCH = StudentArch(frames=4, height=16, width=16, conv_widths=[8, 16], conv_strides=[2, 2], temporal_widths=[16],
@@ -77,9 +78,7 @@ def small_job(root, epochs: int = 2) -> TrainJob:
     torch.save(_clip_set(), root / "clips.pt")
     clips = store.put_file(root / "clips.pt", store.uri("clips.pt"))
     torch.manual_seed(0)
-    from vidopt.train_jobs import _put_weights
-
-    start = _put_weights(store, build_model(ARCH).state_dict(), store.uri("init.safetensors"))
+    start = store_weights(store, build_model(ARCH).state_dict(), store.uri("init.safetensors"))
     return TrainJob(stage="test", store=store.spec, run_dir=store.uri("run"), output=store.uri("out.safetensors"),
                     model=ModelSpec(arch=ARCH.model_dump(mode="json"), weights=start), data=FixedClips(clips=clips),
                     objective=Objective(loss="cross_entropy"),

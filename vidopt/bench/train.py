@@ -37,8 +37,9 @@ from vidopt.data import ClipDataset, FrameStore, normalise_clips
 from vidopt.models import TeacherArch, build_model
 from vidopt.stages import open_store, split_rows
 from vidopt.store import FileRef
+from vidopt.shards import global_batches, shard
 from vidopt.train_jobs import (ModelSpec, Objective, Placement, TrainJob, TrainResult, VideoClips, describe_device,
-                               global_batches, pick_device, pick_precision, shard)
+                               pick_device, pick_precision)
 
 log = logging.getLogger("vidopt.bench.train")
 DEFAULTS = {"profile": "tiny", "workers": [1], "epochs": 3}   # sized for a CPU sanity run: ~20 s on 2 idle cores
@@ -50,7 +51,7 @@ PLAIN, IN_PROCESS, RAY_TRAIN = "plain PyTorch", "vidopt in-process", "vidopt Ray
 
 def clips_per_epoch(n: int, batch_size: int, world: int) -> int:
     """Clips all ranks together train on per epoch, exactly: every global batch but one smaller than the world, which
-    ShardedBatches skips on every rank (train_jobs.shard). Rank 0's `clips` times the world would miscount an uneven
+    ShardedBatches skips on every rank (vidopt/shards.py shard). Rank 0's `clips` times the world would miscount an uneven
     last batch (ranks' shares differ by one)."""
     return sum(len(b) for b in global_batches(n, batch_size, seed=0) if shard(b, 0, world) is not None)
 
