@@ -14,9 +14,14 @@ from vidopt.data import ClipDataset, FrameStore
 from vidopt.store import ArtifactStore, FileRef, StoreSpec
 
 
-def global_batches(n: int, batch_size: int, seed: int) -> list[torch.Tensor]:
-    """The epoch's order (seed: run seed + epoch) cut into global batches; the same on every rank."""
-    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+def global_batches(n: int, batch_size: int, seed: int, dataloader_order: bool = False) -> list[torch.Tensor]:
+    """The epoch's order (seed: run seed + epoch) cut into global batches; the same on every rank. dataloader_order:
+    the order a shuffling DataLoader draws from that generator, which first takes its workers' base seed from it
+    (the teacher's videos: one seed keeps giving the same teacher)."""
+    generator = torch.Generator().manual_seed(seed)
+    if dataloader_order:
+        torch.empty((), dtype=torch.int64).random_(generator=generator)
+    order = torch.randperm(n, generator=generator)
     return [order[i:i + batch_size] for i in range(0, n, batch_size)]
 
 
@@ -36,15 +41,16 @@ class ShardedBatches:
     workers trains on exactly what one worker would."""
 
     def __init__(self, n: int, batch_size: int, seed: int, rank: int, world: int, augment: bool,
-                 fetch, pin: bool = False):
+                 fetch, pin: bool = False, dataloader_order: bool = False):
         self.n, self.batch_size, self.seed, self.rank, self.world = n, batch_size, seed, rank, world
         self.augment, self.fetch, self.pin, self.epoch = augment, fetch, pin, 0
+        self.dataloader_order = dataloader_order
 
     def start_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
     def plan(self) -> list[tuple[torch.Tensor, slice]]:
-        batches = global_batches(self.n, self.batch_size, self.seed + self.epoch)
+        batches = global_batches(self.n, self.batch_size, self.seed + self.epoch, self.dataloader_order)
         return [(b, rows) for b in batches if (rows := shard(b, self.rank, self.world)) is not None]
 
     def __len__(self) -> int:

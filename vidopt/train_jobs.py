@@ -289,7 +289,7 @@ def _batches(job: TrainJob, store: ArtifactStore, rank: int, world: int, device:
     fetch = video_clip_fetch(rows, data.classes, data.clips, job.seed, job.placement.loader_workers,
                              job.placement.prefetch_batches, lambda: holder[0].epoch)
     holder.append(ShardedBatches(len(rows), job.batch_size, job.seed, rank, world, job.augment, fetch,
-                                 pin=False))   # the DataLoader pins
+                                 pin=False, dataloader_order=True))   # the DataLoader pins
     return holder[0]
 
 
