@@ -56,6 +56,8 @@ def registry_lines(decisions: list[dict]) -> list[str]:
         version = f"version {d['version']}" if d["version"] is not None else "-"
         role = "champion" if d["champion"] else ("challenger" if d["version"] is not None else "")
         lines.append(f"  {d['model']:<14} {version:<11} {role:<10}  {d['reason']}")
+        lines += [f"      {g['name']}: {'pass' if g['passed'] else 'FAIL'} ({g['detail']})" for g in d.get("gates", [])
+                  if not g["passed"]]
     return lines
 
 

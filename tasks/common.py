@@ -8,7 +8,10 @@ from __future__ import annotations
 import json
 import logging
 import tempfile
+from dataclasses import dataclass, field
 from pathlib import Path
+
+import numpy as np
 
 import torch
 from safetensors.torch import save as safetensors_bytes
@@ -21,6 +24,7 @@ from vidopt.distillation import ClipSet, decode_clip_set
 from vidopt.metrics import count_macs, count_params, top1, top1_per_video
 from vidopt.models import StudentArch, TeacherArch
 from vidopt.stages import StageReads, StageWork, open_store, split_rows
+from vidopt.stats import confusion, pack_correct
 from vidopt.store import ArtifactStore, FileRef
 from vidopt.train_jobs import LogitsJob, ModelSpec, Placement, Selection, store_weights
 from workers.train import run_logits
@@ -29,6 +33,7 @@ log = logging.getLogger("vidopt.tasks")
 
 MODEL_DIR = "model"                          # inside a stage's place: the finished model
 NOTES = "notes.json"                         # in the model dir: the artifact's notes, so a skipped re-run returns them
+TEST_OUTCOME = "test_outcome.json"           # in the model dir: which test clips it got right, its confusion matrix
 EVAL_SPLITS = ("val", "test")
 
 
@@ -53,11 +58,12 @@ def finished_artifact(work: StageWork, kind: str, dataset: DatasetArtifact) -> M
         return None
     log.info("%s: %s already holds a finished model for these inputs; not training again", work.stage, uri)
     model_dir = work.store.get_dir(uri)
-    notes = model_dir / NOTES
+    notes, outcome = model_dir / NOTES, model_dir / TEST_OUTCOME
     return ModelArtifact(uri=uri, kind=kind, arch=json.loads((model_dir / ARCH).read_text()),
                          weights_sha256=_weights_sha(work.store, uri),
                          metrics=json.loads((model_dir / METRICS).read_text()), data_version=dataset.data_version,
-                         notes=json.loads(notes.read_text()) if notes.exists() else {})
+                         notes=json.loads(notes.read_text()) if notes.exists() else {},
+                         **(json.loads(outcome.read_text()) if outcome.exists() else {}))
 
 
 def _weights_sha(store: ArtifactStore, model_uri: str) -> str:
@@ -140,12 +146,29 @@ def logits_of(reads: TrainingReads, model: ModelSpec, clips: FileRef, output: st
     return run_logits(job, reads.train, reads.ray)
 
 
+@dataclass
+class Scores:
+    """A model measured the same way at every rung: metrics, which test clips it got right (packed: the report
+    compares the rungs on the same clips) and its test confusion matrix."""
+    metrics: dict[str, float]
+    test_correct: str = ""
+    test_confusion: list[list[int]] = field(default_factory=list)
+
+
+def test_scores(logits: np.ndarray, labels: np.ndarray, classes: int) -> dict:
+    """The per-clip outcome of test logits: {test_correct, test_confusion} for a ModelArtifact."""
+    predicted = logits.argmax(1)
+    return {"test_correct": pack_correct(predicted == labels),
+            "test_confusion": confusion(labels, predicted, classes).tolist()}
+
+
 def model_metrics(reads: TrainingReads, work: StageWork, model: nn.Module, spec: ModelSpec, dataset: DatasetArtifact,
-                  fit_result: dict) -> dict:
+                  fit_result: dict) -> Scores:
     """Top-1 per clip and per video on val and test (clips.eval_clips_per_video uniformly spaced clips per video),
-    MACs and parameters of one [3, T, H, W] clip, the safetensors weights' size, epochs run and best epoch."""
+    MACs and parameters of one [3, T, H, W] clip, the safetensors weights' size, epochs run and best epoch; and what
+    it got right and wrong on the test clips."""
     metrics: dict[str, float] = {}
-    store = work.store
+    store, outcome = work.store, {}
     for split in EVAL_SPLITS:
         if not split_rows(dataset, split, store):
             log.warning("metrics: the %s split is empty; no %s top-1 recorded", split, split)
@@ -157,6 +180,8 @@ def model_metrics(reads: TrainingReads, work: StageWork, model: nn.Module, spec:
         labels, videos = saved.labels.numpy(), saved.videos.numpy()
         metrics.update({f"{split}_top1_clip": top1(logits, labels),
                         f"{split}_top1_video": top1_per_video(logits, labels, videos)})
+        if split == "test":
+            outcome = test_scores(logits, labels, len(dataset.classes))
     clip = reads.clips
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
     metrics.update(
@@ -166,7 +191,7 @@ def model_metrics(reads: TrainingReads, work: StageWork, model: nn.Module, spec:
         epochs_run=fit_result["epochs_run"],
         best_epoch=fit_result["best_epoch"],
     )
-    return metrics
+    return Scores(metrics, **outcome)
 
 
 def put_weights(work: StageWork, model: nn.Module, name: str, arch: TeacherArch | StudentArch) -> ModelSpec:
@@ -175,16 +200,19 @@ def put_weights(work: StageWork, model: nn.Module, name: str, arch: TeacherArch 
                                                                              work.child(name)))
 
 
-def save_artifact(work: StageWork, model: nn.Module, arch: TeacherArch | StudentArch, metrics: dict,
+def save_artifact(work: StageWork, model: nn.Module, arch: TeacherArch | StudentArch, scores: Scores,
                   config: dict, kind: str, dataset: DatasetArtifact, notes: dict[str, str] | None = None,
                   extra_files: dict[str, Path] | None = None) -> ModelArtifact:
     """Write the model folder here and publish it whole to the store."""
     model_dir, notes = work.local / MODEL_DIR, notes or {}
     (work.local / NOTES).write_text(json.dumps(notes, indent=2, sort_keys=True))
-    sha = save_model_dir(model_dir, model, arch, metrics, config, {NOTES: work.local / NOTES, **(extra_files or {})})
+    outcome = {"test_correct": scores.test_correct, "test_confusion": scores.test_confusion}
+    (work.local / TEST_OUTCOME).write_text(json.dumps(outcome))
+    sha = save_model_dir(model_dir, model, arch, scores.metrics, config,
+                         {NOTES: work.local / NOTES, TEST_OUTCOME: work.local / TEST_OUTCOME, **(extra_files or {})})
     work.store.put_dir(model_dir, work.child(MODEL_DIR))
     return ModelArtifact(uri=work.child(MODEL_DIR), kind=kind, arch=arch.model_dump(mode="json"), weights_sha256=sha,
-                         metrics=metrics, data_version=dataset.data_version, notes=notes)
+                         metrics=scores.metrics, data_version=dataset.data_version, notes=notes, **outcome)
 
 
 def load_artifact_model(store: ArtifactStore, artifact: ModelArtifact) -> nn.Module:
@@ -208,8 +236,9 @@ def log_model_stage(stage, reads: StageReads, artifact: ModelArtifact, store: Ar
     params = flatten(sections)
     mlflow.log_params({k: json.dumps(v) if isinstance(v, (list, dict)) else v for k, v in params.items()})
     stage.set_tags({"data_version": artifact.data_version, "weights_sha256": artifact.weights_sha256})
-    if "trained_on" in artifact.notes:   # where it trained, and why not where asked (a GPU node without CUDA)
-        mlflow.log_param("trained_on", artifact.notes["trained_on"][:6000])
+    for key in ("trained_on", "teacher_check"):   # where it trained (and why not where asked); whether it was taught
+        if key in artifact.notes:
+            mlflow.log_param(key, artifact.notes[key][:6000])
     for name, value in artifact.metrics.items():
         stage.log(name, value)
     for path in sorted(store.get_dir(artifact.uri).iterdir()):

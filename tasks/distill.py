@@ -37,6 +37,7 @@ from vidopt.artifacts import DatasetArtifact, ModelArtifact
 from vidopt.config import DistillConfig, PipelineConfig
 from vidopt.models import StudentArch, build_model
 from vidopt.stages import StageWork, artifact_hash, stage_work
+from vidopt.stats import ALPHA, above_rate, format_top1, majority_rate
 from vidopt.tracking import stage_run
 from vidopt.train_jobs import FixedClips, Objective, TrainJob
 from workers.train import run_training
@@ -68,11 +69,18 @@ def run(cfg: PipelineConfig | Reads, dataset: DatasetArtifact, teacher: ModelArt
 
     d = cfg.distill
     train_rows, _ = train_val_rows(work.store, dataset, STAGE)
-    log.info("%s: %d fixed clips per train video (%d videos); the teacher's logits over them once", STAGE,
-             d.cached_clips_per_video, len(train_rows))
     train_clips = clip_set(cfg, dataset, "train", d.cached_clips_per_video)
-    teacher_logits = logits_of(cfg, artifact_model_spec(work.store, teacher), train_clips,
-                               work.child("teacher_logits.pt"))
+    teaches, check = teacher_check(teacher, dataset)
+    alpha, teacher_logits = d.alpha, None
+    if teaches:
+        log.info("%s: %s; %d fixed clips per train video (%d videos), the teacher's logits over them once", STAGE,
+                 check, d.cached_clips_per_video, len(train_rows))
+        teacher_logits = logits_of(cfg, artifact_model_spec(work.store, teacher), train_clips,
+                                   work.child("teacher_logits.pt"))
+    else:   # a teacher no better than answering the majority class would only teach its own noise
+        alpha = 1.0
+        log.warning("%s: %s: the student learns from the labels alone (distill.alpha 1.0 instead of %s)", STAGE,
+                    check, d.alpha)
 
     arch = student_arch(cfg, len(dataset.classes))
     torch.manual_seed(cfg.run.seed)  # initial weights follow run.seed, which is part of the stage key
@@ -80,24 +88,43 @@ def run(cfg: PipelineConfig | Reads, dataset: DatasetArtifact, teacher: ModelArt
     job = TrainJob(
         stage=STAGE, store=work.store.spec, run_dir=work.uri, output=work.child("trained.safetensors"), model=start,
         data=FixedClips(clips=train_clips, logits=teacher_logits),
-        objective=Objective(loss="distillation", alpha=d.alpha, temperature=d.temperature),
+        objective=Objective(loss="distillation", alpha=alpha, temperature=d.temperature) if teaches
+        else Objective(loss="cross_entropy"),
         selection=selection(cfg, dataset, STAGE), augment=d.augment, epochs=d.epochs, lr=d.lr,
         weight_decay=d.weight_decay, patience=d.patience, batch_size=cfg.clips.batch_size, seed=cfg.run.seed,
         placement=placement(cfg))
     result = run_training(job, cfg.train, cfg.ray, logger)
     trained = start.model_copy(update={"weights": result.weights})
     student = load_trained(trained, work)
-    metrics = model_metrics(cfg, work, student, trained, dataset, result.model_dump())
+    scores = model_metrics(cfg, work, student, trained, dataset, result.model_dump())
+    metrics = scores.metrics
     if "test_top1_clip" in metrics and "test_top1_clip" in teacher.metrics:
         # Positive: the student is that much worse than its teacher on the same test clips.
         metrics["test_top1_gap_to_teacher"] = teacher.metrics["test_top1_clip"] - metrics["test_top1_clip"]
     log.info("%s: done after %d epochs (best %d) on %s: %s", STAGE, result.epochs_run, result.best_epoch + 1,
              result.device, {k: round(v, 3) for k, v in metrics.items() if "top1" in k})
     clips = len(train_rows) * d.cached_clips_per_video
-    notes = {"teacher": f"{teacher.uri} (sha256 {teacher.weights_sha256[:12]})",
-             "distillation": f"alpha {d.alpha}, temperature {d.temperature}, {clips} fixed clips",
+    notes = {"teacher": f"{teacher.uri} (sha256 {teacher.weights_sha256[:12]})", "teacher_check": check,
+             "distillation": f"alpha {alpha}, temperature {d.temperature}, {clips} fixed clips"
+                             + ("" if teaches else " (labels only: the teacher did not pass its check)"),
              **training_notes(result)}
-    return save_artifact(work, student, arch, metrics, stage_config(cfg), "student", dataset, notes)
+    return save_artifact(work, student, arch, scores, stage_config(cfg), "student", dataset, notes)
+
+
+def teacher_check(teacher: ModelArtifact, dataset: DatasetArtifact) -> tuple[bool, str]:
+    """(whether the teacher teaches, why): its val top-1 per video must be significantly above always answering the
+    split's majority class (one-sided binomial test, p < 0.05; videos, not clips: a video's clips are not
+    independent). With no val videos there is nothing to check it on, and it teaches."""
+    videos = {label: counts.get("val", 0) for label, counts in dataset.class_counts.items()}
+    n, top1 = sum(videos.values()), teacher.metrics.get("val_top1_video")
+    if not n or top1 is None:
+        return True, "teacher not checked: no val videos"
+    label, rate = majority_rate(videos)
+    correct = round(top1 * n)
+    p = above_rate(correct, n, rate)
+    verdict = (f"teacher val top-1 {format_top1(correct, n)} vs always answering {label!r} ({100 * rate:.1f}%): "
+               f"p={p:.2g}")
+    return p < ALPHA, verdict + (" (it teaches)" if p < ALPHA else " (not significantly better)")
 
 
 # [Prefect] retries cover flaky I/O only; `run` above is the plain function tests call.

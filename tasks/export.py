@@ -64,7 +64,7 @@ def run(cfg: PipelineConfig | Reads, dataset: DatasetArtifact, int8: ModelArtifa
     # The jobs as sent, so `vidopt bench export` can time each target alone against this stage.
     work.store.write_text(work.child("jobs.json"), json.dumps([j.model_dump(mode="json") for j in jobs], indent=2))
     started = time.monotonic()
-    results = run_jobs(jobs, cfg.ray)
+    results = [r.model_copy(update={"eval_clips": eval_clips.sha256}) for r in run_jobs(jobs, cfg.ray)]
     wall = time.monotonic() - started
     log.info("export: %d targets in %.1f s wall (%s)", len(results), wall,
              ", ".join(f"{r.target} {r.status} {r.seconds:.1f} s" for r in results))

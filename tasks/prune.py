@@ -189,7 +189,7 @@ def run(cfg: PipelineConfig | Reads, dataset: DatasetArtifact, student: ModelArt
     kd_score, selection_top1 = _held_out_scores(work, choose, batch, p.alpha, d.temperature)
 
     before = model_metrics(cfg, work, model, artifact_model_spec(work.store, student), dataset,
-                           {"epochs_run": 0, "best_epoch": -1})  # same clips as after
+                           {"epochs_run": 0, "best_epoch": -1}).metrics  # same clips as after
     notes = {"method": p.method, "widths_before": _widths(arch), "distilled_from": p.distill_from}
 
     def finetune(epochs: int, name: str, stage: str, keep_zeros: bool = False) -> dict:
@@ -236,7 +236,8 @@ def run(cfg: PipelineConfig | Reads, dataset: DatasetArtifact, student: ModelArt
 
     result = finetune(p.finetune_epochs, CHECKPOINT, STAGE, keep_zeros=p.method != "structured")
     final = put_weights(work, model, "pruned.safetensors", arch)
-    metrics = model_metrics(cfg, work, model, final, dataset, result)
+    scores = model_metrics(cfg, work, model, final, dataset, result)
+    metrics = scores.metrics
     metrics.update({f"{k}_before": before[k] for k in ("macs", "params", "size_bytes")},
                    macs_ratio=metrics["macs"] / before["macs"],
                    rebuild_max_abs_diff=_rebuild_diff(model, arch))
@@ -256,7 +257,7 @@ def run(cfg: PipelineConfig | Reads, dataset: DatasetArtifact, student: ModelArt
     if "device" in result:
         notes.update(training_notes(TrainResult.model_validate(result)))
     log.info("%s: %s, MACs x%.3f; %s", STAGE, p.method, metrics["macs_ratio"], notes["finetune"])
-    return save_artifact(work, model, arch, metrics, stage_config(cfg), "pruned", dataset, notes)
+    return save_artifact(work, model, arch, scores, stage_config(cfg), "pruned", dataset, notes)
 
 
 def _held_out_scores(work: StageWork, choose: Selection, batch: int, alpha: float, temperature: float):

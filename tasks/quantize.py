@@ -24,6 +24,7 @@ from torch import nn
 
 from tasks.caching import stage_cache
 from tasks.common import (
+    Scores,
     TrainingReads,
     clip_set,
     load_clip_set,
@@ -34,6 +35,7 @@ from tasks.common import (
     save_artifact,
     selection,
     stage_config,
+    test_scores,
 )
 from tasks.retry import IO_RETRY_DELAYS, only_io_errors
 from vidopt.artifacts import DatasetArtifact, ModelArtifact
@@ -96,7 +98,11 @@ def run(cfg: PipelineConfig | Reads, dataset: DatasetArtifact, pruned: ModelArti
              notes["quantization"], metrics["test_top1_clip"], metrics["fp32.test_top1_clip"],
              metrics.get("speedup.b1.t1", float("nan")), metrics["size_ratio"])
 
-    artifact = save_artifact(work, student, arch, metrics, stage_config(cfg), "int8", dataset, notes,
+    test = load_clip_set(work.store, _eval_clip_set(cfg, dataset, "test"))   # the shipped file, per test clip
+    batch = cfg.clips.batch_size
+    logits = ort_predict(ort_session(int8_path), [test.clips[i:i + batch] for i in range(0, len(test.labels), batch)])
+    scores = Scores(metrics, **test_scores(logits, test.labels.numpy(), len(dataset.classes)))
+    artifact = save_artifact(work, student, arch, scores, stage_config(cfg), "int8", dataset, notes,
                              extra_files={FP32_FILE: fp32_path, INT8_FILE: int8_path,
                                           INT8_FORMS_DIR: work.local / "onnx" / INT8_FORMS_DIR})
     # an int8 model is known by its int8 file: what the export targets ship

@@ -17,12 +17,14 @@ from tasks.caching import stage_cache
 from tasks.retry import IO_RETRY_DELAYS, only_io_errors
 from vidopt.artifacts import DatasetArtifact, ModelArtifact, TargetResult
 from vidopt.config import BudgetConfig, PipelineConfig
-from vidopt.registry import promotion_gates
+from vidopt.registry import Champion, promotion_gates
 from vidopt.stages import StageReads, StageWork, artifact_hash, stage_work
+from vidopt.stats import majority_rate, unpack_correct, wilson_interval
 from vidopt.tracking import code_version
 
 log = logging.getLogger("vidopt.register")
 CHALLENGER, CHAMPION = "challenger", "champion"
+TAG_LIMIT = 5000   # characters an MLflow tag value holds
 DECISIONS = "decisions.json"
 
 
@@ -57,13 +59,15 @@ def run(cfg: PipelineConfig, dataset: DatasetArtifact, teacher: ModelArtifact,
         return json.loads(work.store.read_text(work.child(DECISIONS)))
     teacher_top1 = teacher.metrics.get("test_top1_clip")
     tags = {"data_version": dataset.data_version, "config_hash": cfg.config_hash(), "code_version": code_version()}
-    decisions = [register_target(result, teacher_top1, cfg, tags) for result in targets]
+    split = "test" if any(c.get("test") for c in dataset.class_counts.values()) else "val"
+    majority = majority_rate({label: c.get(split, 0) for label, c in dataset.class_counts.items()})
+    decisions = [register_target(result, teacher_top1, cfg, tags, majority) for result in targets]
     work.store.write_text(work.child(DECISIONS), json.dumps(decisions, indent=2))
     return decisions
 
 
 def register_target(result: TargetResult, teacher_top1: float | None, cfg: PipelineConfig,
-                    tags: dict[str, str]) -> dict:
+                    tags: dict[str, str], majority: tuple[str, float] | None = None) -> dict:
     from mlflow import MlflowClient
 
     name = model_name(result.target)
@@ -76,9 +80,15 @@ def register_target(result: TargetResult, teacher_top1: float | None, cfg: Pipel
     client = MlflowClient()
     _ensure_registered_model(client, name, result.target)
     champion = _champion(client, name)
-    gates = promotion_gates(result, teacher_top1, cfg.budgets, champion[1] if champion else None)
+    gates = promotion_gates(result, teacher_top1, cfg.budgets, champion, majority)
     numbers = {k: str(v) for k, v in {"top1": result.top1, "latency_ms": result.latency_ms,
                                       "artifact_bytes": result.artifact_bytes}.items() if v is not None}
+    if result.correct:   # the next challenger is tested against this version on the same clips
+        correct = unpack_correct(result.correct)
+        numbers.update(top1_ci="{:.4f}-{:.4f}".format(*wilson_interval(int(correct.sum()), len(correct))),
+                       test_clips=str(len(correct)), eval_clips=result.eval_clips)
+        if len(result.correct) <= TAG_LIMIT:
+            numbers["correct"] = result.correct
     gate_tags = {f"gate.{g.name}": f"{'pass' if g.passed else 'fail'}: {g.detail}"[:5000] for g in gates}
     promoted = all(g.passed for g in gates)
     version = client.create_model_version(
@@ -109,8 +119,8 @@ def _ensure_registered_model(client, name: str, target: str) -> None:
             raise
 
 
-def _champion(client, name: str) -> tuple[str, float | None] | None:
-    """(version, test top-1) of the current champion, or None."""
+def _champion(client, name: str) -> Champion | None:
+    """The current champion as its version's tags recorded it, or None."""
     from mlflow.exceptions import MlflowException
 
     try:
@@ -118,7 +128,8 @@ def _champion(client, name: str) -> tuple[str, float | None] | None:
     except MlflowException:
         return None
     top1 = version.tags.get("top1")
-    return version.version, float(top1) if top1 is not None else None
+    return Champion(version.version, float(top1) if top1 is not None else None, version.tags.get("correct", ""),
+                    version.tags.get("eval_clips", ""))
 
 
 # [Prefect] cached on its inputs: an unchanged re-run registers nothing new.

@@ -31,25 +31,29 @@ class Reads(StageReads):
 
 
 def work_dir(cfg: PipelineConfig | Reads, dataset: DatasetArtifact, teacher: ModelArtifact, student: ModelArtifact,
-             pruned: ModelArtifact, int8: ModelArtifact, targets: list[TargetResult]) -> StageWork:
+             pruned: ModelArtifact, int8: ModelArtifact, targets: list[TargetResult],
+             registry: list[dict] | None = None) -> StageWork:
     ladder = {"teacher": teacher, "student": student, "pruned": pruned, "int8": int8}
-    results = json.dumps([t.model_dump(mode="json") for t in targets], sort_keys=True)
+    results = json.dumps([[t.model_dump(mode="json") for t in targets], registry or []], sort_keys=True)
     inputs = [artifact_hash(dataset), *(f"{name}:{a.weights_sha256}" for name, a in ladder.items()),
               hashlib.sha256(results.encode()).hexdigest()]
     return stage_work(Reads.of(cfg), "report", inputs)
 
 
 def run(cfg: PipelineConfig | Reads, dataset: DatasetArtifact, teacher: ModelArtifact, student: ModelArtifact,
-        pruned: ModelArtifact, int8: ModelArtifact, targets: list[TargetResult]) -> ReportArtifact:
-    """The compression ladder's models and the export stage's results -> the report, published to the store."""
+        pruned: ModelArtifact, int8: ModelArtifact, targets: list[TargetResult],
+        registry: list[dict] | None = None) -> ReportArtifact:
+    """The compression ladder's models, the export stage's results and the registry's decisions -> the report,
+    published to the store."""
     reads = Reads.of(cfg)
-    work = work_dir(reads, dataset, teacher, student, pruned, int8, targets)
+    work = work_dir(reads, dataset, teacher, student, pruned, int8, targets, registry)
     ladder = {"teacher": teacher, "student": student, "pruned": pruned, "int8": int8}
     context = {"data version": dataset.data_version, "classes": str(len(dataset.classes)),
                "config hash": cfg.config_hash() if isinstance(cfg, PipelineConfig) else "-",
                "run name": reads.run.name or "-",
                "written": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
-    report = build_report(ladder, targets, reads.budgets, reads.report.profiles, reads.export.cpu_threads, context)
+    report = build_report(ladder, targets, reads.budgets, reads.report.profiles, reads.export.cpu_threads, context,
+                          dataset.classes, registry)
     folder = work.child("report")
     paths = write_report(report, work.local / "report")
     work.store.put_dir(work.local / "report", folder)
@@ -65,8 +69,15 @@ def log_report(stage, record: ReportArtifact, store) -> None:
     """[MLflow] the report's files under `report/`, the best variant per target as tags, its numbers as metrics
     (energy and cost named *_estimate: they come from the profiles, not from a meter)."""
     folder = store.get_dir(record.uri)
-    for uri in (record.html_uri, record.plot_uri, record.rows_uri, record.table_uri):
-        stage.log_artifact(folder / uri.rsplit("/", 1)[1], "report")
+    for path in sorted(folder.iterdir()):   # html, table, rows, the Pareto plot, the confusion matrix
+        if not path.name.startswith("_"):
+            stage.log_artifact(path, "report")
+    rows = json.loads((folder / record.rows_uri.rsplit("/", 1)[1]).read_text())
+    stage.set_tags({f"headline.{i}": text[:5000] for i, text in enumerate(rows["headlines"])})
+    for rung in rows["statistics"]:   # every rung's test top-1 with its 95% interval
+        if rung["interval"]:
+            stage.log(f"{rung['rung']}.test_top1_ci_low", rung["interval"][0])
+            stage.log(f"{rung['rung']}.test_top1_ci_high", rung["interval"][1])
     for target, best in record.best.items():
         stage.set_tags({f"best.{target}": best["variant"] or "none", f"best.{target}.reason": best["reason"][:5000]})
         names = {"top1": "top1", "latency_ms": "latency_ms", "artifact_bytes": "artifact_bytes",
@@ -81,12 +92,12 @@ def log_report(stage, record: ReportArtifact, store) -> None:
 @task(name="report", retries=len(IO_RETRY_DELAYS), retry_delay_seconds=IO_RETRY_DELAYS,
       retry_condition_fn=only_io_errors, **stage_cache(work_dir))
 def report_task(cfg: PipelineConfig, dataset: DatasetArtifact, teacher: ModelArtifact, student: ModelArtifact,
-                pruned: ModelArtifact, int8: ModelArtifact, targets: list[TargetResult],
+                pruned: ModelArtifact, int8: ModelArtifact, targets: list[TargetResult], registry: list[dict],
                 parent_run_id: str) -> ReportArtifact:
     from vidopt.tracking import stage_run
 
     with stage_run("report", parent_run_id) as stage:  # [MLflow] nested run holding the report
-        record = run(cfg, dataset, teacher, student, pruned, int8, targets)
+        record = run(cfg, dataset, teacher, student, pruned, int8, targets, registry)
         log_report(stage, record, open_store(cfg.run))
     return record
 

@@ -82,10 +82,10 @@ def run(cfg: PipelineConfig | Reads, dataset: DatasetArtifact, logger=None) -> M
     result = run_training(job, cfg.train, cfg.ray, logger)
     trained = start.model_copy(update={"weights": result.weights})
     model = load_trained(trained, work)
-    metrics = model_metrics(cfg, work, model, trained, dataset, result.model_dump())
+    scores = model_metrics(cfg, work, model, trained, dataset, result.model_dump())
     log.info("%s: done after %d epochs (best %d) on %s: %s", STAGE, result.epochs_run, result.best_epoch + 1,
-             result.device, {k: round(v, 3) for k, v in metrics.items() if "top1" in k})
-    return save_artifact(work, model, arch, metrics, stage_config(cfg), "teacher", dataset,
+             result.device, {k: round(v, 3) for k, v in scores.metrics.items() if "top1" in k})
+    return save_artifact(work, model, arch, scores, stage_config(cfg), "teacher", dataset,
                          {**notes, **training_notes(result)})
 
 

@@ -34,6 +34,8 @@ class ModelArtifact(Artifact):
     metrics: dict[str, float]              # top-1 per clip / per video on val and test, MACs, params, size, ...
     data_version: str
     notes: dict[str, str] = {}             # what was done and why (e.g. "quantization: ptq" or "qat after ptq lost 3.1")
+    test_correct: str = ""                 # which test clips it got right (vidopt/stats.py pack_correct)
+    test_confusion: list[list[int]] = []   # test clips by [true class][predicted class]
 
 
 class CpuOptions(BaseModel):
@@ -112,6 +114,9 @@ class TargetResult(BaseModel):
     artifact_bytes: int = 0
     parity: dict[str, float] = {}          # max_abs_diff (float targets) / argmax_agreement (int8, fixed point)
     top1: float | None = None              # on the eval clips (the test split)
+    correct: str = ""                      # which eval clips it got right (vidopt/stats.py pack_correct): paired
+    #                                        tests against the champion and the other rungs on the same clips
+    eval_clips: str = ""                   # sha256 of the clip set it was scored on
     latency_ms: float | None = None        # batch 1, p50, on that runtime
     seconds: float = 0.0                   # wall time of the job
     extra: dict = {}                       # per-target details (variants such as fp16 / bf16, build logs)

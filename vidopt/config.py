@@ -70,7 +70,7 @@ class TeacherConfig(Section):
     init: str | None = None              # state_dict to start from: a path or s3:// URI (.pt or .safetensors), or
     #   torchvision:<weights name> (e.g. torchvision:R2Plus1D_18_Weights.KINETICS400_V1; teacher.width 1.0), fetched
     #   into torch hub's cache where the machine reaches download.pytorch.org
-    epochs: int = Field(12, ge=1)
+    epochs: int = Field(12, ge=0)        # 0: no training (the initial or `init` weights as they are)
     lr: float = 1e-3                     # AdamW peak of the one-cycle schedule (vidopt/training.py). 3e-3 never
     #   left chance on the demo data (r3d_18 w0.25 from scratch, 800 steps); 1e-3 reached 90% test top-1 in 400 steps
     weight_decay: float = 1e-4
@@ -194,6 +194,8 @@ class RayConfig(Section):
 class BudgetConfig(Section):
     """The user's budgets: the registry's promotion gates and the report's best variant per target both apply them."""
     max_top1_drop: float = Field(0.02, ge=0)            # test top-1 below the teacher's (0.02 = 2 points)
+    min_top1: float | None = Field(None, ge=0, le=1)    # test top-1 a champion needs at least; None: no floor (it
+    #                                                     must beat answering the majority class in any case)
     max_latency_ms: float | None = Field(None, gt=0)    # batch-1 latency on the target's own runtime; None: no limit
     max_artifact_mb: float | None = Field(None, gt=0)   # deployable artifact size; None: no limit
     min_argmax_agreement: float = Field(0.99, ge=0, le=1)  # int8 / fixed-point targets vs the PyTorch reference

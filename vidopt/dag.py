@@ -20,7 +20,7 @@ STAGES: tuple[Stage, ...] = (
     Stage("quantize", ("dataset", "pruned"), "int8"),
     Stage("export", ("dataset", "int8"), "targets"),
     Stage("register", ("dataset", "teacher", "targets"), "registry"),
-    Stage("report", ("dataset", "teacher", "student", "pruned", "int8", "targets"), "report"),
+    Stage("report", ("dataset", "teacher", "student", "pruned", "int8", "targets", "registry"), "report"),
 )
 LADDER = ("teacher", "student", "pruned", "int8")   # the models of the compression ladder, in order
 

@@ -1,15 +1,19 @@
 """Promotion gates of the model registry, as plain decisions (tasks/register.py applies them with MLflow).
 
 Every new version of a target's registered model becomes the `challenger`; it becomes the `champion` only when every
-gate passes: verified on the target's own runtime, top-1 within budget of the teacher, latency (and size) within budget,
-and not worse than the current champion.
+gate passes: verified on the target's own runtime, significantly better than always answering the majority class,
+top-1 at least `budgets.min_top1` and within budget of the teacher, latency (and size) within budget, and not
+significantly worse than the current champion (McNemar's test on the same test clips). Each gate keeps its numbers.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
+
 from vidopt.artifacts import TargetResult
 from vidopt.config import BudgetConfig
+from vidopt.stats import ALPHA, above_rate, format_top1, mcnemar, unpack_correct, worse_than
 
 
 @dataclass(frozen=True)
@@ -19,12 +23,26 @@ class Gate:
     detail: str
 
 
+@dataclass(frozen=True)
+class Champion:
+    """The current champion as the registry recorded it."""
+    version: str
+    top1: float | None
+    correct: str = ""        # its packed per-clip correctness (vidopt/stats.py)
+    eval_clips: str = ""     # sha256 of the clip set it was scored on
+
+
 def promotion_gates(result: TargetResult, teacher_top1: float | None, budgets: BudgetConfig,
-                    champion_top1: float | None) -> list[Gate]:
-    """The gates a new version of `result.target` must pass. champion_top1: the current champion's test top-1, or
-    None when there is no champion yet."""
+                    champion: Champion | None, majority: tuple[str, float] | None = None) -> list[Gate]:
+    """The gates a new version of `result.target` must pass. majority: (class, share) of the test split's most
+    frequent class: what answering it always scores."""
     gates = [_verified(result, budgets)]
-    top1 = result.top1
+    top1, correct = result.top1, unpack_correct(result.correct) if result.correct else None
+    if majority is not None:
+        gates.append(_above_majority(correct, *majority))
+    if budgets.min_top1 is not None:
+        gates.append(Gate("min_top1", top1 is not None and top1 >= budgets.min_top1 - 1e-9,
+                          f"{_fmt_pct(top1)}, budget {_fmt_pct(budgets.min_top1)}"))
     if top1 is None or teacher_top1 is None:
         gates.append(Gate("top1_vs_teacher", False, "no test top-1 measured for the target or the teacher"))
     else:
@@ -40,12 +58,41 @@ def promotion_gates(result: TargetResult, teacher_top1: float | None, budgets: B
         mb = result.artifact_bytes / 1e6
         gates.append(Gate("size", 0 < mb <= budgets.max_artifact_mb,
                           f"{mb:.2f} MB, budget {budgets.max_artifact_mb} MB"))
-    if champion_top1 is None:
-        gates.append(Gate("vs_champion", True, "no champion yet"))
-    else:
-        gates.append(Gate("vs_champion", top1 is not None and top1 >= champion_top1,
-                          f"{_fmt_pct(top1)} vs champion {_fmt_pct(champion_top1)}"))
+    gates.append(_vs_champion(result, correct, champion))
     return gates
+
+
+def _above_majority(correct: np.ndarray | None, label: str, rate: float) -> Gate:
+    """Significantly better (one-sided binomial test, p < 0.05) than always answering the most frequent class."""
+    if correct is None or len(correct) == 0:
+        return Gate("above_majority", False, "no per-clip results to test against the majority class")
+    k, n = int(correct.sum()), len(correct)
+    p = above_rate(k, n, rate)
+    return Gate("above_majority", p < ALPHA, f"{format_top1(k, n)} vs always answering {label!r} "
+                                             f"({100 * rate:.1f}%): p={p:.2g}, needs < {ALPHA}")
+
+
+def _vs_champion(result: TargetResult, correct: np.ndarray | None, champion: Champion | None) -> Gate:
+    """Not significantly worse than the champion: McNemar's test on the same clips; where the clips differ (new
+    data), a one-sided test of the two proportions."""
+    if champion is None:
+        return Gate("vs_champion", True, "no champion yet")
+    same_clips = (correct is not None and champion.correct and result.eval_clips
+                  and result.eval_clips == champion.eval_clips)
+    if same_clips:
+        paired = mcnemar(correct, unpack_correct(champion.correct))
+        return Gate("vs_champion", not paired.a_worse(),
+                    f"vs champion v{champion.version} on the same {len(correct)} clips: "
+                    + paired.describe("this version", "the champion"))
+    if result.top1 is None or champion.top1 is None or correct is None:
+        return Gate("vs_champion", result.top1 is not None and champion.top1 is not None
+                    and result.top1 >= champion.top1,
+                    f"{_fmt_pct(result.top1)} vs champion v{champion.version} {_fmt_pct(champion.top1)} "
+                    "(no per-clip results: compared as numbers)")
+    p = worse_than(result.top1, len(correct), champion.top1)
+    return Gate("vs_champion", p >= ALPHA, f"{_fmt_pct(result.top1)} (n={len(correct)}) vs champion "
+                                          f"v{champion.version} {_fmt_pct(champion.top1)} on other clips: "
+                                          f"p={p:.2g} that it is worse")
 
 
 def _verified(result: TargetResult, budgets: BudgetConfig) -> Gate:

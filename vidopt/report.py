@@ -17,6 +17,7 @@ from pathlib import Path
 from vidopt.artifacts import ModelArtifact, TargetResult
 from vidopt.config import BudgetConfig, TargetProfile, TargetProfiles
 from vidopt.storage import atomic_path, atomic_write_text
+from vidopt.verdicts import Verdicts, confusion_png, interval_text, ladder_verdicts
 
 CLIPS = 1_000_000        # estimates are per million clips, run one after another at batch 1
 LADDER = "ladder"        # pseudo-target: the ladder's rungs as timed on onnxruntime CPU by the quantize stage ...
@@ -26,6 +27,7 @@ DEVICE_MARKERS = {"cpu": ("cpu",), "gpu": ("cuda", "tensorrt", "nvidia"), "tpu":
 COLOURS = {LADDER: "#7f7f7f", "cpu": "#1f77b4", "gpu": "#2ca02c", "tpu": "#ff7f0e", "fpga": "#9467bd"}
 MIN_AREA, MAX_AREA = 15.0, 900.0  # marker area in pt^2: the largest artifact gets MAX_AREA, others in proportion
 FILES = {"html": "report.html", "plot": "pareto.png", "rows": "rows.json", "table": "report.txt"}
+CONFUSION_FILE = "confusion.png"   # the shipped model's confusion matrix, where the run has one
 ESTIMATE_NOTE = (
     "Estimates, not measurements. Energy = profile watts x latency x 1e6 clips; cost = profile $/hour x the hours "
     "1e6 clips take one after another at batch 1. The latency is the one measured on the runtime that really ran: "
@@ -69,6 +71,9 @@ class Report:
     profiles: TargetProfiles
     teacher_top1: float | None
     context: dict[str, str] = field(default_factory=dict)  # data version, config hash, ...: shown at the top
+    verdicts: Verdicts | None = None                     # intervals, paired tests, headlines (vidopt/verdicts.py)
+    classes: list[str] = field(default_factory=list)
+    registry: list[dict] = field(default_factory=list)   # the register stage's decision per target
 
 
 # ---- points -------------------------------------------------------------------------------------------------------
@@ -226,8 +231,10 @@ def best_per_target(points: list[Point], targets: list[TargetResult]) -> dict[st
 
 
 def build_report(ladder: dict[str, ModelArtifact], targets: list[TargetResult], budgets: BudgetConfig,
-                 profiles: TargetProfiles, threads: int = 1, context: dict[str, str] | None = None) -> Report:
-    """`threads`: the onnxruntime thread count whose ladder latencies to show (the CPU target's, export.cpu_threads)."""
+                 profiles: TargetProfiles, threads: int = 1, context: dict[str, str] | None = None,
+                 classes: list[str] | None = None, registry: list[dict] | None = None) -> Report:
+    """`threads`: the onnxruntime thread count whose ladder latencies to show (the CPU target's, export.cpu_threads);
+    `registry`: the register stage's decisions, shown with their reasons."""
     points = ladder_points(ladder, threads)
     points += [p for result in targets if result.status == "ok" for p in target_points(result)]
     teacher = next((a for a in ladder.values() if a.kind == "teacher"), None)
@@ -239,7 +246,7 @@ def build_report(ladder: dict[str, ModelArtifact], targets: list[TargetResult], 
         if isinstance(profile, TargetProfile) and point.latency_ms is not None:
             point.kwh_per_million, point.usd_per_million = estimate_per_million(point.latency_ms, profile)
     return Report(points, best_per_target(points, targets), targets, ladder, budgets, profiles, teacher_top1,
-                  dict(context or {}))
+                  dict(context or {}), ladder_verdicts(ladder), list(classes or []), list(registry or []))
 
 
 def best_summary(report: Report) -> dict[str, dict]:
@@ -318,6 +325,30 @@ def _ladder_cells(rung: str, a: ModelArtifact) -> list[str]:
 
 
 LADDER_HEADERS = ["rung", "kind", "test top-1 clip %", "test top-1 video %", "GMACs", "params", "size MB", "notes"]
+STATS_HEADERS = ["rung", "test top-1 %", "95% CI", "clips", "vs the teacher (same clips)", "vs the rung before"]
+REGISTRY_HEADERS = ["model", "version", "champion", "reason", "gates"]
+
+
+def _stats_rows(report: Report) -> list[list[str]]:
+    if report.verdicts is None:
+        return []
+    return [[r.rung, _pct(r.top1), interval_text(r), str(r.clips), r.vs_teacher or "-", r.vs_previous or "-"]
+            for r in report.verdicts.rungs]
+
+
+def _registry_rows(report: Report) -> list[list[str]]:
+    return [[d["model"], str(d.get("version") or "-"), "yes" if d.get("champion") else "no", d.get("reason", ""),
+             "; ".join(f"{g['name']} {'pass' if g['passed'] else 'FAIL'}: {g['detail']}" for g in d.get("gates", []))]
+            for d in report.registry]
+
+
+def _confusion_html(report: Report) -> str:
+    v = report.verdicts
+    if v is None or not v.confusion or len(report.classes) != len(v.confusion):
+        return ""
+    png = confusion_png(v.confusion, report.classes, f"{report.verdicts.rungs[-1].rung}: test clips")
+    return ('<h2>Confusion matrix of the shipped model</h2>'
+            f'<img alt="confusion matrix" src="data:image/png;base64,{base64.b64encode(png).decode()}">')
 TARGET_HEADERS = ["target", "status", "top-1 %", "latency ms", "artifact MB", "parity", "runtime / reason"]
 
 
@@ -438,6 +469,11 @@ def render_html(report: Report, png: bytes) -> str:
         "<h2>Targets</h2>", _html_table(TARGET_HEADERS, [_target_cells(t) for t in report.targets]),
         "<h2>Compression ladder</h2>",
         _html_table(LADDER_HEADERS, [_ladder_cells(r, a) for r, a in report.ladder.items()]),
+        "<h2>How sure: 95% intervals and paired tests on the same test clips</h2>",
+        "<p>A difference between two rungs means something only where McNemar's test on the clips one got right and "
+        "the other wrong says so (p &lt; 0.05).</p>",
+        _html_table(STATS_HEADERS, _stats_rows(report)), _confusion_html(report),
+        *(["<h2>Registry</h2>", _html_table(REGISTRY_HEADERS, _registry_rows(report))] if report.registry else []),
         "<h2>Target profiles behind the estimates</h2>", f'<p class="estimate">{e(ESTIMATE_NOTE)}</p>',
         _html_table(["target", "device", "watts", "USD / hour"], profiles),
         "</body></html>", ""])
@@ -452,10 +488,16 @@ def _text_table(headers: list[str], rows: list[list[str]], max_cell: int = 110) 
 def render_table(report: Report) -> str:
     """The terminal's view: every point, then the best per target with its estimates."""
     best_labels = {c["variant"] for c in report.best.values() if c["variant"]}
-    lines = ["Every variant on every target (front: Pareto front; top-1 vs latency)"]
+    lines = [f"!! {h}" for h in (report.verdicts.headlines if report.verdicts else [])]
+    if _stats_rows(report):
+        lines += ["Test top-1 with 95% intervals; paired tests on the same clips (McNemar)"]
+        lines += _text_table(STATS_HEADERS, _stats_rows(report)) + [""]
+    lines += ["Every variant on every target (front: Pareto front; top-1 vs latency)"]
     lines += _text_table(POINT_HEADERS, [_point_cells(p, best_labels) for p in report.points])
     lines += ["", f"Best variant per target. Budgets: {budget_text(report.budgets, report.teacher_top1)}"]
     lines += _text_table(BEST_HEADERS, [_best_cells(report, t.target) for t in report.targets])
+    if report.registry:
+        lines += ["", "Registry"] + _text_table(REGISTRY_HEADERS[:4], [r[:4] for r in _registry_rows(report)])
     return "\n".join(lines + ["", ESTIMATE_NOTE]) + "\n"
 
 
@@ -465,7 +507,12 @@ def rows_json(report: Report) -> dict:
             "budgets": report.budgets.model_dump(), "profiles": report.profiles.model_dump(),
             "targets": [t.model_dump(include={"target", "status", "reason", "runtime", "top1", "latency_ms",
                                               "artifact_bytes", "parity"}) for t in report.targets],
-            "estimate_note": ESTIMATE_NOTE, "context": report.context}
+            "estimate_note": ESTIMATE_NOTE, "context": report.context,
+            "statistics": [asdict(r) for r in report.verdicts.rungs] if report.verdicts else [],
+            "headlines": report.verdicts.headlines if report.verdicts else [],
+            "confusion": {"classes": report.classes, "matrix": report.verdicts.confusion if report.verdicts else [],
+                          "recall": report.verdicts.recall if report.verdicts else []},
+            "registry": report.registry}
 
 
 def write_report(report: Report, out_dir: Path) -> dict[str, Path]:
@@ -477,6 +524,10 @@ def write_report(report: Report, out_dir: Path) -> dict[str, Path]:
     atomic_write_text(paths["rows"], json.dumps(rows_json(report), indent=2))
     atomic_write_text(paths["table"], render_table(report))
     atomic_write_text(paths["html"], render_html(report, png))
+    v = report.verdicts
+    if v is not None and v.confusion and len(report.classes) == len(v.confusion):
+        with atomic_path(out_dir / CONFUSION_FILE) as tmp:
+            tmp.write_bytes(confusion_png(v.confusion, report.classes, f"{v.rungs[-1].rung}: test clips"))
     return paths
 
 

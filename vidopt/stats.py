@@ -46,6 +46,13 @@ def above_rate(correct: int, n: int, rate: float) -> float:
     return binomial_tail(correct, n, rate)
 
 
+def worse_than(top1: float, n: int, reference: float) -> float:
+    """One-sided p-value that a top-1 measured on n clips comes from a model worse than `reference` (measured on
+    other clips, whose own noise this leaves out): P(X <= top1 * n) under Binomial(n, reference)."""
+    k = round(top1 * n)
+    return 1.0 - binomial_tail(k + 1, n, reference)
+
+
 @dataclass(frozen=True)
 class Paired:
     """Two models on the same clips: how many only A got right, only B, and McNemar's exact two-sided p-value."""

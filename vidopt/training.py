@@ -86,6 +86,8 @@ def fit(model: nn.Module, loss_fn: LossFn, train_batches: Iterable, score_fn: Ca
     of the epoch's training time the GPU was computing.
     """
     store = checkpoint if hasattr(checkpoint, "save") else FileCheckpoint(checkpoint)
+    if spec.epochs == 0:   # nothing to train: the model as it came
+        return {"best_score": None, "best_epoch": -1, "epochs_run": 0, "resumed_from": 0, "history": []}
     if spec.channels_last:
         conv_layout(model, channels_last=True)
     if spec.precision != "fp32":

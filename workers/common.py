@@ -17,6 +17,7 @@ import torch
 from vidopt.artifacts import ExportJob, LocalExportJob, TargetResult
 from vidopt.checkpoint import load_model_dir
 from vidopt.data import normalise_clips
+from vidopt.stats import pack_correct
 from vidopt.store import ArtifactStore
 
 EVAL_BATCH = 8
@@ -85,6 +86,12 @@ def parity(logits: np.ndarray, reference: np.ndarray) -> dict[str, float]:
 
 def top1(logits: np.ndarray, labels: np.ndarray) -> float:
     return float((logits.argmax(1) == labels).mean())
+
+
+def correct(logits: np.ndarray, labels: np.ndarray) -> str:
+    """Which clips the logits get right, packed (vidopt/stats.py): the registry tests a challenger against the
+    champion on the same clips."""
+    return pack_correct(logits.argmax(1) == labels)
 
 
 def archive(src: Path, dest: Path) -> Path:

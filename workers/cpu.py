@@ -21,7 +21,7 @@ from vidopt.data import normalise_clips
 from vidopt.onnx_utils import (FORMS_INDEX, INPUT_NAME, INT8_FILE, INT8_FORMS_DIR, OUTPUT_NAME, faithful_int8_forms,
                                input_layout, int8_form_files, measure_latency, ort_predict, ort_session,
                                rank_int8_forms, takes_pixels)
-from workers.common import archive, batches, load_stored_clips, parity, reference_logits, top1
+from workers.common import archive, batches, correct, load_stored_clips, parity, reference_logits, top1
 
 
 def run_target(job: LocalExportJob) -> TargetResult:
@@ -55,7 +55,7 @@ def run_target(job: LocalExportJob) -> TargetResult:
         target="cpu", status="ok",
         runtime=f"onnxruntime {ort.__version__} {session.get_providers()[0]} ({threads} thread(s))",
         artifact_uri=str(artifact), artifact_bytes=artifact.stat().st_size,
-        parity=parity(logits, reference), top1=top1(logits, labels),
+        parity=parity(logits, reference), top1=top1(logits, labels), correct=correct(logits, labels),
         latency_ms=latency["p50_ms"], seconds=time.monotonic() - started,
         extra={"latency": latency, "threads": threads, "int8_form": form,
                "int8_forms_best_p50_ms": form_times, "int8_forms_argmax_agreement": form_agreement,

@@ -23,7 +23,7 @@ from torch.nn.utils.fusion import fuse_conv_bn_eval
 from vidopt.artifacts import LocalExportJob, TargetResult
 from vidopt.checkpoint import load_model_dir
 from vidopt.models import Student, StudentArch, has_pool
-from workers.common import archive, batches, load_eval_clips, parity, reference_logits, top1
+from workers.common import archive, batches, correct, load_eval_clips, parity, reference_logits, top1
 
 IO_TYPE = "io_stream"    # layer-by-layer FIFOs: the only way a 112x112 frame fits an FPGA (io_parallel unrolls it all)
 CLOCK_NS = 5             # 200 MHz target clock for synthesis
@@ -302,6 +302,7 @@ def run_target(job: LocalExportJob) -> TargetResult:
         target="fpga", status="ok", runtime=f"hls4ml {hls4ml.__version__} C++ emulation (Vitis backend, g++)",
         artifact_uri=str(artifact), artifact_bytes=artifact.stat().st_size,
         parity={**result_parity, "reference_top1": ref_top1, "top1_delta": fpga_top1 - ref_top1}, top1=fpga_top1,
+        correct=correct(logits, labels),
         latency_ms=None, seconds=time.monotonic() - started,
         extra={"latency_note": "hls4ml estimates no latency without vendor tools; the synthesis report of "
                                "`build(synth=True)` gives it in cycles (see the archive's README)",

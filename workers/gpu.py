@@ -28,7 +28,8 @@ import torch
 from vidopt.artifacts import LocalExportJob, TargetResult, default_options
 from vidopt.checkpoint import load_model_dir
 from vidopt.data import normalise_clips
-from workers.common import archive, batches, load_stored_clips, parity, reference_logits, run_module, top1
+from workers.common import (archive, batches, correct, load_stored_clips, parity, reference_logits, run_module,
+                            top1)
 
 FP32_TOL = 1e-4           # max |logit| difference allowed for fp32 back-ends
 FP16_REL_TOL = 1e-2       # fp16 keeps 11 mantissa bits; max |diff| against max |logit|, reported (not gated)
@@ -78,7 +79,7 @@ def run_target(job: LocalExportJob) -> TargetResult:
         return TargetResult(status="failed", reason="; ".join(problems) or "no variant ran", **common)
     return TargetResult(status="failed" if problems else "ok", reason="; ".join(problems)[:2000],
                         runtime=primary["runtime"], parity=primary["parity"], top1=primary["top1"],
-                        latency_ms=primary["latency_ms"], **common)
+                        correct=primary.get("correct", ""), latency_ms=primary["latency_ms"], **common)
 
 
 def headline_variant(variants: dict[str, dict]) -> dict | None:
@@ -100,7 +101,8 @@ def _score(logits: np.ndarray, reference: np.ndarray, labels: np.ndarray, precis
     its accuracy is gated by the quantize stage against the test split)."""
     check = parity(logits, reference)
     scale = max(float(np.abs(reference).max()), 1e-12)
-    result = {"parity": check, "top1": top1(logits, labels), "rel_max_abs_diff": check["max_abs_diff"] / scale}
+    result = {"parity": check, "top1": top1(logits, labels), "correct": correct(logits, labels),
+              "rel_max_abs_diff": check["max_abs_diff"] / scale}
     if precision == "fp32":
         result |= {"within_tolerance": check["max_abs_diff"] <= FP32_TOL, "tolerance": f"{FP32_TOL} abs", "gated": True}
     elif precision == "fp16":

@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from vidopt.artifacts import LocalExportJob, TargetResult
-from workers.common import archive, load_eval_clips, parity, reference_logits, run_module, top1
+from workers.common import archive, correct, load_eval_clips, parity, reference_logits, run_module, top1
 
 FP32_TOL = 1e-4          # max |logit| difference allowed between the reloaded fp32 StableHLO and PyTorch
 BF16_REL_TOL = 5e-2      # bf16 keeps 8 mantissa bits (~4e-3 per rounding); reported against max |logit|, not gated
@@ -81,6 +81,7 @@ def run_target(job: LocalExportJob) -> TargetResult:
         scale = float(np.abs(reference).max())
         variants[name] = {
             "runtime": timing["runtime"], "parity": check, "top1": top1(logits, labels),
+            "correct": correct(logits, labels),
             "latency_ms": timing["latency_ms"], "call_wall_ms": timing["call_wall_ms"],
             "compile_ms": timing["compile_ms"], "export_s": report[name]["export_s"],
             "rel_max_abs_diff": check["max_abs_diff"] / max(scale, 1e-12),
@@ -99,7 +100,7 @@ def run_target(job: LocalExportJob) -> TargetResult:
         reason="" if ok else f"reloaded StableHLO differs from PyTorch by {fp32['parity']['max_abs_diff']:.2e} "
                              f"(> {FP32_TOL})",
         runtime=fp32["runtime"], artifact_uri=str(artifact), artifact_bytes=artifact.stat().st_size,
-        parity=fp32["parity"], top1=fp32["top1"], latency_ms=fp32["latency_ms"],
+        parity=fp32["parity"], top1=fp32["top1"], correct=fp32["correct"], latency_ms=fp32["latency_ms"],
         seconds=time.monotonic() - started, extra={"variants": variants, "pjrt_device": device},
     )
 

@@ -1,11 +1,24 @@
+"""Promotion gates: each fails on its own cause, with its numbers. A candidate must beat answering the majority class
+significantly, and must not be significantly worse than the champion on the same clips (McNemar), while a one-clip
+difference is no reason to keep the old champion."""
+import numpy as np
+
 from vidopt.artifacts import TargetResult
 from vidopt.config import BudgetConfig
-from vidopt.registry import promotion_gates
+from vidopt.registry import Champion, promotion_gates
+from vidopt.stats import pack_correct
+
+CLIPS = "c" * 64   # the sha256 of the eval clip set both were scored on
+
+
+def correct(right: int, n: int = 100) -> str:
+    return pack_correct(np.arange(n) < right)
 
 
 def result(**kw) -> TargetResult:
     base = {"target": "cpu", "status": "ok", "runtime": "onnxruntime", "top1": 0.90, "latency_ms": 2.0,
-            "artifact_bytes": 500_000, "parity": {"argmax_agreement": 1.0}}
+            "artifact_bytes": 500_000, "parity": {"argmax_agreement": 1.0}, "correct": correct(90),
+            "eval_clips": CLIPS}
     return TargetResult(**{**base, **kw})
 
 
@@ -14,24 +27,51 @@ def failed(gates) -> set[str]:
 
 
 def test_a_verified_target_within_budget_and_no_champion_passes_every_gate():
-    gates = promotion_gates(result(), teacher_top1=0.91, budgets=BudgetConfig(), champion_top1=None)
-    assert failed(gates) == set() and {g.name for g in gates} == {"verified", "top1_vs_teacher", "vs_champion"}
+    gates = promotion_gates(result(), teacher_top1=0.91, budgets=BudgetConfig(), champion=None, majority=("a", 0.5))
+    assert failed(gates) == set()
+    assert {g.name for g in gates} == {"verified", "above_majority", "top1_vs_teacher", "vs_champion"}
 
 
 def test_each_gate_fails_on_its_own_cause():
     budgets = BudgetConfig(max_top1_drop=0.02, max_latency_ms=1.5, max_artifact_mb=0.4, min_argmax_agreement=0.99)
-    assert failed(promotion_gates(result(top1=0.88), 0.91, budgets, None)) >= {"top1_vs_teacher"}
+    assert failed(promotion_gates(result(top1=0.88, correct=correct(88)), 0.91, budgets, None)) >= {"top1_vs_teacher"}
     assert failed(promotion_gates(result(), 0.91, budgets, None)) == {"latency", "size"}
     low_agreement = result(parity={"argmax_agreement": 0.95}, latency_ms=1.0, artifact_bytes=100_000)
     assert failed(promotion_gates(low_agreement, 0.91, budgets, None)) == {"verified"}
-    good = result(latency_ms=1.0, artifact_bytes=100_000)
-    assert failed(promotion_gates(good, 0.91, budgets, champion_top1=0.92)) == {"vs_champion"}
-    assert failed(promotion_gates(good, 0.91, budgets, champion_top1=0.90)) == set()
+    floor = BudgetConfig(min_top1=0.95)
+    [gate] = [g for g in promotion_gates(result(), 0.91, floor, None) if g.name == "min_top1"]
+    assert not gate.passed and gate.detail == "90.0%, budget 95.0%"
+
+
+def test_a_model_no_better_than_the_majority_class_is_refused_with_its_numbers():
+    """The tiny profile's case: 1 clip of 13 right, 2 of 13 clips in the most frequent class."""
+    chance = result(top1=1 / 13, correct=correct(1, 13))
+    [gate] = [g for g in promotion_gates(chance, 0.0, BudgetConfig(), None, ("circle", 2 / 13))
+              if g.name == "above_majority"]
+    assert not gate.passed and "vs always answering 'circle' (15.4%)" in gate.detail and "p=" in gate.detail
+    # the real footage's student: 54 of 71 against a 57.7% majority class
+    good = result(top1=54 / 71, correct=correct(54, 71))
+    assert "above_majority" not in failed(promotion_gates(good, 0.56, BudgetConfig(max_top1_drop=1), None,
+                                                          ("normal", 0.577)))
+
+
+def test_the_champion_stays_only_where_the_challenger_is_significantly_worse_on_the_same_clips():
+    champion = Champion("3", 0.92, correct(92), CLIPS)
+    one_clip_worse = result(top1=0.91, correct=correct(91))
+    [gate] = [g for g in promotion_gates(one_clip_worse, 0.91, BudgetConfig(), champion) if g.name == "vs_champion"]
+    assert gate.passed and "not significant" in gate.detail and "same 100 clips" in gate.detail
+    much_worse = result(top1=0.80, correct=correct(80))
+    [gate] = [g for g in promotion_gates(much_worse, 0.80, BudgetConfig(), champion) if g.name == "vs_champion"]
+    assert not gate.passed and "0 clips only this version got right, 12 only the champion" in gate.detail
+    # other clips (new data): the proportions are compared instead
+    elsewhere = Champion("3", 0.92, correct(92), "d" * 64)
+    [gate] = [g for g in promotion_gates(much_worse, 0.80, BudgetConfig(), elsewhere) if g.name == "vs_champion"]
+    assert not gate.passed and "on other clips" in gate.detail
 
 
 def test_a_failed_or_unmeasured_target_is_never_promoted():
-    skipped = result(status="skipped", reason="no TPU pool", top1=None, latency_ms=None)
-    assert failed(promotion_gates(skipped, 0.9, BudgetConfig(max_latency_ms=5), None)) == {
-        "verified", "top1_vs_teacher", "latency"}
+    skipped = result(status="skipped", reason="no TPU pool", top1=None, latency_ms=None, correct="")
+    assert failed(promotion_gates(skipped, 0.9, BudgetConfig(max_latency_ms=5), None, ("a", 0.5))) == {
+        "verified", "above_majority", "top1_vs_teacher", "latency"}
     float_target = result(parity={"max_abs_diff": 1e-6})  # float targets: parity already checked in the worker
     assert failed(promotion_gates(float_target, 0.9, BudgetConfig(), None)) == set()
