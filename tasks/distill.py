@@ -34,7 +34,7 @@ from tasks.common import (
 from tasks.retry import IO_RETRY_DELAYS, only_io_errors
 from tasks.train_teacher import load_trained, training_notes
 from vidopt.artifacts import DatasetArtifact, ModelArtifact
-from vidopt.config import DistillConfig, PipelineConfig
+from vidopt.config import AugmentConfig, DistillConfig, PipelineConfig
 from vidopt.models import StudentArch, build_model
 from vidopt.stages import StageWork, artifact_hash, stage_work
 from vidopt.stats import ALPHA, above_rate, format_top1, majority_rate
@@ -48,6 +48,7 @@ STAGE = "distill"
 
 class Reads(TrainingReads):
     distill: DistillConfig
+    augment: AugmentConfig
 
 
 def student_arch(cfg: PipelineConfig | Reads, num_classes: int) -> StudentArch:
@@ -88,9 +89,11 @@ def run(cfg: PipelineConfig | Reads, dataset: DatasetArtifact, teacher: ModelArt
     job = TrainJob(
         stage=STAGE, store=work.store.spec, run_dir=work.uri, output=work.child("trained.safetensors"), model=start,
         data=FixedClips(clips=train_clips, logits=teacher_logits),
-        objective=Objective(loss="distillation", alpha=alpha, temperature=d.temperature) if teaches
-        else Objective(loss="cross_entropy"),
-        selection=selection(cfg, dataset, STAGE), augment=d.augment, epochs=d.epochs, lr=d.lr,
+        objective=Objective(loss="distillation", alpha=alpha, temperature=d.temperature,
+                            label_smoothing=cfg.augment.label_smoothing) if teaches
+        else Objective(loss="cross_entropy", label_smoothing=cfg.augment.label_smoothing),
+        selection=selection(cfg, dataset, STAGE), augment=d.augment, hflip=cfg.augment.hflip, epochs=d.epochs,
+        lr=d.lr,
         weight_decay=d.weight_decay, patience=d.patience, batch_size=cfg.clips.batch_size, seed=cfg.run.seed,
         placement=placement(cfg))
     result = run_training(job, cfg.train, cfg.ray, logger)

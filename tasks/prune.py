@@ -40,7 +40,7 @@ from tasks.retry import IO_RETRY_DELAYS, only_io_errors
 from tasks.train_teacher import training_notes
 from vidopt.artifacts import DatasetArtifact, ModelArtifact
 from vidopt.checkpoint import load_model_dir
-from vidopt.config import DistillConfig, PipelineConfig, PruneConfig
+from vidopt.config import AugmentConfig, DistillConfig, PipelineConfig, PruneConfig
 from vidopt.distillation import distillation_loss
 from vidopt.metrics import count_macs
 from vidopt.models import Student, StudentArch, build_model, student_arch_of
@@ -151,6 +151,7 @@ def weight_sparsity(model: nn.Module) -> float:
 class Reads(TrainingReads):
     prune: PruneConfig
     distill: DistillConfig   # the fine-tune's temperature, augmentation, weight decay, patience; the fixed clips
+    augment: AugmentConfig
 
 
 def work_dir(cfg: PipelineConfig | Reads, dataset: DatasetArtifact, student: ModelArtifact,
@@ -202,9 +203,10 @@ def run(cfg: PipelineConfig | Reads, dataset: DatasetArtifact, student: ModelArt
             stage=stage, store=work.store.spec, run_dir=work.uri, checkpoint_name=name,
             output=work.child(f"{name}.safetensors"), model=spec,
             data=FixedClips(clips=train_clips, logits=train_logits),
-            objective=Objective(loss="distillation", alpha=p.alpha, temperature=d.temperature), selection=choose,
-            augment=d.augment, epochs=epochs, lr=p.lr, weight_decay=d.weight_decay, patience=d.patience,
-            maximize=False, batch_size=batch, seed=cfg.run.seed, placement=placement(cfg))
+            objective=Objective(loss="distillation", alpha=p.alpha, temperature=d.temperature,
+                                label_smoothing=cfg.augment.label_smoothing), selection=choose,
+            augment=d.augment, hflip=cfg.augment.hflip, epochs=epochs, lr=p.lr, weight_decay=d.weight_decay,
+            patience=d.patience, maximize=False, batch_size=batch, seed=cfg.run.seed, placement=placement(cfg))
         result = run_training(job, cfg.train, cfg.ray, logger)
         model.load_state_dict(load_file(str(work.store.get_file(result.weights))))
         return result.model_dump()

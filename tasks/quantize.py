@@ -40,7 +40,7 @@ from tasks.common import (
 from tasks.retry import IO_RETRY_DELAYS, only_io_errors
 from vidopt.artifacts import DatasetArtifact, ModelArtifact
 from vidopt.checkpoint import load_model_dir
-from vidopt.config import BudgetConfig, DistillConfig, PipelineConfig, QuantizeConfig
+from vidopt.config import AugmentConfig, BudgetConfig, DistillConfig, PipelineConfig, QuantizeConfig
 from vidopt.distillation import ClipSet
 from vidopt.metrics import count_macs, count_params, top1, top1_per_video
 from vidopt.models import StudentArch
@@ -70,6 +70,7 @@ class QuantizeError(RuntimeError):
 class Reads(TrainingReads):
     quantize: QuantizeConfig
     distill: DistillConfig   # the QAT loss (alpha, temperature, augmentation) and the fixed training clips
+    augment: AugmentConfig
     budgets: BudgetConfig    # min_argmax_agreement decides which int8 forms may be kept
 
 
@@ -237,10 +238,11 @@ def qat_finetune(student: nn.Module, arch: StudentArch, train: FileRef, dataset:
         stage="qat", store=work.store.spec, run_dir=work.uri, checkpoint_name="qat_last",
         output=work.child("qat.safetensors"), model=start.model_copy(update={"qat": True}),
         data=FixedClips(clips=train, logits=fp32_logits),
-        objective=Objective(loss="distillation", alpha=d.alpha, temperature=d.temperature),
-        selection=selection(cfg, dataset, "quantize"), augment=d.augment, epochs=q.qat_epochs, lr=q.qat_lr,
-        weight_decay=d.weight_decay, patience=q.qat_epochs, batch_size=cfg.clips.batch_size, seed=cfg.run.seed,
-        placement=placement(cfg))
+        objective=Objective(loss="distillation", alpha=d.alpha, temperature=d.temperature,
+                            label_smoothing=cfg.augment.label_smoothing),
+        selection=selection(cfg, dataset, "quantize"), augment=d.augment, hflip=cfg.augment.hflip,
+        epochs=q.qat_epochs, lr=q.qat_lr, weight_decay=d.weight_decay, patience=q.qat_epochs,
+        batch_size=cfg.clips.batch_size, seed=cfg.run.seed, placement=placement(cfg))
     result = run_training(job, cfg.train, cfg.ray, logger)
     tuned = copy.deepcopy(student)
     tuned.load_state_dict(load_file(str(work.store.get_file(result.weights))))  # strict: every weight comes back

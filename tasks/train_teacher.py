@@ -31,7 +31,7 @@ from tasks.common import (
 from tasks.retry import IO_RETRY_DELAYS, only_io_errors
 from vidopt.artifacts import DatasetArtifact, ModelArtifact
 from vidopt.checkpoint import load_state_dict_uri
-from vidopt.config import PipelineConfig, TeacherConfig
+from vidopt.config import AugmentConfig, PipelineConfig, TeacherConfig
 from vidopt.models import TeacherArch, build_model
 from vidopt.stages import StageWork, artifact_hash, stage_work
 from vidopt.storage import is_s3, sha256_file
@@ -46,6 +46,7 @@ STAGE = "train_teacher"
 
 class Reads(TrainingReads):
     teacher: TeacherConfig
+    augment: AugmentConfig
 
 
 def work_dir(cfg: PipelineConfig | Reads, dataset: DatasetArtifact) -> StageWork:
@@ -74,8 +75,10 @@ def run(cfg: PipelineConfig | Reads, dataset: DatasetArtifact, logger=None) -> M
         data=VideoClips(manifest=FileRef(uri=dataset.manifest_uri, sha256=dataset.manifest_sha256),
                         classes=dataset.classes, clips=cfg.clips, source_endpoint_url=dataset.source_endpoint_url,
                         source_region=dataset.source_region),
-        objective=Objective(loss="cross_entropy"), selection=selection(cfg, dataset, STAGE), augment=t.augment,
-        epochs=t.epochs, lr=t.lr, weight_decay=t.weight_decay, patience=t.patience,
+        objective=Objective(loss="cross_entropy", label_smoothing=cfg.augment.label_smoothing),
+        selection=selection(cfg, dataset, STAGE), augment=t.augment, hflip=cfg.augment.hflip,
+        epochs=t.epochs, lr=t.lr, backbone_lr_scale=t.backbone_lr_scale, weight_decay=t.weight_decay,
+        patience=t.patience,
         batch_size=cfg.clips.batch_size, seed=cfg.run.seed, placement=placement(cfg, cpu_precision=t.precision))
     log.info("%s: %s width %.3g, %d classes, %d train / %d val videos, work in %s", STAGE, t.arch, t.width,
              arch.num_classes, len(train_rows), len(val_rows), work.uri)
@@ -101,23 +104,44 @@ def training_notes(result) -> dict[str, str]:
 
 
 def load_init(model: nn.Module, uri: str) -> str:
-    """Start from a state_dict: every key whose name and shape match is loaded; the rest (the classifier `fc` when the
-    class count differs, or layers of another width) keep their fresh initialisation. Returns a one-line summary."""
+    """Start from a state_dict: every key whose name and shape match is loaded, an RGB stem adapted to a stem that
+    also reads frame differences; the classifier `fc` stays fresh when the class count differs. Any other tensor of
+    another shape is an error (it would stay random unnoticed). Returns a one-line summary."""
     source = load_state_dict_uri(uri)
     source = {k.removeprefix("module."): v for k, v in source.items()}  # DataParallel / DDP checkpoints
     own = model.state_dict()
+    adapted = [k for k, v in source.items() if k in own and _frame_difference_stem(v, own[k])]
+    # an RGB stem for a stem that also reads frame differences ([O, 3, ...] -> [O, 6, ...]): its weights on the
+    # frames, zeros on the differences, so the model starts as exactly the pretrained one and learns the rest
+    source.update({k: torch.cat([source[k], torch.zeros_like(source[k])], dim=1) for k in adapted})
     matched = {k: v for k, v in source.items() if k in own and tuple(v.shape) == tuple(own[k].shape)}
     if not matched:
         raise ValueError(f"{STAGE}: teacher.init {uri}: no parameter matches the {type(model).__name__} being trained "
                          f"(names or shapes differ: check teacher.arch and teacher.width); e.g. it has "
                          f"{sorted(source)[:3]}, the model expects {sorted(own)[:3]}")
+    # the classifier is replaced where the classes differ; any other tensor of another shape would silently stay
+    # random, so it is an error that says what to change
+    mismatched = sorted(k for k in source if k in own and k not in matched and not k.startswith("fc."))
+    if mismatched:
+        first = mismatched[0]
+        raise ValueError(f"{STAGE}: teacher.init {uri}: {len(mismatched)} tensors have other shapes than the "
+                         f"{type(model).__name__} being trained (e.g. {first}: {tuple(source[first].shape)} vs "
+                         f"{tuple(own[first].shape)}); check teacher.arch and teacher.width (1.0 for published "
+                         "weights)")
     model.load_state_dict(matched, strict=False)
     fresh = sorted(k for k in own if k not in matched)
     summary = f"loaded {len(matched)}/{len(own)} tensors from {uri}; fresh: {_short(fresh)}"
+    if adapted:
+        summary += f"; RGB stem adapted to frame differences (zero weights on them): {', '.join(adapted)}"
     log.info("%s: teacher.init %s", STAGE, summary)
     if any(k.startswith("fc.") for k in fresh):
         log.info("%s: teacher.init: classifier replaced (the checkpoint has other classes)", STAGE)
     return summary
+
+
+def _frame_difference_stem(checkpoint: torch.Tensor, own: torch.Tensor) -> bool:
+    return (checkpoint.dim() >= 3 and own.dim() == checkpoint.dim() and own.shape[1] == 2 * checkpoint.shape[1]
+            and own.shape[0] == checkpoint.shape[0] and own.shape[2:] == checkpoint.shape[2:])
 
 
 def _short(keys: list[str], limit: int = 8) -> str:

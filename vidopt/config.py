@@ -47,12 +47,16 @@ class DataConfig(Section):
 
 class ClipConfig(Section):
     runtime_only = frozenset({"loader_workers", "memory_cache_mb"})  # the same clips, decoded in other processes
-    frames: int = 16                     # T: frames per clip
-    stride: int = 1                      # frame step inside a training clip
-    height: int = 112
-    width: int = 112
-    eval_clips_per_video: int = 1        # uniformly spaced clips per video at evaluation
-    batch_size: int = 8
+    frames: int = Field(16, ge=1)        # T: frames per clip
+    stride: int = Field(1, ge=1)         # frame step inside a clip (when `seconds` is None)
+    seconds: float | None = Field(None, gt=0)  # a clip spans this many seconds of every video, whatever its frame
+    #                                      rate (the step follows each video's fps); None: `stride` frames
+    height: int = Field(112, ge=1)
+    width: int = Field(112, ge=1)
+    resize: Literal["crop", "squash"] = "crop"  # crop: scale keeping the aspect ratio, then the centre (a random
+    #                                      window while training); squash: scale each side to fit
+    eval_clips_per_video: int = Field(1, ge=1)  # uniformly spaced clips per video at evaluation
+    batch_size: int = Field(8, ge=1)
     loader_workers: int = 2              # DataLoader processes decoding clips
     memory_cache_mb: int = Field(512, ge=0)  # training videos decoded once into memory when they fit in this;
     #   the demo's 448 videos (32 frames, 64x64) take 176 MB, and its teacher epoch fell from ~19 s to ~14 s
@@ -70,6 +74,8 @@ class TeacherConfig(Section):
     init: str | None = None              # state_dict to start from: a path or s3:// URI (.pt or .safetensors), or
     #   torchvision:<weights name> (e.g. torchvision:R2Plus1D_18_Weights.KINETICS400_V1; teacher.width 1.0), fetched
     #   into torch hub's cache where the machine reaches download.pytorch.org
+    backbone_lr_scale: float = Field(1.0, gt=0, le=1)  # the share of `lr` every layer but the classifier trains at:
+    #                                      0.1 fine-tunes published weights (teacher.init) without washing them out
     epochs: int = Field(12, ge=0)        # 0: no training (the initial or `init` weights as they are)
     lr: float = 1e-3                     # AdamW peak of the one-cycle schedule (vidopt/training.py). 3e-3 never
     #   left chance on the demo data (r3d_18 w0.25 from scratch, 800 steps); 1e-3 reached 90% test top-1 in 400 steps
@@ -79,6 +85,15 @@ class TeacherConfig(Section):
     #   weights (vidopt/training.py Bf16Forward); auto: bf16 where the CPU has AMX. 2-core AMX Xeon, demo: epochs
     #   2.9 s against 5.1, but test top-1 over seeds 0, 1, 2 82.2% (stopped early), 93.9%, 91.4% against fp32's
     #   94.9%, 91.4%, 92.9%: faster, noisier, so not the default. The students stay float32: their steps gain 1.4x
+
+
+class AugmentConfig(Section):
+    """How every training stage augments its clips, when the stage augments at all (teacher.augment, distill.augment)
+    and how its labels are weighed: chosen per dataset, since only some transforms keep a dataset's labels."""
+    hflip: bool = False                  # mirror half the clips: only where a mirror image keeps the label (not
+    #                                      for the sample data, whose classes are directions: left vs right)
+    label_smoothing: float = Field(0.0, ge=0, lt=1)  # of the cross-entropy with the labels; 0.1 is the usual
+    #                                      choice for a few hundred real clips, where labels are noisy
 
 
 class DistillConfig(Section):
@@ -279,6 +294,7 @@ class PipelineConfig(Section):
     data: DataConfig = Field(default_factory=DataConfig)
     clips: ClipConfig = Field(default_factory=ClipConfig)
     teacher: TeacherConfig = Field(default_factory=TeacherConfig)
+    augment: AugmentConfig = Field(default_factory=AugmentConfig)
     distill: DistillConfig = Field(default_factory=DistillConfig)
     prune: PruneConfig = Field(default_factory=PruneConfig)
     quantize: QuantizeConfig = Field(default_factory=QuantizeConfig)

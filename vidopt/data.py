@@ -59,10 +59,14 @@ def sample_clip_indices(
     """Frame indices of one clip of `frames` frames, `stride` apart.
 
     Training: a random offset. Evaluation: clip `clip` of `clips` windows spaced uniformly over the video (one clip:
-    the centre). The stride shrinks for videos too short to hold the full span, so every clip has `frames` frames.
+    the centre). The stride shrinks for videos too short to hold the full span, so every clip has `frames` frames; a
+    video with fewer frames than that is padded by repeating its last frame (ingestion quarantines videos shorter
+    than data.min_frames).
     """
+    if num_frames < 1:
+        raise ValueError(f"video has {num_frames} frames")
     if num_frames < frames:
-        raise ValueError(f"video has {num_frames} frames, a clip needs {frames}")
+        return list(range(num_frames)) + [num_frames - 1] * (frames - num_frames)
     stride = max(1, min(stride, (num_frames - 1) // max(frames - 1, 1)))
     span = (frames - 1) * stride + 1
     room = num_frames - span
@@ -71,6 +75,33 @@ def sample_clip_indices(
     else:
         start = int(round(room * (clip + 0.5) / clips))
     return list(range(start, start + span, stride))
+
+
+def clip_stride(row: dict, clips: ClipConfig) -> int:
+    """Frames between a clip's frames in this video: clips.stride, or, with clips.seconds, what spans that many
+    seconds at the video's frame rate (10 and 30 fps cameras show the model the same stretch of time)."""
+    if clips.seconds is None or not row.get("fps"):
+        return clips.stride
+    return max(1, round(clips.seconds * row["fps"] / max(clips.frames - 1, 1)))
+
+
+def decode_size(row: dict, clips: ClipConfig) -> tuple[int, int]:
+    """(height, width) to decode a video at: the clip size itself with clips.resize "squash"; with "crop", the video
+    scaled (aspect ratio kept) to just cover the clip size, a crop of which the clip then is."""
+    if clips.resize == "squash" or not row.get("width") or not row.get("height"):
+        return clips.height, clips.width
+    scale = max(clips.height / row["height"], clips.width / row["width"])
+    return max(clips.height, round(row["height"] * scale)), max(clips.width, round(row["width"] * scale))
+
+
+def crop_to_clip(frames, clips: ClipConfig, rng: np.random.Generator | None = None):
+    """[T, h, w, C] decoded at decode_size -> [T, H, W, C]: the centre, or a random window when training (rng)."""
+    room_h, room_w = frames.shape[1] - clips.height, frames.shape[2] - clips.width
+    if room_h == room_w == 0:
+        return frames
+    top = int(rng.integers(0, room_h + 1)) if rng is not None else room_h // 2
+    left = int(rng.integers(0, room_w + 1)) if rng is not None else room_w // 2
+    return frames[:, top:top + clips.height, left:left + clips.width]
 
 
 def _import_torch():
@@ -99,7 +130,7 @@ class FrameStore:
 
     @staticmethod
     def nbytes(rows: list[dict], clips: ClipConfig) -> int:
-        return sum(r["num_frames"] for r in rows) * clips.height * clips.width * 3
+        return sum(r["num_frames"] * int(np.prod(decode_size(r, clips))) * 3 for r in rows)
 
     @classmethod
     def decode_if_fits(cls, rows: list[dict], clips: ClipConfig) -> FrameStore | None:
@@ -108,9 +139,8 @@ class FrameStore:
         from vidopt.video import read_frames
 
         torch = _import_torch()
-        size = (clips.height, clips.width)
-        return cls([torch.from_numpy(read_frames(r["path"], range(r["num_frames"]), decoder=r["decoder"], size=size))
-                    for r in rows])
+        return cls([torch.from_numpy(read_frames(r["path"], range(r["num_frames"]), decoder=r["decoder"],
+                                                 size=decode_size(r, clips))) for r in rows])
 
 
 class ClipDataset:
@@ -139,11 +169,12 @@ class ClipDataset:
         video, clip = divmod(item, self.per_video)
         row = self.rows[video]
         rng = np.random.default_rng([self.seed, self.epoch, item]) if self.train else None
-        indices = sample_clip_indices(row["num_frames"], self.clips.frames, self.clips.stride,
+        indices = sample_clip_indices(row["num_frames"], self.clips.frames, clip_stride(row, self.clips),
                                       train=self.train, rng=rng, clip=clip, clips=self.per_video)
         if self.store is not None:
-            frames = self.store.videos[video][indices]  # [T, H, W, C] uint8
+            frames = self.store.videos[video][indices]  # [T, h, w, C] uint8
         else:
             frames = torch.from_numpy(read_frames(row["path"], indices, decoder=row["decoder"],
-                                                  size=(self.clips.height, self.clips.width)))  # [T, H, W, C] uint8
+                                                  size=decode_size(row, self.clips)))  # [T, h, w, C] uint8
+        frames = crop_to_clip(frames, self.clips, rng)   # [T, H, W, C]
         return (normalise_clips(frames) if self.normalise else frames), self.class_index[row["label"]], video

@@ -18,12 +18,12 @@ from vidopt.storage import atomic_path
 
 
 def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor,
-                      alpha: float, temperature: float) -> torch.Tensor:
+                      alpha: float, temperature: float, label_smoothing: float = 0.0) -> torch.Tensor:
     """alpha * CE(labels) + (1 - alpha) * T^2 * KL(softmax(teacher / T) || softmax(student / T)).
 
     T^2 keeps the soft term's gradient scale independent of T (Hinton et al., 2015).
     """
-    hard = F.cross_entropy(student_logits, labels)
+    hard = F.cross_entropy(student_logits, labels, label_smoothing=label_smoothing)
     soft = F.kl_div(F.log_softmax(student_logits / temperature, dim=1), F.log_softmax(teacher_logits / temperature, dim=1),
                     reduction="batchmean", log_target=True)
     return alpha * hard + (1 - alpha) * temperature**2 * soft

@@ -41,10 +41,10 @@ class ShardedBatches:
     workers trains on exactly what one worker would."""
 
     def __init__(self, n: int, batch_size: int, seed: int, rank: int, world: int, augment: bool,
-                 fetch, pin: bool = False, dataloader_order: bool = False):
+                 fetch, pin: bool = False, dataloader_order: bool = False, hflip: bool = False):
         self.n, self.batch_size, self.seed, self.rank, self.world = n, batch_size, seed, rank, world
         self.augment, self.fetch, self.pin, self.epoch = augment, fetch, pin, 0
-        self.dataloader_order = dataloader_order
+        self.dataloader_order, self.hflip = dataloader_order, hflip
 
     def start_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -63,7 +63,7 @@ class ShardedBatches:
             params = None
             if self.augment:   # drawn for the whole global batch, in the order one worker would draw them
                 params = shard_augmentation(draw_augmentation(len(batch), 3, clips.shape[2], clips.shape[3],
-                                                              generator), rows)
+                                                              generator, self.hflip), rows)
             if self.pin:
                 clips = clips.pin_memory()
             yield clips, labels, extra, torch.tensor(len(clips) * self.world / len(batch)), params

@@ -62,6 +62,7 @@ class Objective(Record):
     loss: Literal["cross_entropy", "distillation"]
     alpha: float = 1.0                   # distillation: weight of CE(labels); 1 - alpha weighs T^2 * KL
     temperature: float = 1.0
+    label_smoothing: float = 0.0         # of the cross-entropy with the labels
 
 
 class Selection(Record):
@@ -93,8 +94,10 @@ class TrainJob(Record):
     objective: Objective
     selection: Selection
     augment: bool = False                # colour / brightness / shift per clip (vidopt/augment.py)
+    hflip: bool = False                  # ... and mirror half of them
     epochs: int
     lr: float
+    backbone_lr_scale: float = 1.0       # every layer but the classifier (`fc.`) at this share of lr
     weight_decay: float
     patience: int
     maximize: bool = True                # False: the selection score is a loss
@@ -202,7 +205,8 @@ def run_train_job(job: TrainJob, checkpoint: CheckpointIO | None = None, rank: i
     score_fn = _score_fn(job, store, device)
     spec = FitSpec(epochs=job.epochs, lr=job.lr, weight_decay=job.weight_decay, patience=job.patience,
                    stage=job.stage, channels_last=True, score_name=job.selection.name, maximize=job.maximize,
-                   precision=precision)
+                   precision=precision,
+                   head_lr_only=("fc.", job.backbone_lr_scale) if job.backbone_lr_scale != 1.0 else None)
     if checkpoint is None:
         checkpoint = FileCheckpoint(local_checkpoint_path(job, store))
     on_epoch_start = _qat_epoch_hook(model, batches) if job.model.qat else batches.start_epoch
@@ -279,7 +283,7 @@ def _batches(job: TrainJob, store: ArtifactStore, rank: int, world: int, device:
             if job.data.logits else None
         fetch = fixed_clip_fetch(saved, logits)
         n = len(saved["labels"])
-        return ShardedBatches(n, job.batch_size, job.seed, rank, world, job.augment, fetch, pin)
+        return ShardedBatches(n, job.batch_size, job.seed, rank, world, job.augment, fetch, pin, hflip=job.hflip)
     data = job.data
     rows = [json.loads(line) for line in store.get_file(data.manifest).read_text().splitlines() if line.strip()]
     rows = [r for r in rows if r["split"] == data.split]
@@ -289,7 +293,7 @@ def _batches(job: TrainJob, store: ArtifactStore, rank: int, world: int, device:
     fetch = video_clip_fetch(rows, data.classes, data.clips, job.seed, job.placement.loader_workers,
                              job.placement.prefetch_batches, lambda: holder[0].epoch)
     holder.append(ShardedBatches(len(rows), job.batch_size, job.seed, rank, world, job.augment, fetch,
-                                 pin=False, dataloader_order=True))   # the DataLoader pins
+                                 pin=False, dataloader_order=True, hflip=job.hflip))   # the DataLoader pins
     return holder[0]
 
 
@@ -303,9 +307,10 @@ def _loss_fn(job: TrainJob):
             x = apply_augmentation(x, params)
         logits = model(x)
         if objective.loss == "cross_entropy":
-            value = nn.functional.cross_entropy(logits, labels)
+            value = nn.functional.cross_entropy(logits, labels, label_smoothing=objective.label_smoothing)
         else:
-            value = distillation_loss(logits, extra, labels, objective.alpha, objective.temperature)
+            value = distillation_loss(logits, extra, labels, objective.alpha, objective.temperature,
+                                      objective.label_smoothing)
         return value * share
     return loss
 

@@ -61,6 +61,7 @@ class FitSpec:
     channels_last: bool = False    # train with conv weights in channels-last order (see conv_layout)
     score_name: str = "val_top1"   # what score_fn measures: logged as <stage>.<score_name>
     maximize: bool = True          # False: score_fn returns a loss, and the lowest is best
+    head_lr_only: tuple[str, float] | None = None  # (classifier name prefix, share of lr for every other layer)
     precision: Precision = "fp32"  # forward passes under autocast to this type on the training device (Autocast);
     #                                fp16 also scales the loss (GradScaler), as its gradients underflow otherwise
 
@@ -93,8 +94,9 @@ def fit(model: nn.Module, loss_fn: LossFn, train_batches: Iterable, score_fn: Ca
     if spec.precision != "fp32":
         log.info("%s: forward passes in %s autocast (weights, gradients and loss in float32)", spec.stage,
                  spec.precision)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=spec.lr, weight_decay=spec.weight_decay)
-    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=spec.lr, epochs=spec.epochs,
+    groups, peaks = _param_groups(model, spec)
+    optimizer = torch.optim.AdamW(groups, lr=spec.lr, weight_decay=spec.weight_decay)
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=peaks, epochs=spec.epochs,
                                                     steps_per_epoch=max(1, len(train_batches)),
                                                     pct_start=WARMUP_FRACTION)
     device_type = (device or next(model.parameters()).device).type
@@ -166,6 +168,16 @@ def fit(model: nn.Module, loss_fn: LossFn, train_batches: Iterable, score_fn: Ca
         conv_layout(model, channels_last=False)  # the model leaves as it came: safetensors saves contiguous tensors
     return {"best_score": state["best_score"], "best_epoch": state["best_epoch"], "epochs_run": state["epoch"],
             "resumed_from": resumed_from, "history": state["history"]}
+
+
+def _param_groups(model: nn.Module, spec: FitSpec) -> tuple[list[dict], list[float]]:
+    """One group at spec.lr, or, with head_lr_only, the classifier at spec.lr and the rest at its share of it."""
+    if spec.head_lr_only is None:
+        return [{"params": list(model.parameters())}], [spec.lr]
+    prefix, share = spec.head_lr_only
+    head = [p for name, p in model.named_parameters() if name.startswith(prefix)]
+    rest = [p for name, p in model.named_parameters() if not name.startswith(prefix)]
+    return [{"params": rest}, {"params": head}], [spec.lr * share, spec.lr]
 
 
 def bf16_training(precision: str) -> bool:

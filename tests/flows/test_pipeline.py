@@ -57,6 +57,12 @@ def test_pipeline_runs_every_stage_and_tracks_it_in_mlflow(prefect_server, tiny_
     [decision] = result["registry"]
     assert decision["version"] == version.version and decision["gates"]
     assert version.tags["promoted"] == str(decision["champion"]).lower()
+    # The tiny profile's models are at chance: registered, refused, and the registry says why with its numbers.
+    gates = {g["name"]: g for g in decision["gates"]}
+    assert not decision["champion"] and not gates["above_majority"]["passed"]
+    assert "above_majority" in decision["reason"] and "vs always answering" in gates["above_majority"]["detail"]
+    assert version.tags["gate.above_majority"].startswith("fail: ")
+    assert "95% CI" in gates["above_majority"]["detail"] and version.tags["top1_ci"]
     report = stage_runs["report"]
     assert {a.path for a in client.list_artifacts(report.info.run_id, "report")} >= {"report/report.html",
                                                                                       "report/pareto.png"}
@@ -68,6 +74,8 @@ def test_pipeline_runs_every_stage_and_tracks_it_in_mlflow(prefect_server, tiny_
     for row in ("teacher", "student", "pruned", "int8", "cpu"):
         assert f"\n{row} " in table
     assert "vidopt-cpu" in table and f"report: {result['report']['html_uri']}" in table
+    assert "above_majority: FAIL" in table                     # the refusal, in the run summary too
+    assert "The teacher did not teach" in table and "95% CI" in table   # and the report's headline and intervals
     int8 = result["ladder"]["int8"]["metrics"]  # the int8 row shows both speed-ups the quantize stage measured
     assert f"{int8['speedup.b1.t1']:.2f}x vs fp32" in table
     assert f"quietest rounds {int8['speedup_quietest.b1.t1']:.2f}x)" in table

@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
+from safetensors.torch import load_file
 
 from tasks import common, distill, ingest, train_teacher
 from tests.tasks.test_train_teacher import capture_saved_logits, check_model_dir
@@ -147,3 +148,22 @@ def test_distill_killed_mid_training_resumes_from_its_checkpoint(upstream, sampl
     metrics = json.loads((work / "model" / "metrics.json").read_text())
     assert metrics["epochs_run"] == epochs and "val_top1_clip" in metrics and "test_top1_gap_to_teacher" in metrics
     assert len(re.findall(r"distill: epoch \d+/", output)) == epochs - killed_after  # only the rest ran
+
+
+def test_a_teacher_at_chance_does_not_teach(sample_dir, tiny_cfg, monkeypatch):
+    """teacher.epochs=0 leaves the teacher at its random start: distillation falls back to the labels, and the
+    student is the one a labels-only recipe trains (alpha 1: the teacher's term weighs nothing), weight for weight."""
+    cfg = tiny_cfg(f"data.source={sample_dir}", *FAST, "teacher.epochs=0", "distill.epochs=2")
+    dataset = ingest.run(cfg)
+    teacher = train_teacher.run(cfg, dataset)
+    fallback = distill.run(cfg, dataset, teacher)
+    assert "not significantly better" in fallback.notes["teacher_check"]
+    assert "labels only" in fallback.notes["distillation"]
+
+    monkeypatch.setattr(distill, "teacher_check", lambda teacher, dataset: (True, "forced to teach"))
+    labels_only = distill.run(tiny_cfg(f"data.source={sample_dir}", *FAST, "teacher.epochs=0", "distill.epochs=2",
+                                       "distill.alpha=1.0"), dataset, teacher)
+    assert "labels only" not in labels_only.notes["distillation"]
+    assert labels_only.metrics["test_top1_clip"] == fallback.metrics["test_top1_clip"]
+    a, b = (load_file(Path(s.uri) / "weights.safetensors") for s in (fallback, labels_only))
+    assert max(float((a[k].float() - b[k].float()).abs().max()) for k in a) < 1e-6

@@ -213,3 +213,21 @@ def test_teacher_init_takes_torchvision_weights_by_name_from_torch_hubs_cache(tm
     monkeypatch.delenv("NO_PROXY", raising=False)
     with pytest.raises(RuntimeError, match=re.escape(str(cached.parent))):
         train_teacher.load_init(teacher, TORCHVISION_WEIGHTS + name)
+
+
+def test_an_rgb_checkpoint_starts_a_frame_difference_teacher_as_exactly_itself(tmp_path):
+    """teacher.frame_differences makes the stem read 6 planes: the checkpoint's RGB stem goes on the frames, zeros on
+    the differences, so before training the teacher computes what the published model does."""
+    torch.manual_seed(0)
+    rgb = build_model(TeacherArch(arch="r3d_18", width=0.125, num_classes=4)).eval()
+    init = tmp_path / "rgb.pt"
+    torch.save(rgb.state_dict(), init)
+    teacher = build_model(TeacherArch(arch="r3d_18", width=0.125, num_classes=4, frame_differences=True)).eval()
+    summary = train_teacher.load_init(teacher, str(init))
+    assert "RGB stem adapted to frame differences" in summary and summary.startswith("loaded ")
+    x = torch.randn(2, 3, 4, 16, 16)
+    with torch.no_grad():
+        assert torch.allclose(teacher(x), rgb(x), atol=1e-5)
+    wider = build_model(TeacherArch(arch="r3d_18", width=0.25, num_classes=4))
+    with pytest.raises(ValueError, match="other shapes .* check teacher.arch and teacher.width"):
+        train_teacher.load_init(wider, str(init))

@@ -28,3 +28,18 @@ def test_same_seed_same_augmentation():
     b = augment_clips(x, torch.Generator().manual_seed(7))
     c = augment_clips(x, torch.Generator().manual_seed(8))
     assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_hflip_mirrors_the_clips_it_draws_and_changes_nothing_else():
+    import torch
+
+    from vidopt.augment import apply_augmentation, draw_augmentation
+
+    x = torch.randn(6, 3, 2, 8, 8, generator=torch.Generator().manual_seed(0))
+    plain = draw_augmentation(6, 3, 8, 8, torch.Generator().manual_seed(1))
+    flipping = draw_augmentation(6, 3, 8, 8, torch.Generator().manual_seed(1), hflip=True)
+    assert all(torch.equal(plain[k], flipping[k]) for k in plain)   # the other draws are unchanged
+    flip = flipping["flip"]
+    assert 0 < int(flip.sum()) < 6
+    out, reference = apply_augmentation(x, flipping), apply_augmentation(x, plain)
+    assert torch.equal(out[flip], reference[flip].flip(-1)) and torch.equal(out[~flip], reference[~flip])

@@ -104,3 +104,46 @@ def test_training_videos_that_fit_in_memory_are_decoded_once_with_the_same_clips
             assert torch.equal(streamed[item][0], cached[item][0])  # same window, same pixels
     small = cfg.clips.model_copy(update={"memory_cache_mb": 0})
     assert FrameStore.decode_if_fits(rows, small) is None  # too big for the budget: streamed from the files
+
+
+def test_short_videos_are_padded_with_their_last_frame_and_clips_span_seconds_at_any_frame_rate():
+    from vidopt.config import ClipConfig
+    from vidopt.data import clip_stride, sample_clip_indices
+
+    assert sample_clip_indices(5, 8, 2, train=False) == [0, 1, 2, 3, 4, 4, 4, 4]
+    assert sample_clip_indices(5, 8, 2, train=True, rng=np.random.default_rng(0)) == [0, 1, 2, 3, 4, 4, 4, 4]
+    clips = ClipConfig(frames=8, seconds=1.4)
+    assert [clip_stride({"fps": fps}, clips) for fps in (10, 30)] == [2, 6]   # 1.4 s either way
+    assert clip_stride({"fps": 30}, ClipConfig(frames=8, stride=3)) == 3      # no seconds: the stride as set
+
+
+def test_a_wide_video_is_scaled_with_its_aspect_kept_then_cropped(tmp_path):
+    """A 48x80 video for 32x32 clips: decoded at 32x53, the centre 32x32 taken at evaluation, a random window of
+    that size in training; `squash` scales each side instead."""
+    import torch
+
+    from vidopt.config import ClipConfig
+    from vidopt.data import ClipDataset, decode_size
+    from vidopt.sample_data import SampleSpec, generate_dataset
+    from vidopt.video import probe_video, read_frames
+
+    generate_dataset(tmp_path, SampleSpec(videos_per_class=1, frames=16, height=48, width=80, classes=["left"]),
+                     workers=1)
+    path = next(tmp_path.rglob("*.mp4"))
+    probe = probe_video(path)
+    row = {"path": str(path), "label": "left", "decoder": "pyav", **probe.to_dict()}
+    clips = ClipConfig(frames=4, stride=2, height=32, width=32, eval_clips_per_video=1)
+    assert decode_size(row, clips) == (32, 53)
+    assert decode_size(row, clips.model_copy(update={"resize": "squash"})) == (32, 32)
+    evaluated = ClipDataset([row], ["left"], clips, train=False, normalise=False)[0][0]
+    centre = sample_clip_indices(probe.num_frames, 4, 2, train=False)
+    whole = read_frames(path, centre, size=(32, 53))
+    assert evaluated.shape == (4, 32, 32, 3) and torch.equal(evaluated, torch.from_numpy(whole[:, :, 10:42]))
+    trained = ClipDataset([row], ["left"], clips, train=True, normalise=False)
+    windows = set()
+    for epoch in range(6):
+        trained.epoch = epoch
+        clip = trained[0][0]
+        assert clip.shape == (4, 32, 32, 3)
+        windows.add(tuple(clip[0, 0, :, 0].tolist()))
+    assert len(windows) > 1   # the window moves from epoch to epoch

@@ -51,7 +51,7 @@ PLAIN, IN_PROCESS, RAY_TRAIN = "plain PyTorch", "vidopt in-process", "vidopt Ray
 
 def clips_per_epoch(n: int, batch_size: int, world: int) -> int:
     """Clips all ranks together train on per epoch, exactly: every global batch but one smaller than the world, which
-    ShardedBatches skips on every rank (vidopt/shards.py shard). Rank 0's `clips` times the world would miscount an uneven
+    ShardedBatches skips on every rank (shards.shard). Rank 0's `clips` times the world would miscount an uneven
     last batch (ranks' shares differ by one)."""
     return sum(len(b) for b in global_batches(n, batch_size, seed=0) if shard(b, 0, world) is not None)
 
