@@ -3,6 +3,7 @@
     vidopt run [--profile demo] [key.sub=value ...]      run the pipeline flow (local Prefect, MLflow in the project dir)
     vidopt data sample --out DIR [--profile demo] [...]  write the labeled sample dataset as H.264 mp4 files
     vidopt bench decode DIR [...]                        clip-sampling throughput of decord vs PyAV
+    vidopt bench ingest DIR [...]                        ingestion's per-file inspection: one PyAV pass vs two
     vidopt bench ladder [--project-dir .vidopt] [...]    latency / size / top-1 of teacher, student, pruned, int8
     vidopt bench export --stage-dir DIR                  each export target alone vs all at once on the pools
     vidopt bench rerun [--profile tiny]                  cold run vs unchanged re-run vs a quantize-only change
@@ -68,17 +69,17 @@ def cmd_sample(args: argparse.Namespace) -> int:
     return 0
 
 
-BENCHES = ("decode", "ladder", "export", "rerun", "int8-widths", "ops", "train")
+BENCHES = ("decode", "ingest", "ladder", "export", "rerun", "int8-widths", "ops", "train")
 
 
 def run_bench(name: str, argv: list[str]) -> int:
     """Each benchmark parses its own arguments (argparse's REMAINDER would drop a leading --option)."""
-    from vidopt.bench import decode, int8_widths, ladder, ops, train
+    from vidopt.bench import decode, ingest, int8_widths, ladder, ops, train
     from flows import bench_rerun as rerun
     from workers import bench as export
 
-    {"decode": decode.main, "ladder": ladder.main, "export": export.main, "rerun": rerun.main,
-     "int8-widths": int8_widths.main, "ops": ops.main, "train": train.main}[name](argv)
+    {"decode": decode.main, "ingest": ingest.main, "ladder": ladder.main, "export": export.main,
+     "rerun": rerun.main, "int8-widths": int8_widths.main, "ops": ops.main, "train": train.main}[name](argv)
     return 0
 
 
@@ -132,7 +133,9 @@ def build_parser() -> argparse.ArgumentParser:
     sample.set_defaults(func=cmd_sample)
 
     bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bench_command", required=True)
-    for name, what in (("decode", "decord vs PyAV clip sampling"), ("ladder", "teacher -> int8 student, side by side"),
+    for name, what in (("decode", "decord vs PyAV clip sampling"),
+                       ("ingest", "ingestion's per-file inspection: one PyAV pass vs two"),
+                       ("ladder", "teacher -> int8 student, side by side"),
                        ("export", "export targets alone vs all together on the Ray pools"),
                        ("rerun", "cold run vs unchanged re-run vs quantize-only change (Prefect's cache)"),
                        ("int8-widths", "int8 vs fp32 speed of conv stacks by layer width"),

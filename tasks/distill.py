@@ -71,7 +71,8 @@ def run(cfg: PipelineConfig | Reads, dataset: DatasetArtifact, teacher: ModelArt
     d = cfg.distill
     train_rows, _ = train_val_rows(work.store, dataset, STAGE)
     train_clips = clip_set(cfg, dataset, "train", d.cached_clips_per_video)
-    teaches, check = teacher_check(teacher, dataset)
+    teaches, check = teacher_check(teacher, dataset) if d.check_teacher else (True, "teacher not checked "
+                                                                               "(distill.check_teacher false)")
     alpha, teacher_logits = d.alpha, None
     if teaches:
         log.info("%s: %s; %d fixed clips per train video (%d videos), the teacher's logits over them once", STAGE,

@@ -20,7 +20,7 @@ from prefect import task
 from tasks.retry import IO_RETRY_DELAYS, only_io_errors
 from vidopt.artifacts import DatasetArtifact
 from vidopt.config import PipelineConfig
-from vidopt.data import class_counts, data_version, split_for_hash
+from vidopt.data import assign_splits, class_counts, data_version
 from vidopt.ingestion import (
     IngestError,
     ManifestError,
@@ -71,8 +71,7 @@ def run(cfg: PipelineConfig) -> DatasetArtifact:
         else:
             rows.append(base)
     rows = _drop_duplicates(rows, quarantine)
-    for row in rows:
-        row["split"] = split_for_hash(row["sha256"], data.split_fractions)
+    assign_splits(rows, data.split_fractions, data.stratify, data.min_split_videos)
     for q in quarantine:
         log.warning("ingest: %s: %s (quarantined)", q["uri"], q["reason"])
 

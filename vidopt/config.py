@@ -32,6 +32,9 @@ class DataConfig(Section):
     s3_endpoint_url: str | None = None   # e.g. MinIO; None: the usual AWS way (AWS_ENDPOINT_URL, profiles, ...)
     s3_region: str | None = None
     split_fractions: tuple[float, float, float] = (0.7, 0.15, 0.15)  # train / val / test, by content hash
+    stratify: bool = True                # every class cut at the fractions (vidopt/data.py assign_splits); False:
+    #                                      each video by its own hash, which never moves a video when others arrive
+    min_split_videos: int = Field(1, ge=0)  # stratified: at least this many of each class in val and in test
     min_frames: int = 16                 # shorter videos are quarantined: a clip needs this many frames
     decoder_checks: int = 24             # frames compared per file before decord is trusted with it
     probe_workers: int = 2               # processes probing files (and writing sample data) in parallel: one per core
@@ -119,6 +122,8 @@ class DistillConfig(Section):
     #                                      ~2000 steps at 2e-3 (cross-entropy alone, no teacher)
     weight_decay: float = 1e-4
     alpha: float = Field(0.5, ge=0, le=1)  # weight of CE(labels); (1 - alpha) weighs T^2 * KL to the teacher
+    check_teacher: bool = True           # distil only from a teacher significantly better than the majority class
+    #                                      on val (tasks/distill.py teacher_check); else labels alone. False: always
     temperature: float = Field(4.0, gt=0)
     cached_clips_per_video: int = Field(4, ge=1)  # fixed training clips per video whose teacher logits are cached
     augment: bool = True                 # colour / brightness / shift per clip (vidopt/augment.py) in every student

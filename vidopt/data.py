@@ -21,13 +21,43 @@ KINETICS_STD = (0.22803, 0.22145, 0.216989)
 
 def split_for_hash(content_hash: str, fractions: Sequence[float]) -> str:
     """Map a sha256 hex digest to a split; the same content always lands in the same split."""
-    u = int(content_hash[:15], 16) / float(16**15)  # uniform in [0, 1)
+    u = _unit(content_hash)
     edge = 0.0
     for name, fraction in zip(SPLITS, fractions):
         edge += fraction
         if u < edge:
             return name
     return SPLITS[-1]
+
+
+def _unit(content_hash: str) -> float:
+    return int(content_hash[:15], 16) / float(16**15)   # uniform in [0, 1)
+
+
+def assign_splits(rows: list[dict], fractions: Sequence[float], stratify: bool = True,
+                  min_videos: int = 1) -> None:
+    """Set row["split"]. Stratified: within each class the videos, ordered by content hash, are cut at the fractions
+    (rounded), so every class has its share of val and test, and at least `min_videos` of each split whose fraction
+    is above 0 where the class has enough videos (a class with 3 videos: one each). Not stratified: each video by its
+    own hash alone (split_for_hash), which never moves an old video when new ones arrive, at the price of classes
+    missing from small val and test splits."""
+    if not stratify:
+        for row in rows:
+            row["split"] = split_for_hash(row["sha256"], fractions)
+        return
+    by_label: dict[str, list[dict]] = {}
+    for row in rows:
+        by_label.setdefault(row["label"], []).append(row)
+    for label_rows in by_label.values():
+        label_rows.sort(key=lambda r: (_unit(r["sha256"]), r["sha256"]))
+        n = len(label_rows)
+        sizes = {split: round(n * f) for split, f in zip(SPLITS, fractions)}
+        for split, f in zip(SPLITS[1:], fractions[1:]):   # val, test
+            if f > 0 and n >= 1 + min_videos * sum(1 for x in fractions[1:] if x > 0):
+                sizes[split] = max(sizes[split], min_videos)
+        test, val = sizes["test"], sizes["val"]
+        for i, row in enumerate(label_rows):
+            row["split"] = "test" if i < test else "val" if i < test + val else "train"
 
 
 def data_version(rows: list[dict]) -> str:

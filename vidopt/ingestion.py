@@ -73,13 +73,12 @@ def manifest_uri(source: str, manifest: str) -> str:
 
 def inspect_file(path: str, decoder_checks: int) -> dict:
     """Probe one file. -> {"ok": True, <probe fields>, decoder, decoder_reason} or {"ok": False, "reason": ...}."""
-    from vidopt.video import DecodeError, choose_decoder, probe_video
+    from vidopt.video import DecodeError, inspect_video
 
     if Path(path).stat().st_size == 0:
         return {"ok": False, "reason": "zero-byte file"}
     try:
-        probe = probe_video(path)
-        decoder, why = choose_decoder(path, probe, max_checks=decoder_checks, seed=0)
+        probe, decoder, why = inspect_video(path, max_checks=decoder_checks, seed=0)
     except DecodeError as err:
         return {"ok": False, "reason": str(err)}
     fields = probe.to_dict()

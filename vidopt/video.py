@@ -7,7 +7,7 @@ import re
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import av
@@ -41,11 +41,39 @@ class VideoProbe:
     height: int
     duration_s: float  # num_frames / fps
     keyframes: tuple[int, ...]  # indices (decoded order) of key frames
+    captured: dict = field(default_factory=dict, repr=False, compare=False)  # index -> RGB [H, W, 3] kept in passing
 
     def to_dict(self) -> dict:
         fields = asdict(self)
         fields["keyframes"] = list(self.keyframes)
+        fields.pop("captured")
         return fields
+
+
+def planned_checks(path: str | Path, max_checks: int, seed: int = 0) -> list[int]:
+    """check_indices from the container's packets alone (no decoding): their count and which are key frames. The
+    decode pass then keeps these frames' RGB as it counts the frames, so the check needs no second PyAV pass."""
+    with _opened_video(path) as (container, stream):
+        keys, count = [], 0
+        for packet in container.demux(stream):
+            if packet.size:
+                if packet.is_keyframe:
+                    keys.append(count)
+                count += 1
+    if count == 0:
+        return []
+    outline = VideoProbe("", "", 1.0, count, 0, 0, 0.0, tuple(keys))
+    return check_indices(outline, max_checks, seed)
+
+
+def inspect_video(path: str | Path, max_checks: int = 24, seed: int = 0) -> tuple[VideoProbe, str, str]:
+    """(probe, decoder, why) in one decoding pass of PyAV: the frames the decord check compares are kept as the probe
+    counts the frames, planned from the packets (planned_checks)."""
+    planned = planned_checks(path, max_checks, seed)
+    probe = probe_video(path, capture={j for i in planned for j in (i - 1, i, i + 1)})
+    sample = [i for i in planned if i < probe.num_frames] or check_indices(probe, max_checks, seed)
+    decoder, why = choose_decoder(path, probe, max_checks, seed, sample=sample)
+    return probe, decoder, why
 
 
 @contextmanager
@@ -93,13 +121,17 @@ def _decoded_frames(container: av.container.InputContainer, stream: av.video.str
         raise DecodeError(f"truncated or damaged: its index lists {stream.frames} frames, the file holds {packets}")
 
 
-def probe_video(path: str | Path) -> VideoProbe:
-    """Decode every frame (no RGB conversion) to learn what the file really holds; DecodeError if it is not a video."""
+def probe_video(path: str | Path, capture: set[int] = frozenset()) -> VideoProbe:
+    """Decode every frame (no RGB conversion) to learn what the file really holds; DecodeError if it is not a video.
+    `capture`: frame indices whose RGB to keep on the probe (`captured`), converted as they pass."""
+    captured, to_rgb = {}, _rgb_converter(None)
     with _opened_video(path) as (container, stream):
         keyframes, num_frames, width, height = [], 0, 0, 0
         for frame in _decoded_frames(container, stream, path):
             if frame.key_frame:
                 keyframes.append(num_frames)
+            if num_frames in capture:
+                captured[num_frames] = to_rgb(frame)
             width, height = frame.width, frame.height
             num_frames += 1
         if num_frames == 0:
@@ -116,6 +148,7 @@ def probe_video(path: str | Path) -> VideoProbe:
             height=height,
             duration_s=num_frames / float(rate),
             keyframes=tuple(keyframes),
+            captured=captured,
         )
 
 
@@ -180,14 +213,15 @@ def _read_with_pyav(path: str | Path, indices: list[int], size: tuple[int, int] 
     return np.stack([frames[i] for i in indices])  # [T, H, W, 3]
 
 
-def decord_reader(path: str | Path, size: tuple[int, int] | None = None):
+def decord_reader(path: str | Path, size: tuple[int, int] | None = None, threads: int = 0):
+    """threads: decord's decoding threads, 0 for FFmpeg's choice."""
     import decord  # lazy: a native library that only the decord path needs
 
     decord.bridge.set_bridge("native")
     decord.logging.set_level(decord.logging.QUIET)  # FFmpeg warnings would flood data-loader workers' stderr
     height, width = size if size is not None else (-1, -1)
     try:
-        return decord.VideoReader(str(path), ctx=decord.cpu(0), width=width, height=height)
+        return decord.VideoReader(str(path), ctx=decord.cpu(0), width=width, height=height, num_threads=threads)
     except (decord.DECORDError, RuntimeError) as err:  # RuntimeError: files FFmpeg cannot open at all
         raise DecodeError(f"decord cannot open it: {decord_message(err)}") from None
 
@@ -231,15 +265,17 @@ def _resize_with_pyav_instead(path: str | Path, indices: list[int], size: tuple[
 
 
 def check_indices(probe: VideoProbe, max_checks: int, seed: int) -> list[int]:
-    """Frames to compare between decoders: around keyframes (where seeking lands) and the last frame, up to two thirds
-    of max_checks, then seeded random ones."""
+    """Frames to compare between decoders: around keyframes (where seeking lands, and where decord goes wrong) and the
+    last frame, up to two thirds of max_checks, then a third of seeded random ones. Not topped up with random frames
+    where a video has few keyframes: each is a deep seek for decord (a one-keyframe video decodes from its start for
+    every frame checked), and it is the keyframes that random access gets wrong."""
     rng = np.random.default_rng(seed)
     n = probe.num_frames
     near_keys = sorted({j for k in probe.keyframes for j in (k - 1, k, k + 1) if 0 <= j < n} | {n - 1})
     share = max(1, 2 * max_checks // 3)
     chosen = set(rng.choice(near_keys, size=min(share, len(near_keys)), replace=False).tolist())
     others = np.setdiff1d(np.arange(n), list(chosen))
-    fill = min(max_checks - len(chosen), len(others))
+    fill = min(max_checks - share, len(others))
     chosen |= set(rng.choice(others, size=fill, replace=False).tolist())
     return sorted(chosen)
 
@@ -273,13 +309,15 @@ def _frame_mismatch(i: int, diffs: dict[tuple[int, int], float]) -> str | None:
     return None
 
 
-def choose_decoder(path: str | Path, probe: VideoProbe, max_checks: int = 24, seed: int = 0) -> tuple[str, str]:
-    """-> ("decord", "verified on N frames") if decord's random access matches PyAV on a sample, else ("pyav", why)."""
+def choose_decoder(path: str | Path, probe: VideoProbe, max_checks: int = 24, seed: int = 0,
+                   sample: list[int] | None = None) -> tuple[str, str]:
+    """-> ("decord", "verified on N frames") if decord's random access matches PyAV on a sample, else ("pyav", why).
+    PyAV's frames come from probe.captured where it kept them, else from a second pass."""
     import decord
 
-    sample = check_indices(probe, max_checks, seed)
+    sample = sample if sample is not None else check_indices(probe, max_checks, seed)
     try:
-        reader = decord_reader(path)
+        reader = decord_reader(path, threads=1)   # one thread: faster on small frames, and workers fill the cores
     except DecodeError as err:
         return "pyav", str(err)
     try:
@@ -291,7 +329,13 @@ def choose_decoder(path: str | Path, probe: VideoProbe, max_checks: int = 24, se
         return "pyav", f"decord failed reading frames: {decord_message(err)}"
     finally:
         del reader
-    diffs = _decord_vs_pyav_diffs(path, dict(zip(order, batch)))
+    decoded = dict(zip(order, batch))
+    needed = {j for i in sample for j in (i - 1, i, i + 1) if 0 <= j < probe.num_frames}
+    if needed <= probe.captured.keys():
+        diffs = {(i, j): _mean_abs_diff(decoded[i], probe.captured[j]) for i in sample for j in (i - 1, i, i + 1)
+                 if j in needed}
+    else:
+        diffs = _decord_vs_pyav_diffs(path, decoded)
     for i in sample:
         mismatch = _frame_mismatch(i, diffs)
         if mismatch:

@@ -18,7 +18,7 @@ from vidopt import train_jobs
 from vidopt.checkpoint import load_model_dir
 from vidopt.models import TeacherArch, build_model
 from vidopt.stages import split_rows
-from vidopt.data import make_loader
+from vidopt.distillation import decode_clip_set
 from vidopt.tracking import configure_mlflow
 from vidopt.training import evaluate
 
@@ -61,7 +61,8 @@ def check_model_dir(artifact, cfg, dataset, saved: dict) -> torch.nn.Module:
     with torch.no_grad():
         assert torch.equal(reloaded(saved["input"]), saved["logits"])
     # The metrics were measured on the saved (best) weights: re-measuring the reloaded model gives the same numbers.
-    test = evaluate(reloaded, make_loader(split_rows(dataset, "test"), dataset.classes, cfg.clips, train=False))
+    test_clips = decode_clip_set(split_rows(dataset, "test"), dataset.classes, cfg.clips, cfg.clips.eval_clips_per_video)
+    test = evaluate(reloaded, test_clips.batches(cfg.clips.batch_size, shuffle=False))
     assert test["top1_clip"] == pytest.approx(artifact.metrics["test_top1_clip"])
     return reloaded
 

@@ -147,3 +147,20 @@ def test_a_wide_video_is_scaled_with_its_aspect_kept_then_cropped(tmp_path):
         assert clip.shape == (4, 32, 32, 3)
         windows.add(tuple(clip[0, 0, :, 0].tolist()))
     assert len(windows) > 1   # the window moves from epoch to epoch
+
+
+def test_stratified_splits_give_every_class_its_share_and_a_minimum_of_val_and_test():
+    from vidopt.data import assign_splits
+
+    rows = [{"sha256": _hash(i), "label": label} for label, n in (("big", 40), ("small", 3), ("one", 1)) for i in
+            range(n * 1000, n * 1000 + n)]
+    assign_splits(rows, (0.7, 0.15, 0.15), stratify=True, min_videos=1)
+    counts = class_counts(rows)
+    assert (counts["big"]["train"], counts["big"]["val"], counts["big"]["test"]) == (28, 6, 6)
+    assert (counts["small"]["train"], counts["small"]["val"], counts["small"]["test"]) == (1, 1, 1)
+    assert counts["one"]["train"] == 1   # too few for a val and a test video: it trains
+    again = [dict(r) for r in rows]
+    assign_splits(again, (0.7, 0.15, 0.15))
+    assert [r["split"] for r in again] == [r["split"] for r in rows]   # deterministic: the hashes decide
+    assign_splits(again, (1.0, 0.0, 0.0))
+    assert {r["split"] for r in again} == {"train"}   # no minimum for a split asked to be empty
