@@ -7,6 +7,7 @@
     vidopt bench ladder [--project-dir .vidopt] [...]    latency / size / top-1 of teacher, student, pruned, int8
     vidopt bench export --stage-dir DIR                  each export target alone vs all at once on the pools
     vidopt bench rerun [--profile tiny]                  cold run vs unchanged re-run vs a quantize-only change
+    vidopt bench seeds [--profile demo] [--seeds 0 1 2]  each rung's test top-1 per seed, its mean and spread
     vidopt bench int8-widths [...]                       int8 vs fp32 speed of 3x3 conv stacks at each layer width
     vidopt bench ops [FILE ...] [--project-dir .vidopt]  onnxruntime's time per node: fp32 and every int8 form
     vidopt bench train [--profile tiny] [--workers 1 2]  teacher training clips/s: vidopt vs a plain PyTorch loop
@@ -69,17 +70,19 @@ def cmd_sample(args: argparse.Namespace) -> int:
     return 0
 
 
-BENCHES = ("decode", "ingest", "ladder", "export", "rerun", "int8-widths", "ops", "train")
+BENCHES = ("decode", "ingest", "ladder", "export", "rerun", "seeds", "int8-widths", "ops", "train")
 
 
 def run_bench(name: str, argv: list[str]) -> int:
     """Each benchmark parses its own arguments (argparse's REMAINDER would drop a leading --option)."""
     from vidopt.bench import decode, ingest, int8_widths, ladder, ops, train
     from flows import bench_rerun as rerun
+    from flows import bench_seeds as seeds
     from workers import bench as export
 
     {"decode": decode.main, "ingest": ingest.main, "ladder": ladder.main, "export": export.main,
-     "rerun": rerun.main, "int8-widths": int8_widths.main, "ops": ops.main, "train": train.main}[name](argv)
+     "rerun": rerun.main, "seeds": seeds.main, "int8-widths": int8_widths.main, "ops": ops.main,
+     "train": train.main}[name](argv)
     return 0
 
 
@@ -138,6 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
                        ("ladder", "teacher -> int8 student, side by side"),
                        ("export", "export targets alone vs all together on the Ray pools"),
                        ("rerun", "cold run vs unchanged re-run vs quantize-only change (Prefect's cache)"),
+                       ("seeds", "each rung's test top-1 per seed, mean and spread"),
                        ("int8-widths", "int8 vs fp32 speed of conv stacks by layer width"),
                        ("ops", "onnxruntime's time per node of ONNX files, side by side"),
                        ("train", "teacher training clips/s: vidopt in-process / Ray Train vs a plain PyTorch loop")):

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import platform
 from pathlib import Path
 
 from vidopt.storage import atomic_write_text
@@ -12,3 +13,13 @@ def write_report(out: Path, stem: str, report: dict, table: str) -> None:
     atomic_write_text(out / f"{stem}.json", json.dumps(report, indent=2))
     atomic_write_text(out / f"{stem}.md", table)
     print(table, end="")
+
+
+def cpu_model() -> str:
+    """The CPU's model name as the kernel reports it (int8 and bf16 gains differ from one CPU to the next)."""
+    try:
+        names = [line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                 if line.startswith("model name")]
+    except OSError:
+        names = []
+    return names[0] if names else (platform.processor() or "unknown CPU")

@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import time
 from pathlib import Path
 
 import numpy as np
 
+from vidopt.bench import cpu_model
 from vidopt.video import _decord_vs_pyav_diffs, _frame_mismatch, decord_reader, inspect_video, probe_video
 
 
@@ -57,15 +57,7 @@ def run(files: list[Path], max_checks: int) -> dict:
     return {"files": len(files), "max_checks": max_checks, "same_decoder": agree,
             "seconds": totals, "ms_per_file": {k: 1000 * v / max(len(files), 1) for k, v in totals.items()},
             "speedup": totals["two passes"] / max(totals["one pass"], 1e-9),
-            "machine": f"{platform.processor() or platform.machine()}, {_cpu_model()}"}
-
-
-def _cpu_model() -> str:
-    try:
-        return next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                    if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return "unknown CPU"
+            "machine": cpu_model()}
 
 
 def format_table(report: dict) -> str:

@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import platform
 import shlex
 import sys
 import time
@@ -31,7 +30,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from vidopt.bench import write_report
+from vidopt.bench import cpu_model, write_report
 from vidopt.config import PipelineConfig, load_config
 from vidopt.data import ClipDataset, FrameStore, normalise_clips
 from vidopt.models import TeacherArch, build_model
@@ -171,16 +170,9 @@ def plain_pytorch(rows: list[dict], classes: list[str], cfg: PipelineConfig, pla
 # --- report ----------------------------------------------------------------------------------------------------------
 
 def machine() -> dict:
-    cpu = platform.processor() or "unknown"
-    try:
-        names = [line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                 if line.startswith("model name")]
-        cpu = names[0] if names else cpu
-    except OSError:
-        pass
     import ray
 
-    return {"cpu": cpu, "cores": os.cpu_count(), "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available()
+    return {"cpu": cpu_model(), "cores": os.cpu_count(), "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available()
             else None, "torch": torch.__version__, "ray": ray.__version__}
 
 
