@@ -60,7 +60,8 @@ def run(cfg: PipelineConfig, dataset: DatasetArtifact, teacher: ModelArtifact,
     teacher_top1 = teacher.metrics.get("test_top1_clip")
     tags = {"data_version": dataset.data_version, "config_hash": cfg.config_hash(), "code_version": code_version()}
     split = "test" if any(c.get("test") for c in dataset.class_counts.values()) else "val"
-    majority = majority_rate({label: c.get(split, 0) for label, c in dataset.class_counts.items()})
+    counts = {label: c.get(split, 0) for label, c in dataset.class_counts.items()}
+    majority = majority_rate(counts) if sum(counts.values()) else None
     decisions = [register_target(result, teacher_top1, cfg, tags, majority) for result in targets]
     work.store.write_text(work.child(DECISIONS), json.dumps(decisions, indent=2))
     return decisions

@@ -213,8 +213,9 @@ def _read_with_pyav(path: str | Path, indices: list[int], size: tuple[int, int] 
     return np.stack([frames[i] for i in indices])  # [T, H, W, 3]
 
 
-def decord_reader(path: str | Path, size: tuple[int, int] | None = None, threads: int = 0):
-    """threads: decord's decoding threads, 0 for FFmpeg's choice."""
+def decord_reader(path: str | Path, size: tuple[int, int] | None = None, threads: int = 1):
+    """threads: decord's decoding threads (0: FFmpeg's choice). One, like PyAV here: data-loader workers fill the
+    cores, and a file is read the way ingestion verified it."""
     import decord  # lazy: a native library that only the decord path needs
 
     decord.bridge.set_bridge("native")
@@ -317,7 +318,7 @@ def choose_decoder(path: str | Path, probe: VideoProbe, max_checks: int = 24, se
 
     sample = sample if sample is not None else check_indices(probe, max_checks, seed)
     try:
-        reader = decord_reader(path, threads=1)   # one thread: faster on small frames, and workers fill the cores
+        reader = decord_reader(path)
     except DecodeError as err:
         return "pyav", str(err)
     try:

@@ -60,9 +60,11 @@ def test_folder_ingest_keeps_good_videos_and_quarantines_the_rest(messy_dir, sam
 
 
 def test_reingest_is_stable_and_new_files_never_move_old_ones(sample_dir, tmp_path, tiny_cfg):
+    """With data.stratify false each file's split is its own hash's: a new file moves no old one (stratified splits
+    trade that for every class's share of val and test)."""
     root = tmp_path / "bucket"
     shutil.copytree(sample_dir, root)
-    cfg = tiny_cfg(f"data.source={root}")
+    cfg = tiny_cfg(f"data.source={root}", "data.stratify=false")
     first = ingest.run(cfg)
     assert ingest.run(cfg).data_version == first.data_version
 

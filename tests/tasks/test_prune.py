@@ -42,6 +42,7 @@ def upstream(sample_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("prune")
     # Widths above prune.channel_multiple, so that rounding to it is exercised (the tiny profile's own are narrower).
     cfg = load_config("tiny", [f"run.project_dir={root / 'project'}", f"data.source={sample_dir}",
+                               "data.stratify=false",
                                "distill.conv_widths=[16, 32, 64, 128]", "distill.temporal_widths=[128]",
                                "prune.target_macs_ratio=0.45"])
     dataset = ingest.run(cfg)

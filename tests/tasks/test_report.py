@@ -27,7 +27,7 @@ def test_report_task_writes_the_stage_dir_and_logs_a_nested_run(tiny_cfg):
     configure_mlflow(cfg)
     with mlflow.start_run() as parent:
         record = report.report_task.fn(cfg, hand_made_dataset(), **hand_made_ladder(), targets=hand_made_targets(),
-                                       parent_run_id=parent.info.run_id)
+                                       registry=[], parent_run_id=parent.info.run_id)
 
     work = Path(record.uri)
     assert work.parents[1] == Path(cfg.run.project_dir).resolve() / "stages" / "report"

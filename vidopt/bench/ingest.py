@@ -2,9 +2,8 @@
 
     vidopt bench ingest DIR [--checks 24] [--limit N] [--json out.json]
 
-`two passes` is the inspection as it was done before `inspect_video`: PyAV decodes every frame to count them, decord
-reads the check frames (filled up to --checks with random ones, FFmpeg's own thread count), and PyAV decodes again up
-to the last of them for reference. `one pass` is `vidopt.video.inspect_video`: the check frames are planned from the
+`two passes`: PyAV decodes every frame to count them, decord reads the check frames (filled up to --checks with
+random ones, FFmpeg's own thread count), and PyAV decodes again up to the last of them for reference. `one pass` is `vidopt.video.inspect_video`: the check frames are planned from the
 packets, kept as the probe counts the frames, and decord reads them on one thread. Files are timed interleaved, each
 method in turn, and the two must pick the same decoder.
 """
@@ -23,6 +22,8 @@ from vidopt.video import _decord_vs_pyav_diffs, _frame_mismatch, decord_reader, 
 
 def two_pass_inspect(path: Path, max_checks: int, seed: int = 0) -> str:
     """The decoder the two-pass inspection picks (its check frames topped up with random ones)."""
+    import decord
+
     probe = probe_video(path)
     n = probe.num_frames
     rng = np.random.default_rng(seed)
@@ -31,11 +32,15 @@ def two_pass_inspect(path: Path, max_checks: int, seed: int = 0) -> str:
     others = np.setdiff1d(np.arange(n), list(chosen))
     chosen |= set(rng.choice(others, size=min(max_checks - len(chosen), len(others)), replace=False).tolist())
     sample = sorted(chosen)
-    reader = decord_reader(path)
+    reader = decord_reader(path, threads=0)
     if len(reader) != n:
         return "pyav"
     order = np.random.default_rng(seed).permutation(sample).tolist()
-    diffs = _decord_vs_pyav_diffs(path, dict(zip(order, reader.get_batch(order).asnumpy())))
+    try:
+        batch = reader.get_batch(order).asnumpy()
+    except decord.DECORDError:
+        return "pyav"
+    diffs = _decord_vs_pyav_diffs(path, dict(zip(order, batch)))
     return "pyav" if any(_frame_mismatch(i, diffs) for i in sample) else "decord"
 
 
