@@ -9,14 +9,13 @@ call only prints.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 from datetime import datetime, timezone
 from pathlib import Path
 
 from tasks.dag import run_until
-from vidopt.bench import cpu_model
+from vidopt.bench import cpu_model, print_report
 from vidopt.config import load_config
 from vidopt.dag import LADDER
 
@@ -69,10 +68,7 @@ def main(argv: list[str] | None = None) -> dict:
     overrides = [a for a in argv if "=" in a and not a.startswith("-")]   # anywhere, also after --seeds 0 1 2
     args = parser.parse_args([a for a in argv if a not in overrides])
     report = run(args.profile, args.seeds, overrides)
-    print(format_table(report))
-    if args.json:
-        args.json.write_text(json.dumps(report, indent=2) + "\n")
-    return report
+    return print_report(report, format_table(report), args.json)
 
 
 if __name__ == "__main__":

@@ -18,13 +18,14 @@ from safetensors.torch import save as safetensors_bytes
 from torch import nn
 
 from vidopt.artifacts import DatasetArtifact, ModelArtifact
-from vidopt.checkpoint import ARCH, METRICS, WEIGHTS, load_model_dir, save_model_dir
+from vidopt.checkpoint import ARCH, METRICS, WEIGHTS, save_model_dir
 from vidopt.config import ClipConfig, RayConfig, TrainConfig, flatten
 from vidopt.distillation import ClipSet, decode_clip_set
 from vidopt.metrics import count_macs, count_params, top1, top1_per_video
 from vidopt.models import StudentArch, TeacherArch
 from vidopt.stages import StageReads, StageWork, open_store, split_rows
 from vidopt.stats import confusion, pack_correct
+from vidopt.storage import sha256_file
 from vidopt.store import ArtifactStore, FileRef
 from vidopt.train_jobs import LogitsJob, ModelSpec, Placement, Selection, store_weights
 from workers.train import run_logits
@@ -60,16 +61,10 @@ def finished_artifact(work: StageWork, kind: str, dataset: DatasetArtifact) -> M
     model_dir = work.store.get_dir(uri)
     notes, outcome = model_dir / NOTES, model_dir / TEST_OUTCOME
     return ModelArtifact(uri=uri, kind=kind, arch=json.loads((model_dir / ARCH).read_text()),
-                         weights_sha256=_weights_sha(work.store, uri),
+                         weights_sha256=sha256_file(model_dir / WEIGHTS),
                          metrics=json.loads((model_dir / METRICS).read_text()), data_version=dataset.data_version,
                          notes=json.loads(notes.read_text()) if notes.exists() else {},
                          **(json.loads(outcome.read_text()) if outcome.exists() else {}))
-
-
-def _weights_sha(store: ArtifactStore, model_uri: str) -> str:
-    from vidopt.storage import sha256_file
-
-    return sha256_file(store.get_dir(model_uri) / WEIGHTS)
 
 
 def train_val_rows(store: ArtifactStore, dataset: DatasetArtifact, stage: str) -> tuple[list[dict], list[dict]]:
@@ -93,7 +88,7 @@ def clip_set(reads: TrainingReads, dataset: DatasetArtifact, split: str, per_vid
     name = f"{dataset.manifest_sha256[:16]}-{_clip_hash(reads.clips)}-{split}-{per_video}.pt"
     uri = store.uri(*CLIP_SETS.split("/"), name)
     if store.has(uri):
-        return FileRef(uri=uri, sha256=_sha_of(store, uri))
+        return store.ref(uri)
     rows = split_rows(dataset, split, store)
     if not rows:
         raise ValueError(f"{split} split of dataset {dataset.data_version} is empty; add videos or change "
@@ -109,12 +104,6 @@ def _clip_hash(clips: ClipConfig) -> str:
 
     payload = json.dumps(clips.model_dump(mode="json", exclude=set(clips.runtime_only)), sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
-
-
-def _sha_of(store: ArtifactStore, uri: str) -> str:
-    from vidopt.storage import sha256_file
-
-    return sha256_file(store.get_file(uri))
 
 
 def load_clip_set(store: ArtifactStore, ref: FileRef) -> ClipSet:
@@ -215,17 +204,12 @@ def save_artifact(work: StageWork, model: nn.Module, arch: TeacherArch | Student
                          metrics=scores.metrics, data_version=dataset.data_version, notes=notes, **outcome)
 
 
-def load_artifact_model(store: ArtifactStore, artifact: ModelArtifact) -> nn.Module:
-    """The module of an upstream stage's model folder, in eval mode (rebuilt from arch.json, no pickle)."""
-    model, _ = load_model_dir(store.get_dir(artifact.uri))
-    return model
-
-
 def artifact_model_spec(store: ArtifactStore, artifact: ModelArtifact) -> ModelSpec:
     """An upstream model as a job's model: its arch record and its weights in the store."""
     uri = f"{artifact.uri}/{WEIGHTS}"
-    return ModelSpec(arch=artifact.arch, weights=FileRef(uri=uri, sha256=artifact.weights_sha256)
-                     if artifact.kind != "int8" else FileRef(uri=uri, sha256=_sha_of(store, uri)))
+    # an int8 artifact is known by its int8 file's hash; its fp32 weights' is taken here
+    return ModelSpec(arch=artifact.arch, weights=store.ref(uri) if artifact.kind == "int8"
+                     else FileRef(uri=uri, sha256=artifact.weights_sha256))
 
 
 def log_model_stage(stage, reads: StageReads, artifact: ModelArtifact, store: ArtifactStore) -> None:

@@ -241,6 +241,10 @@ class ArtifactStore:
             shutil.copyfileobj(body, f, HASH_CHUNK)
         return dest
 
+    def ref(self, uri: str) -> FileRef:
+        """A FileRef of the file at `uri`, its hash taken from its content here."""
+        return FileRef(uri=uri, sha256=sha256_file(self.get_file(uri)))
+
     def has(self, uri: str) -> bool:
         """A file exists at `uri`, or a folder there is completely published (a missing bucket raises)."""
         if self.is_local:

@@ -60,7 +60,7 @@ def run_logits(job: LogitsJob, train: TrainConfig, ray_cfg: RayConfig) -> FileRe
     """A model's logits over a clip set: here, or as one Ray task on the pool training uses."""
     store = ArtifactStore(job.store)
     if store.has(job.output):
-        return FileRef(uri=job.output, sha256=_sha_of(store, job.output))
+        return store.ref(job.output)
     if not use_ray(train, ray_cfg, job.store):
         return run_logits_job(job)
     import ray
@@ -78,12 +78,6 @@ def run_logits(job: LogitsJob, train: TrainConfig, ray_cfg: RayConfig) -> FileRe
         ray.cancel(ref, force=True)
         raise TrainingError(f"logits of {job.clips.uri}: no result after {ray_cfg.job_timeout_s:.0f} s "
                             "(ray.job_timeout_s; is the pool busy?)") from None
-
-
-def _sha_of(store: ArtifactStore, uri: str) -> str:
-    from vidopt.storage import sha256_file
-
-    return sha256_file(store.get_file(uri))
 
 
 def _train_on_gpu(train: TrainConfig, available: dict[str, float], workers: int) -> bool:

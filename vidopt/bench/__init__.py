@@ -15,6 +15,14 @@ def write_report(out: Path, stem: str, report: dict, table: str) -> None:
     print(table, end="")
 
 
+def print_report(report: dict, table: str, json_path: Path | None) -> dict:
+    """The table on stdout, and the numbers as JSON where asked (--json); returns the report."""
+    print(table)
+    if json_path:
+        json_path.write_text(json.dumps(report, indent=2) + "\n")
+    return report
+
+
 def cpu_model() -> str:
     """The CPU's model name as the kernel reports it (int8 and bf16 gains differ from one CPU to the next)."""
     try:

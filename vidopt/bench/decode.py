@@ -5,12 +5,12 @@
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
 import numpy as np
 
+from vidopt.bench import print_report
 from vidopt.data import sample_clip_indices
 from vidopt.video import DECODERS, DecodeError, decord_message, decord_reader, iter_frames, probe_video, read_frames
 
@@ -149,10 +149,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     report = run_benchmark(args.root, args.clips, args.frames, args.stride, tuple(args.size), args.seed,
                            args.repeats)
-    print(format_table(report))
-    if args.json:
-        args.json.write_text(json.dumps(report, indent=2) + "\n")
-    return report
+    return print_report(report, format_table(report), args.json)
 
 
 if __name__ == "__main__":

@@ -10,13 +10,12 @@ method in turn, and the two must pick the same decoder.
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
 import numpy as np
 
-from vidopt.bench import cpu_model
+from vidopt.bench import cpu_model, print_report
 from vidopt.video import _decord_vs_pyav_diffs, _frame_mismatch, decord_reader, inspect_video, probe_video
 
 
@@ -86,10 +85,7 @@ def main(argv: list[str] | None = None) -> dict:
     if not files:
         raise SystemExit(f"bench ingest: no videos under {args.root}")
     report = run(files, args.checks)
-    print(format_table(report))
-    if args.json:
-        args.json.write_text(json.dumps(report, indent=2) + "\n")
-    return report
+    return print_report(report, format_table(report), args.json)
 
 
 if __name__ == "__main__":
