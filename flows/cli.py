@@ -11,6 +11,7 @@
     vidopt bench int8-widths [...]                       int8 vs fp32 speed of 3x3 conv stacks at each layer width
     vidopt bench ops [FILE ...] [--project-dir .vidopt]  onnxruntime's time per node: fp32 and every int8 form
     vidopt bench train [--profile tiny] [--workers 1 2]  teacher training clips/s: vidopt vs a plain PyTorch loop
+    vidopt evaluate --data DIR|s3://... [--model PATH]   top-1 with its interval, recall per class, confusion matrix
     vidopt config [--profile demo] [...]                 print the resolved config
     vidopt listen [--profile demo] [...] [--once]        emit vidopt.data.arrived for new clips in data.source
     vidopt serve [--profile demo] [...]                  Prefect deployments of the pipeline: cron + new-data events
@@ -116,6 +117,19 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from tasks.evaluate import EvaluateError, format_report, run
+
+    cfg = load_config(args.profile, args.overrides)
+    try:
+        report = run(cfg, args.data, args.model, args.out)
+    except EvaluateError as err:
+        print(err, file=sys.stderr)
+        return 2
+    print(format_report(report))
+    return 0
+
+
 def cmd_config(args: argparse.Namespace) -> int:
     print(load_config(args.profile, args.overrides).model_dump_json(indent=2))
     return 0
@@ -156,6 +170,15 @@ def build_parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", help="serve the pipeline as Prefect deployments on a Prefect server (until Ctrl-C)")
     _add_config_args(serve)
     serve.set_defaults(func=cmd_serve)
+
+    evaluate = sub.add_parser("evaluate", help="a model's top-1 (95%% interval), recall per class and confusion "
+                                               "matrix on a labeled set, through its own runtime")
+    evaluate.add_argument("--data", required=True, help="a folder or s3:// prefix of <label>/<file>")
+    evaluate.add_argument("--model", type=Path, help="a stage's model folder or the CPU package (default: the "
+                                                      "newest quantize model in the project)")
+    evaluate.add_argument("--out", type=Path, help="where evaluation.json and confusion.png go")
+    _add_config_args(evaluate)
+    evaluate.set_defaults(func=cmd_evaluate)
 
     show = sub.add_parser("config", help="print the resolved config")
     _add_config_args(show)

@@ -35,6 +35,7 @@ log = logging.getLogger("vidopt.tasks")
 MODEL_DIR = "model"                          # inside a stage's place: the finished model
 NOTES = "notes.json"                         # in the model dir: the artifact's notes, so a skipped re-run returns them
 TEST_OUTCOME = "test_outcome.json"           # in the model dir: which test clips it got right, its confusion matrix
+CLASSES = "classes.json"                     # in the model dir: the class names, in the order of its logits
 EVAL_SPLITS = ("val", "test")
 
 
@@ -197,8 +198,10 @@ def save_artifact(work: StageWork, model: nn.Module, arch: TeacherArch | Student
     (work.local / NOTES).write_text(json.dumps(notes, indent=2, sort_keys=True))
     outcome = {"test_correct": scores.test_correct, "test_confusion": scores.test_confusion}
     (work.local / TEST_OUTCOME).write_text(json.dumps(outcome))
+    (work.local / CLASSES).write_text(json.dumps(dataset.classes))
     sha = save_model_dir(model_dir, model, arch, scores.metrics, config,
-                         {NOTES: work.local / NOTES, TEST_OUTCOME: work.local / TEST_OUTCOME, **(extra_files or {})})
+                         {NOTES: work.local / NOTES, TEST_OUTCOME: work.local / TEST_OUTCOME,
+                          CLASSES: work.local / CLASSES, **(extra_files or {})})
     work.store.put_dir(model_dir, work.child(MODEL_DIR))
     return ModelArtifact(uri=work.child(MODEL_DIR), kind=kind, arch=arch.model_dump(mode="json"), weights_sha256=sha,
                          metrics=scores.metrics, data_version=dataset.data_version, notes=notes, **outcome)

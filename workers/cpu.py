@@ -47,6 +47,8 @@ def run_target(job: LocalExportJob) -> TargetResult:
         "input": {"name": INPUT_NAME, "dtype": "uint8" if pixels else "float32", "layout": input_layout(pixels),
                   "shape": list(x.shape[1:])},
         "output": {"name": OUTPUT_NAME, "layout": "[B, classes] logits"},
+        "classes": json.loads((Path(job.model_dir) / "classes.json").read_text())
+        if (Path(job.model_dir) / "classes.json").exists() else None,
     }, indent=2))
     logits = ort_predict(session, batches(stored))
     latency = measure_latency(package / "student_int8.onnx", tuple(x.shape[1:]), batch=1, threads=threads)

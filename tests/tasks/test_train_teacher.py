@@ -25,7 +25,7 @@ from vidopt.training import evaluate
 # Small enough for seconds per epoch on 2 shared cores; still a real r3d_18 (widths 8/16/32/64).
 TEACHER = ["teacher.width=0.125", "teacher.epochs=3", "teacher.patience=10"]
 MODEL_FILES = {"weights.safetensors", "arch.json", "metrics.json", "config.json", "notes.json", "test_outcome.json",
-               "_COMPLETE.json"}
+               "classes.json", "_COMPLETE.json"}
 
 
 def capture_saved_logits(monkeypatch, module) -> dict:
