@@ -43,7 +43,7 @@ from vidopt.train_jobs import FixedClips, Objective, TrainJob
 from workers.train import run_training
 
 log = logging.getLogger("vidopt.distill")
-STAGE = "distill"
+STAGE, CHECKPOINT = "distill", "last"
 
 
 class Reads(TrainingReads):
@@ -87,17 +87,29 @@ def run(cfg: PipelineConfig | Reads, dataset: DatasetArtifact, teacher: ModelArt
     arch = student_arch(cfg, len(dataset.classes))
     torch.manual_seed(cfg.run.seed)  # initial weights follow run.seed, which is part of the stage key
     start = put_weights(work, build_model(arch), "init.safetensors", arch)
-    job = TrainJob(
-        stage=STAGE, store=work.store.spec, run_dir=work.uri, output=work.child("trained.safetensors"), model=start,
-        data=FixedClips(clips=train_clips, logits=teacher_logits),
-        objective=Objective(loss="distillation", alpha=alpha, temperature=d.temperature,
-                            label_smoothing=cfg.augment.label_smoothing) if teaches
-        else Objective(loss="cross_entropy", label_smoothing=cfg.augment.label_smoothing),
-        selection=selection(cfg, dataset, STAGE), augment=d.augment, hflip=cfg.augment.hflip, epochs=d.epochs,
-        lr=d.lr,
-        weight_decay=d.weight_decay, patience=d.patience, batch_size=cfg.clips.batch_size, seed=cfg.run.seed,
-        placement=placement(cfg))
-    result = run_training(job, cfg.train, cfg.ray, logger)
+
+    def train(name: str, with_teacher: bool):
+        objective = Objective(loss="distillation", alpha=alpha, temperature=d.temperature,
+                              label_smoothing=cfg.augment.label_smoothing) if with_teacher \
+            else Objective(loss="cross_entropy", label_smoothing=cfg.augment.label_smoothing)
+        job = TrainJob(
+            stage=STAGE, store=work.store.spec, run_dir=work.uri, checkpoint_name=name,
+            output=work.child(f"{name}.safetensors"), model=start,
+            data=FixedClips(clips=train_clips, logits=teacher_logits if with_teacher else None), objective=objective,
+            selection=selection(cfg, dataset, STAGE), augment=d.augment, hflip=cfg.augment.hflip, epochs=d.epochs,
+            lr=d.lr, weight_decay=d.weight_decay, patience=d.patience, batch_size=cfg.clips.batch_size,
+            seed=cfg.run.seed, placement=placement(cfg))
+        return run_training(job, cfg.train, cfg.ray, logger)
+
+    result = train(CHECKPOINT, teaches)
+    if teaches and d.compare_labels_only:   # the stronger on val of the distilled student and one from labels alone
+        alone = train("labels_only", False)
+        check += (f"; on val the distilled student scored {result.best_score:.3f}, one from labels alone "
+                  f"{alone.best_score:.3f}")
+        if alone.best_score > result.best_score:
+            teaches, result = False, alone
+            check += ": the labels-only student is kept"
+            log.warning("%s: the student from labels alone beats the distilled one on val: kept", STAGE)
     trained = start.model_copy(update={"weights": result.weights})
     student = load_trained(trained, work)
     scores = model_metrics(cfg, work, student, trained, dataset, result.model_dump())
@@ -109,8 +121,8 @@ def run(cfg: PipelineConfig | Reads, dataset: DatasetArtifact, teacher: ModelArt
              result.device, {k: round(v, 3) for k, v in metrics.items() if "top1" in k})
     clips = len(train_rows) * d.cached_clips_per_video
     notes = {"teacher": f"{teacher.uri} (sha256 {teacher.weights_sha256[:12]})", "teacher_check": check,
-             "distillation": f"alpha {alpha}, temperature {d.temperature}, {clips} fixed clips"
-                             + ("" if teaches else " (labels only: the teacher did not pass its check)"),
+             "distillation": f"alpha {alpha}, temperature {d.temperature}, {clips} fixed clips" if teaches
+             else f"labels only ({clips} fixed clips): see teacher_check",
              **training_notes(result)}
     return save_artifact(work, student, arch, scores, stage_config(cfg), "student", dataset, notes)
 

@@ -124,6 +124,8 @@ class DistillConfig(Section):
     alpha: float = Field(0.5, ge=0, le=1)  # weight of CE(labels); (1 - alpha) weighs T^2 * KL to the teacher
     check_teacher: bool = True           # distil only from a teacher significantly better than the majority class
     #                                      on val (tasks/distill.py teacher_check); else labels alone. False: always
+    compare_labels_only: bool = False    # also train a student from the labels alone and keep the better on val:
+    #                                      for a weak but not useless teacher (real footage); doubles distill's time
     temperature: float = Field(4.0, gt=0)
     cached_clips_per_video: int = Field(4, ge=1)  # fixed training clips per video whose teacher logits are cached
     augment: bool = True                 # colour / brightness / shift per clip (vidopt/augment.py) in every student

@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from safetensors.torch import load_file
 
 from tasks import common, distill, ingest, train_teacher
@@ -169,3 +170,17 @@ def test_a_teacher_at_chance_does_not_teach(sample_dir, tiny_cfg, monkeypatch):
     assert labels_only.metrics["test_top1_clip"] == fallback.metrics["test_top1_clip"]
     a, b = (load_file(Path(s.uri) / "weights.safetensors") for s in (fallback, labels_only))
     assert max(float((a[k].float() - b[k].float()).abs().max()) for k in a) < 1e-6
+
+
+def test_compare_labels_only_keeps_the_student_better_on_val(upstream):
+    config, dataset, teacher = upstream
+    student = distill.run(config("distill.epochs=2", "distill.compare_labels_only=true"), dataset, teacher)
+    check = student.notes["teacher_check"]
+    scores = [float(x) for x in re.findall(r"(?:scored|alone) (\d\.\d+)", check)]
+    assert "one from labels alone" in check and len(scores) == 2
+    work = Path(student.uri).parent
+    kept = "labels_only" if "labels-only student is kept" in check else "last"
+    assert scores[1] > scores[0] if kept == "labels_only" else scores[1] <= scores[0]
+    saved = load_file(work / "model" / "weights.safetensors")
+    trained = load_file(work / f"{kept}.safetensors")
+    assert all(torch.equal(saved[k], trained[k]) for k in saved)
