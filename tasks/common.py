@@ -21,7 +21,7 @@ from vidopt.artifacts import DatasetArtifact, ModelArtifact
 from vidopt.checkpoint import ARCH, METRICS, WEIGHTS, save_model_dir
 from vidopt.config import ClipConfig, RayConfig, TrainConfig, flatten
 from vidopt.distillation import ClipSet, decode_clip_set
-from vidopt.metrics import count_macs, count_params, top1, top1_per_video
+from vidopt.metrics import count_macs, count_params, per_video, top1, top1_per_video
 from vidopt.models import StudentArch, TeacherArch
 from vidopt.stages import StageReads, StageWork, open_store, split_rows
 from vidopt.stats import confusion, pack_correct
@@ -145,11 +145,13 @@ class Scores:
     test_confusion: list[list[int]] = field(default_factory=list)
 
 
-def test_scores(logits: np.ndarray, labels: np.ndarray, classes: int) -> dict:
-    """The per-clip outcome of test logits: {test_correct, test_confusion} for a ModelArtifact."""
-    predicted = logits.argmax(1)
-    return {"test_correct": pack_correct(predicted == labels),
-            "test_confusion": confusion(labels, predicted, classes).tolist()}
+def test_scores(logits: np.ndarray, labels: np.ndarray, videos: np.ndarray, classes: int) -> dict:
+    """The per-video outcome of test logits (a video's windows averaged): {test_correct, test_confusion} for a
+    ModelArtifact."""
+    video_logits, video_labels = per_video(logits, labels, videos)
+    predicted = video_logits.argmax(1)
+    return {"test_correct": pack_correct(predicted == video_labels),
+            "test_confusion": confusion(video_labels, predicted, classes).tolist()}
 
 
 def model_metrics(reads: TrainingReads, work: StageWork, model: nn.Module, spec: ModelSpec, dataset: DatasetArtifact,
@@ -171,7 +173,7 @@ def model_metrics(reads: TrainingReads, work: StageWork, model: nn.Module, spec:
         metrics.update({f"{split}_top1_clip": top1(logits, labels),
                         f"{split}_top1_video": top1_per_video(logits, labels, videos)})
         if split == "test":
-            outcome = test_scores(logits, labels, len(dataset.classes))
+            outcome = test_scores(logits, labels, videos, len(dataset.classes))
     clip = reads.clips
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
     metrics.update(

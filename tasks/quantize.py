@@ -99,10 +99,11 @@ def run(cfg: PipelineConfig | Reads, dataset: DatasetArtifact, pruned: ModelArti
              notes["quantization"], metrics["test_top1_clip"], metrics["fp32.test_top1_clip"],
              metrics.get("speedup.b1.t1", float("nan")), metrics["size_ratio"])
 
-    test = load_clip_set(work.store, _eval_clip_set(cfg, dataset, "test"))   # the shipped file, per test clip
+    test = load_clip_set(work.store, _eval_clip_set(cfg, dataset, "test"))   # the shipped file, per test video
     batch = cfg.clips.batch_size
     logits = ort_predict(ort_session(int8_path), [test.clips[i:i + batch] for i in range(0, len(test.labels), batch)])
-    scores = Scores(metrics, **test_scores(logits, test.labels.numpy(), len(dataset.classes)))
+    scores = Scores(metrics, **test_scores(logits, test.labels.numpy(), test.videos.numpy(),
+                                             len(dataset.classes)))
     artifact = save_artifact(work, student, arch, scores, stage_config(cfg), "int8", dataset, notes,
                              extra_files={FP32_FILE: fp32_path, INT8_FILE: int8_path,
                                           INT8_FORMS_DIR: work.local / "onnx" / INT8_FORMS_DIR})

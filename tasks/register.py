@@ -17,7 +17,7 @@ from tasks.caching import stage_cache
 from tasks.retry import IO_RETRY_DELAYS, only_io_errors
 from vidopt.artifacts import DatasetArtifact, ModelArtifact, TargetResult
 from vidopt.config import BudgetConfig, PipelineConfig
-from vidopt.registry import Champion, promotion_gates
+from vidopt.registry import Champion, promotion_gates, video_top1
 from vidopt.stages import StageReads, StageWork, artifact_hash, stage_work
 from vidopt.stats import majority_rate, unpack_correct, wilson_interval
 from vidopt.tracking import code_version
@@ -57,7 +57,7 @@ def run(cfg: PipelineConfig, dataset: DatasetArtifact, teacher: ModelArtifact,
     work = work_dir(cfg, dataset, teacher, targets)
     if work.store.has(work.child(DECISIONS)):  # registered already: registering again would add versions
         return json.loads(work.store.read_text(work.child(DECISIONS)))
-    teacher_top1 = teacher.metrics.get("test_top1_clip")
+    teacher_top1 = teacher.metrics.get("test_top1_video")
     tags = {"data_version": dataset.data_version, "config_hash": cfg.config_hash(), "code_version": code_version()}
     split = "test" if any(c.get("test") for c in dataset.class_counts.values()) else "val"
     counts = {label: c.get(split, 0) for label, c in dataset.class_counts.items()}
@@ -82,12 +82,12 @@ def register_target(result: TargetResult, teacher_top1: float | None, cfg: Pipel
     _ensure_registered_model(client, name, result.target)
     champion = _champion(client, name)
     gates = promotion_gates(result, teacher_top1, cfg.budgets, champion, majority)
-    numbers = {k: str(v) for k, v in {"top1": result.top1, "latency_ms": result.latency_ms,
+    numbers = {k: str(v) for k, v in {"top1": video_top1(result), "latency_ms": result.latency_ms,
                                       "artifact_bytes": result.artifact_bytes}.items() if v is not None}
     if result.correct:   # the next challenger is tested against this version on the same clips
         correct = unpack_correct(result.correct)
         numbers.update(top1_ci="{:.4f}-{:.4f}".format(*wilson_interval(int(correct.sum()), len(correct))),
-                       test_clips=str(len(correct)), eval_clips=result.eval_clips)
+                       test_videos=str(len(correct)), eval_clips=result.eval_clips)
         if len(result.correct) <= TAG_LIMIT:
             numbers["correct"] = result.correct
     gate_tags = {f"gate.{g.name}": f"{'pass' if g.passed else 'fail'}: {g.detail}"[:5000] for g in gates}

@@ -49,11 +49,17 @@ def top1(logits: np.ndarray, labels: np.ndarray) -> float:
     return float((logits.argmax(1) == labels).mean()) if len(labels) else float("nan")
 
 
-def top1_per_video(logits: np.ndarray, labels: np.ndarray, videos: np.ndarray) -> float:
-    """Average the clip logits of each video, then top-1 over videos."""
+def per_video(logits: np.ndarray, labels: np.ndarray, videos: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """-> (logits [V, classes], labels [V]): each video's clip logits averaged, videos in order of first appearance.
+    The unit every statistic counts: clips of one video are not independent trials."""
     by_video: dict[int, list[int]] = defaultdict(list)
     for i, v in enumerate(videos):
         by_video[int(v)].append(i)
     mean_logits = np.stack([logits[idx].mean(0) for idx in by_video.values()])
     video_labels = np.array([labels[idx[0]] for idx in by_video.values()])
-    return top1(mean_logits, video_labels)
+    return mean_logits, video_labels
+
+
+def top1_per_video(logits: np.ndarray, labels: np.ndarray, videos: np.ndarray) -> float:
+    """Average the clip logits of each video, then top-1 over videos."""
+    return top1(*per_video(logits, labels, videos))

@@ -3,7 +3,7 @@
 Every new version of a target's registered model becomes the `challenger`; it becomes the `champion` only when every
 gate passes: verified on the target's own runtime, significantly better than always answering the majority class,
 top-1 at least `budgets.min_top1` and within budget of the teacher, latency (and size) within budget, and not
-significantly worse than the current champion (McNemar's test on the same test clips). Each gate keeps its numbers.
+significantly worse than the current champion (McNemar's test on the same test videos). Each gate keeps its numbers.
 """
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ class Champion:
     """The current champion as the registry recorded it."""
     version: str
     top1: float | None
-    correct: str = ""        # its packed per-clip correctness (vidopt/stats.py)
+    correct: str = ""        # its packed per-video correctness (vidopt/stats.py)
     eval_clips: str = ""     # sha256 of the clip set it was scored on
 
 
@@ -37,7 +37,8 @@ def promotion_gates(result: TargetResult, teacher_top1: float | None, budgets: B
     """The gates a new version of `result.target` must pass. majority: (class, share) of the test split's most
     frequent class: what answering it always scores."""
     gates = [_verified(result, budgets)]
-    top1, correct = result.top1, unpack_correct(result.correct) if result.correct else None
+    correct = unpack_correct(result.correct) if result.correct else None
+    top1 = video_top1(result)
     if majority is not None:
         gates.append(_above_majority(correct, *majority))
     if budgets.min_top1 is not None:
@@ -65,7 +66,7 @@ def promotion_gates(result: TargetResult, teacher_top1: float | None, budgets: B
 def _above_majority(correct: np.ndarray | None, label: str, rate: float) -> Gate:
     """Significantly better (one-sided binomial test, p < 0.05) than always answering the most frequent class."""
     if correct is None or len(correct) == 0:
-        return Gate("above_majority", False, "no per-clip results to test against the majority class")
+        return Gate("above_majority", False, "no per-video results to test against the majority class")
     k, n = int(correct.sum()), len(correct)
     p = above_rate(k, n, rate)
     return Gate("above_majority", p < ALPHA, f"{format_top1(k, n)} vs always answering {label!r} "
@@ -73,7 +74,7 @@ def _above_majority(correct: np.ndarray | None, label: str, rate: float) -> Gate
 
 
 def _vs_champion(result: TargetResult, correct: np.ndarray | None, champion: Champion | None) -> Gate:
-    """Not significantly worse than the champion: McNemar's test on the same clips; where the clips differ (new
+    """Not significantly worse than the champion: McNemar's test on the same videos; where the eval clips differ (new
     data), a one-sided test of the two proportions."""
     if champion is None:
         return Gate("vs_champion", True, "no champion yet")
@@ -82,17 +83,27 @@ def _vs_champion(result: TargetResult, correct: np.ndarray | None, champion: Cha
     if same_clips:
         paired = mcnemar(correct, unpack_correct(champion.correct))
         return Gate("vs_champion", not paired.a_worse(),
-                    f"vs champion v{champion.version} on the same {len(correct)} clips: "
+                    f"vs champion v{champion.version} on the same {len(correct)} videos: "
                     + paired.describe("this version", "the champion"))
-    if result.top1 is None or champion.top1 is None or correct is None:
-        return Gate("vs_champion", result.top1 is not None and champion.top1 is not None
-                    and result.top1 >= champion.top1,
-                    f"{_fmt_pct(result.top1)} vs champion v{champion.version} {_fmt_pct(champion.top1)} "
-                    "(no per-clip results: compared as numbers)")
-    p = worse_than(result.top1, len(correct), champion.top1)
-    return Gate("vs_champion", p >= ALPHA, f"{_fmt_pct(result.top1)} (n={len(correct)}) vs champion "
+    top1 = video_top1(result)
+    if top1 is None or champion.top1 is None or correct is None:
+        return Gate("vs_champion", top1 is not None and champion.top1 is not None and top1 >= champion.top1,
+                    f"{_fmt_pct(top1)} vs champion v{champion.version} {_fmt_pct(champion.top1)} "
+                    "(no per-video results: compared as numbers)")
+    p = worse_than(top1, len(correct), champion.top1)
+    return Gate("vs_champion", p >= ALPHA, f"{_fmt_pct(top1)} (n={len(correct)}) vs champion "
                                           f"v{champion.version} {_fmt_pct(champion.top1)} on other clips: "
                                           f"p={p:.2g} that it is worse")
+
+
+def video_top1(result: TargetResult) -> float | None:
+    """Top-1 over the eval videos (each one's windows averaged) where the target recorded which it got right, else
+    its top-1 per clip: the unit every gate counts."""
+    if result.correct:
+        correct = unpack_correct(result.correct)
+        if len(correct):
+            return float(correct.mean())
+    return result.top1
 
 
 def _verified(result: TargetResult, budgets: BudgetConfig) -> Gate:

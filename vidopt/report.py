@@ -325,14 +325,14 @@ def _ladder_cells(rung: str, a: ModelArtifact) -> list[str]:
 
 
 LADDER_HEADERS = ["rung", "kind", "test top-1 clip %", "test top-1 video %", "GMACs", "params", "size MB", "notes"]
-STATS_HEADERS = ["rung", "test top-1 %", "95% CI", "clips", "vs the teacher (same clips)", "vs the rung before"]
+STATS_HEADERS = ["rung", "test top-1 %", "95% CI", "videos", "vs the teacher (same videos)", "vs the rung before"]
 REGISTRY_HEADERS = ["model", "version", "champion", "reason", "gates"]
 
 
 def _stats_rows(report: Report) -> list[list[str]]:
     if report.verdicts is None:
         return []
-    return [[r.rung, _pct(r.top1), interval_text(r), str(r.clips), r.vs_teacher or "-", r.vs_previous or "-"]
+    return [[r.rung, _pct(r.top1), interval_text(r), str(r.videos), r.vs_teacher or "-", r.vs_previous or "-"]
             for r in report.verdicts.rungs]
 
 
@@ -346,7 +346,7 @@ def _confusion_html(report: Report) -> str:
     v = report.verdicts
     if v is None or not v.confusion or len(report.classes) != len(v.confusion):
         return ""
-    png = confusion_png(v.confusion, report.classes, f"{report.verdicts.rungs[-1].rung}: test clips")
+    png = confusion_png(v.confusion, report.classes, f"{report.verdicts.rungs[-1].rung}: test videos")
     return ('<h2>Confusion matrix of the shipped model</h2>'
             f'<img alt="confusion matrix" src="data:image/png;base64,{base64.b64encode(png).decode()}">')
 TARGET_HEADERS = ["target", "status", "top-1 %", "latency ms", "artifact MB", "parity", "runtime / reason"]
@@ -469,9 +469,9 @@ def render_html(report: Report, png: bytes) -> str:
         "<h2>Targets</h2>", _html_table(TARGET_HEADERS, [_target_cells(t) for t in report.targets]),
         "<h2>Compression ladder</h2>",
         _html_table(LADDER_HEADERS, [_ladder_cells(r, a) for r, a in report.ladder.items()]),
-        "<h2>How sure: 95% intervals and paired tests on the same test clips</h2>",
-        "<p>A difference between two rungs means something only where McNemar's test on the clips one got right and "
-        "the other wrong says so (p &lt; 0.05).</p>",
+        "<h2>How sure: 95% intervals and paired tests on the same test videos</h2>",
+        "<p>A difference between two rungs means something only where McNemar's test on the videos one got right "
+        "and the other wrong says so (p &lt; 0.05).</p>",
         _html_table(STATS_HEADERS, _stats_rows(report)), _confusion_html(report),
         *(["<h2>Registry</h2>", _html_table(REGISTRY_HEADERS, _registry_rows(report))] if report.registry else []),
         "<h2>Target profiles behind the estimates</h2>", f'<p class="estimate">{e(ESTIMATE_NOTE)}</p>',
@@ -490,7 +490,7 @@ def render_table(report: Report) -> str:
     best_labels = {c["variant"] for c in report.best.values() if c["variant"]}
     lines = [f"!! {h}" for h in (report.verdicts.headlines if report.verdicts else [])]
     if _stats_rows(report):
-        lines += ["Test top-1 with 95% intervals; paired tests on the same clips (McNemar)"]
+        lines += ["Test top-1 with 95% intervals; paired tests on the same videos (McNemar)"]
         lines += _text_table(STATS_HEADERS, _stats_rows(report)) + [""]
     lines += ["Every variant on every target (front: Pareto front; top-1 vs latency)"]
     lines += _text_table(POINT_HEADERS, [_point_cells(p, best_labels) for p in report.points])
@@ -527,7 +527,7 @@ def write_report(report: Report, out_dir: Path) -> dict[str, Path]:
     v = report.verdicts
     if v is not None and v.confusion and len(report.classes) == len(v.confusion):
         with atomic_path(out_dir / CONFUSION_FILE) as tmp:
-            tmp.write_bytes(confusion_png(v.confusion, report.classes, f"{v.rungs[-1].rung}: test clips"))
+            tmp.write_bytes(confusion_png(v.confusion, report.classes, f"{v.rungs[-1].rung}: test videos"))
     return paths
 
 

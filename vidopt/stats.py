@@ -1,9 +1,9 @@
 """The statistics behind every number that decides something: a 95% interval for a top-1, whether a model beats the
-majority class, and whether two models differ on the same clips (paired: McNemar's exact test). Plain Python and
+majority class, and whether two models differ on the same videos (paired: McNemar's exact test). Plain Python and
 numpy, exact binomial tails (scipy is not a dependency for these few lines).
 
-With 71 test videos a top-1 of 77.5% reads 66.5-85.6% at 95%; a one-clip difference between two rungs means nothing, and
-these are what tell so.
+The unit is the video (its eval windows averaged). With 71 test videos a top-1 of 77.5% reads 66.5-85.6% at 95%; a
+one-video difference between two rungs means nothing, and these are what tell so.
 """
 from __future__ import annotations
 
@@ -47,15 +47,15 @@ def above_rate(correct: int, n: int, rate: float) -> float:
 
 
 def worse_than(top1: float, n: int, reference: float) -> float:
-    """One-sided p-value that a top-1 measured on n clips comes from a model worse than `reference` (measured on
-    other clips, whose own noise this leaves out): P(X <= top1 * n) under Binomial(n, reference)."""
+    """One-sided p-value that a top-1 measured on n videos comes from a model worse than `reference` (measured on
+    other videos, whose own noise this leaves out): P(X <= top1 * n) under Binomial(n, reference)."""
     k = round(top1 * n)
     return 1.0 - binomial_tail(k + 1, n, reference)
 
 
 @dataclass(frozen=True)
 class Paired:
-    """Two models on the same clips: how many only A got right, only B, and McNemar's exact two-sided p-value."""
+    """Two models on the same videos: how many only A got right, only B, and McNemar's exact two-sided p-value."""
     only_a: int
     only_b: int
     p_value: float
@@ -65,19 +65,19 @@ class Paired:
         return self.only_a - self.only_b
 
     def a_worse(self) -> bool:
-        """A is significantly worse than B (more clips only B gets right, beyond chance)."""
+        """A is significantly worse than B (more videos only B gets right, beyond chance)."""
         return self.only_b > self.only_a and self.p_value < ALPHA
 
     def describe(self, a: str, b: str) -> str:
-        return (f"{self.only_a} clips only {a} got right, {self.only_b} only {b}: McNemar p={self.p_value:.3g}"
+        return (f"{self.only_a} videos only {a} got right, {self.only_b} only {b}: McNemar p={self.p_value:.3g}"
                 + (" (significant)" if self.p_value < ALPHA else " (not significant)"))
 
 
 def mcnemar(correct_a: np.ndarray, correct_b: np.ndarray) -> Paired:
-    """McNemar's exact test on per-clip correctness (bool arrays over the same clips, in the same order)."""
+    """McNemar's exact test on per-video correctness (bool arrays over the same videos, in the same order)."""
     a, b = np.asarray(correct_a, bool), np.asarray(correct_b, bool)
     if a.shape != b.shape:
-        raise ValueError(f"paired test: {a.shape} vs {b.shape} clips; the two models must be scored on the same clips")
+        raise ValueError(f"paired test: {a.shape} vs {b.shape} videos; the two models must be scored on the same videos")
     only_a, only_b = int((a & ~b).sum()), int((~a & b).sum())
     discordant = only_a + only_b
     p = 1.0 if discordant == 0 else min(1.0, 2 * binomial_tail(max(only_a, only_b), discordant, 0.5))
@@ -99,14 +99,14 @@ def confusion(labels: np.ndarray, predicted: np.ndarray, classes: int) -> np.nda
 
 
 def per_class_recall(matrix: np.ndarray) -> list[float | None]:
-    """Recall per true class (None for a class absent from the clips)."""
+    """Recall per true class (None for a class absent from the videos)."""
     totals = matrix.sum(axis=1)
     return [float(matrix[i, i] / totals[i]) if totals[i] else None for i in range(len(matrix))]
 
 
 def pack_correct(correct: np.ndarray) -> str:
-    """Per-clip correctness as a compact string ('1'/'0' per clip, hex-packed): what a registry tag can hold, so a
-    later challenger is tested against the champion on the same clips."""
+    """Per-video correctness as a compact string (a bit per video, hex-packed): what a registry tag can hold, so a
+    later challenger is tested against the champion on the same videos."""
     bits = np.packbits(np.asarray(correct, bool))
     return f"{len(correct)}:{bits.tobytes().hex()}"
 

@@ -1,5 +1,5 @@
 """What the numbers of one run say once their noise is counted: each rung's test top-1 with its 95% interval, each
-rung against the teacher and against the rung before it on the same test clips (McNemar), the headlines a reader must
+rung against the teacher and against the rung before it on the same test videos (McNemar), the headlines a reader must
 not miss (a student that beats its teacher, a teacher that did not teach), and the final model's confusion matrix.
 The report shows them; the registry's gates use the same tests (vidopt/registry.py).
 """
@@ -19,8 +19,8 @@ class RungStats:
     rung: str
     top1: float | None
     interval: tuple[float, float] | None
-    clips: int
-    vs_teacher: str = ""          # paired test against the teacher on the same clips
+    videos: int
+    vs_teacher: str = ""          # paired test against the teacher on the same videos
     vs_previous: str = ""         # against the rung before it
 
 
@@ -39,7 +39,7 @@ def ladder_verdicts(ladder: dict[str, ModelArtifact]) -> Verdicts:
     rungs, headlines = [], []
     for i, name in enumerate(names):
         c = correct[name]
-        top1 = ladder[name].metrics.get("test_top1_clip")
+        top1 = float(c.mean()) if c is not None and len(c) else ladder[name].metrics.get("test_top1_video")
         stats = RungStats(name, top1, wilson_interval(int(c.sum()), len(c)) if c is not None else None,
                           len(c) if c is not None else 0)
         teacher = correct[names[0]]
@@ -47,7 +47,7 @@ def ladder_verdicts(ladder: dict[str, ModelArtifact]) -> Verdicts:
             paired = mcnemar(c, teacher)
             stats.vs_teacher = paired.describe(name, names[0])
             if paired.only_a > paired.only_b and paired.p_value < ALPHA:
-                headlines.append(f"The {name} beats its teacher on the test clips: {format_top1(int(c.sum()), len(c))}"
+                headlines.append(f"The {name} beats its teacher on the test videos: {format_top1(int(c.sum()), len(c))}"
                                  f" against {format_top1(int(teacher.sum()), len(teacher))}; {stats.vs_teacher}. "
                                  "The teacher is the weak rung: a better teacher (teacher.init from published "
                                  "weights, more data) would raise the ceiling.")

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import tarfile
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -17,23 +18,34 @@ import torch
 from vidopt.artifacts import ExportJob, LocalExportJob, TargetResult
 from vidopt.checkpoint import load_model_dir
 from vidopt.data import normalise_clips
+from vidopt.metrics import per_video
 from vidopt.stats import pack_correct
 from vidopt.store import ArtifactStore
 
 EVAL_BATCH = 8
 
 
-def load_eval_clips(job: LocalExportJob) -> tuple[torch.Tensor, np.ndarray]:
-    """-> (clips [N, C, T, H, W] float normalised, labels [N]) from the job's uint8 clip file."""
-    stored, labels = load_stored_clips(job)
-    return normalise_clips(stored), labels
+class Truth(NamedTuple):
+    """What the eval clips are: labels [N] and the video each clip comes from [N] (a video's windows are scored as
+    one)."""
+    labels: np.ndarray
+    videos: np.ndarray
+
+    def head(self, n: int) -> Truth:
+        return Truth(self.labels[:n], self.videos[:n])
 
 
-def load_stored_clips(job: LocalExportJob) -> tuple[torch.Tensor, np.ndarray]:
-    """-> (clips [N, T, H, W, C] uint8 as stored, labels [N]): what an ONNX model is fed through
+def load_eval_clips(job: LocalExportJob) -> tuple[torch.Tensor, Truth]:
+    """-> (clips [N, C, T, H, W] float normalised, truth) from the job's uint8 clip file."""
+    stored, truth = load_stored_clips(job)
+    return normalise_clips(stored), truth
+
+
+def load_stored_clips(job: LocalExportJob) -> tuple[torch.Tensor, Truth]:
+    """-> (clips [N, T, H, W, C] uint8 as stored, truth): what an ONNX model is fed through
     vidopt.onnx_utils.ort_predict, which gives a pixel model its pixels and a float model normalised clips."""
     saved = torch.load(job.eval_clips, map_location="cpu", weights_only=True)
-    return saved["clips"], saved["labels"].numpy()
+    return saved["clips"], Truth(saved["labels"].numpy(), saved["videos"].numpy())
 
 
 def run_export_job(job: ExportJob, run_target) -> TargetResult:
@@ -84,14 +96,16 @@ def parity(logits: np.ndarray, reference: np.ndarray) -> dict[str, float]:
             "argmax_agreement": float((logits.argmax(1) == reference.argmax(1)).mean())}
 
 
-def top1(logits: np.ndarray, labels: np.ndarray) -> float:
-    return float((logits.argmax(1) == labels).mean())
+def top1(logits: np.ndarray, truth: Truth) -> float:
+    """Top-1 per clip."""
+    return float((logits.argmax(1) == truth.labels).mean())
 
 
-def correct(logits: np.ndarray, labels: np.ndarray) -> str:
-    """Which clips the logits get right, packed (vidopt/stats.py): the registry tests a challenger against the
-    champion on the same clips."""
-    return pack_correct(logits.argmax(1) == labels)
+def correct(logits: np.ndarray, truth: Truth) -> str:
+    """Which videos the logits get right (each video's windows averaged), packed (vidopt/stats.py): the registry
+    tests a challenger against the champion on the same videos."""
+    video_logits, video_labels = per_video(logits, truth.labels, truth.videos)
+    return pack_correct(video_logits.argmax(1) == video_labels)
 
 
 def archive(src: Path, dest: Path) -> Path:

@@ -32,7 +32,7 @@ def run_target(job: LocalExportJob) -> TargetResult:
         return TargetResult(target="cpu", status="failed", reason=f"{source}: no int8 model (run the quantize stage)")
     package = Path(job.out_dir) / "cpu_int8"
     package.mkdir(parents=True, exist_ok=True)
-    stored, labels = load_stored_clips(job)      # [N, T, H, W, C] uint8: ort_predict gives the file what it reads
+    stored, truth = load_stored_clips(job)      # [N, T, H, W, C] uint8: ort_predict gives the file what it reads
     x = normalise_clips(stored)                   # [N, C, T, H, W] float, for the PyTorch reference
     reference = reference_logits(job, x)
     form, shipped, form_times, form_agreement = int8_to_ship(Path(job.int8_dir), tuple(x.shape[1:]), threads,
@@ -57,7 +57,7 @@ def run_target(job: LocalExportJob) -> TargetResult:
         target="cpu", status="ok",
         runtime=f"onnxruntime {ort.__version__} {session.get_providers()[0]} ({threads} thread(s))",
         artifact_uri=str(artifact), artifact_bytes=artifact.stat().st_size,
-        parity=parity(logits, reference), top1=top1(logits, labels), correct=correct(logits, labels),
+        parity=parity(logits, reference), top1=top1(logits, truth), correct=correct(logits, truth),
         latency_ms=latency["p50_ms"], seconds=time.monotonic() - started,
         extra={"latency": latency, "threads": threads, "int8_form": form,
                "int8_forms_best_p50_ms": form_times, "int8_forms_argmax_agreement": form_agreement,

@@ -248,11 +248,11 @@ def run_target(job: LocalExportJob) -> TargetResult:
         return TargetResult(target="fpga", status="skipped",
                             reason=f"fpga: only a student exports to hls4ml, not a {arch.kind} (Conv3d is unsupported)")
     width, margin = job.options.fixed_width, job.options.margin_bits
-    x, labels = load_eval_clips(job)                                      # [N, C, T, H, W] normalised
+    x, truth = load_eval_clips(job)                                      # [N, C, T, H, W] normalised
     # The emulation is slow (one core: ~2.6 s per 16x64x64 clip, ~10 s at 16x112x112): a cap keeps big test splits
     # inside the pool's job timeout. None: every clip.
     if limit := job.options.max_eval_clips:
-        x, labels = x[:limit], labels[:limit]
+        x, truth = x[:limit], truth.head(limit)
     t, d, c = arch.frames, arch.feature_dim(), arch.input_channels()
     encoder, head = fold_student(model, arch)
     with torch.no_grad():  # the host's part: frame differences (parameter-free), before the encoder IP
@@ -297,12 +297,12 @@ def run_target(job: LocalExportJob) -> TargetResult:
 
     reference = reference_logits(job, x)
     result_parity = parity(logits, reference)
-    ref_top1, fpga_top1 = top1(reference, labels), top1(logits, labels)
+    ref_top1, fpga_top1 = top1(reference, truth), top1(logits, truth)
     return TargetResult(
         target="fpga", status="ok", runtime=f"hls4ml {hls4ml.__version__} C++ emulation (Vitis backend, g++)",
         artifact_uri=str(artifact), artifact_bytes=artifact.stat().st_size,
         parity={**result_parity, "reference_top1": ref_top1, "top1_delta": fpga_top1 - ref_top1}, top1=fpga_top1,
-        correct=correct(logits, labels),
+        correct=correct(logits, truth),
         latency_ms=None, seconds=time.monotonic() - started,
         extra={"latency_note": "hls4ml estimates no latency without vendor tools; the synthesis report of "
                                "`build(synth=True)` gives it in cycles (see the archive's README)",

@@ -28,7 +28,7 @@ import torch
 from vidopt.artifacts import LocalExportJob, TargetResult, default_options
 from vidopt.checkpoint import load_model_dir
 from vidopt.data import normalise_clips
-from workers.common import (archive, batches, correct, load_stored_clips, parity, reference_logits, run_module,
+from workers.common import (Truth, archive, batches, correct, load_stored_clips, parity, reference_logits, run_module,
                             top1)
 
 FP32_TOL = 1e-4           # max |logit| difference allowed for fp32 back-ends
@@ -46,7 +46,7 @@ def run_target(job: LocalExportJob) -> TargetResult:
     started = time.monotonic()
     package = Path(job.out_dir) / "package"     # everything deployable; archived as a whole
     package.mkdir(parents=True, exist_ok=True)
-    stored, labels = load_stored_clips(job)      # [N, T, H, W, C] uint8: ONNX files are fed through ort_predict
+    stored, truth = load_stored_clips(job)      # [N, T, H, W, C] uint8: ONNX files are fed through ort_predict
     x = normalise_clips(stored)                  # [N, C, T, H, W] float, for PyTorch and AOTInductor
     reference = reference_logits(job, x)
     model, _ = load_model_dir(job.model_dir)
@@ -61,13 +61,13 @@ def run_target(job: LocalExportJob) -> TargetResult:
         variants["ort_int8"] = {"error": f"{job.int8_dir}/model_int8.onnx: not found (run the quantize stage)"}
     for name, path in onnx_files.items():
         precision = "fp16" if name == "fp16" else "int8"
-        variants[f"ort_{name}"] = _guarded(lambda: _ort_variant(path, stored, labels, reference, threads, precision))
+        variants[f"ort_{name}"] = _guarded(lambda: _ort_variant(path, stored, truth, reference, threads, precision))
     if _tensorrt_usable(cuda):
         for precision, source in (("fp16", onnx_files.get("fp16")), ("int8", onnx_files.get("int8_symmetric"))):
             if source:
                 variants[f"tensorrt_{precision}"] = _guarded(
-                    lambda: _tensorrt_variant(source, stored, labels, reference, precision))
-    variants["aoti"] = _guarded(lambda: _aoti_variant(model, x, labels, reference, package, cuda, threads))
+                    lambda: _tensorrt_variant(source, stored, truth, reference, precision))
+    variants["aoti"] = _guarded(lambda: _aoti_variant(model, x, truth, reference, package, cuda, threads))
 
     problems = [f"{k}: {v['error']}" if "error" in v else f"{k}: parity {v['parity']} outside {v['tolerance']}"
                 for k, v in variants.items() if "error" in v or (v.get("gated") and not v["within_tolerance"])]
@@ -96,12 +96,12 @@ def _guarded(make: Callable[[], dict]) -> dict:
         return {"error": f"{type(error).__name__}: {error}"[:1500], "trace": traceback.format_exc()[-3000:]}
 
 
-def _score(logits: np.ndarray, reference: np.ndarray, labels: np.ndarray, precision: str) -> dict:
+def _score(logits: np.ndarray, reference: np.ndarray, truth: Truth, precision: str) -> dict:
     """Parity against the fp32 PyTorch logits, top-1, and the bar for this precision (int8: argmax agreement only;
     its accuracy is gated by the quantize stage against the test split)."""
     check = parity(logits, reference)
     scale = max(float(np.abs(reference).max()), 1e-12)
-    result = {"parity": check, "top1": top1(logits, labels), "correct": correct(logits, labels),
+    result = {"parity": check, "top1": top1(logits, truth), "correct": correct(logits, truth),
               "rel_max_abs_diff": check["max_abs_diff"] / scale}
     if precision == "fp32":
         result |= {"within_tolerance": check["max_abs_diff"] <= FP32_TOL, "tolerance": f"{FP32_TOL} abs", "gated": True}
@@ -154,7 +154,7 @@ def _onnx_files(job: LocalExportJob, model, input_shape: tuple, package: Path) -
     return files
 
 
-def _ort_variant(path: Path, stored, labels, reference, threads: int, precision: str) -> dict:
+def _ort_variant(path: Path, stored, truth, reference, threads: int, precision: str) -> dict:
     """`stored`: the eval clips as stored, uint8 [N, T, H, W, C]; ort_predict gives each file the input it reads."""
     import onnxruntime as ort
 
@@ -178,7 +178,7 @@ def _ort_variant(path: Path, stored, labels, reference, threads: int, precision:
     if precision == "fp16" and providers[0] == "CPUExecutionProvider":
         result["note"] = ("onnxruntime's CPU provider has no x86 fp16 kernels for these ops and inserts Casts so they "
                           "run in fp32: this checks fp16 rounding of the weights, not fp16 arithmetic or speed")
-    return result | _score(logits, reference, labels, "fp16" if precision == "fp16" else "int8")
+    return result | _score(logits, reference, truth, "fp16" if precision == "fp16" else "int8")
 
 
 def _tensorrt_usable(cuda: bool) -> bool:
@@ -191,7 +191,7 @@ def _tensorrt_usable(cuda: bool) -> bool:
     return True
 
 
-def _tensorrt_variant(onnx_path: Path, stored, labels, reference, precision: str) -> dict:
+def _tensorrt_variant(onnx_path: Path, stored, truth, reference, precision: str) -> dict:
     """Build a TensorRT engine from the ONNX file and run it on CUDA tensors. The files carry their precision (fp16
     tensors; int8 Q/DQ), so the network is strongly typed and TensorRT builds exactly that: no FP16/INT8 builder flags
     (weak typing is deprecated since TensorRT 10.12 and removed in 11). `stored`: uint8 clips [N, T, H, W, C], given
@@ -238,13 +238,13 @@ def _tensorrt_variant(onnx_path: Path, stored, labels, reference, precision: str
     first = stored[:1]
     return {"runtime": f"TensorRT {trt.__version__} {precision} on {torch.cuda.get_device_name()}", "on_gpu": True,
             "latency_ms": _p50_ms(lambda: infer(first), torch.cuda.synchronize), "build_s": build_s,
-            "file": engine_path.name, "bytes": engine_path.stat().st_size} | _score(logits, reference, labels,
+            "file": engine_path.name, "bytes": engine_path.stat().st_size} | _score(logits, reference, truth,
                                                                                      precision)
 
 
 # ---- (b) AOTInductor -------------------------------------------------------------------------------------------------
 
-def _aoti_variant(model, x, labels, reference, package: Path, cuda: bool, threads: int) -> dict:
+def _aoti_variant(model, x, truth, reference, package: Path, cuda: bool, threads: int) -> dict:
     """torch.export -> AOTInductor package (a .pt2 holding the compiled .so and weights), then loaded and run in a
     fresh process, as a server would: on the lent H200 (torch 2.11+cu130) a package that ran in the process that built
     it crashed when loaded in a new one. fp16 on CUDA (what a GPU server would run), fp32 on CPU (the C++ compile is
@@ -279,7 +279,7 @@ def _aoti_variant(model, x, labels, reference, package: Path, cuda: bool, thread
     return {"runtime": f"torch {torch.__version__} AOTInductor {str(dtype).removeprefix('torch.')} on {where}",
             "on_gpu": cuda, "latency_ms": latency, "export_s": export_s, "compile_s": compile_s,
             "verified_in": "a fresh process", "file": path.name, "bytes": path.stat().st_size} \
-        | _score(logits, reference, labels, "fp16" if cuda else "fp32")
+        | _score(logits, reference, truth, "fp16" if cuda else "fp32")
 
 
 def _run_aoti_child(package: Path, clips: Path, logits_out: Path, threads: int) -> subprocess.CompletedProcess:

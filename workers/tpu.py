@@ -55,7 +55,7 @@ def run_target(job: LocalExportJob) -> TargetResult:
     work = out / "verify"
     work.mkdir(exist_ok=True)
 
-    x, labels = load_eval_clips(job)
+    x, truth = load_eval_clips(job)
     export_cmd = ["--export", job.model_dir, str(out), "--verify-batch", str(verify_batch(len(x)))]
     export_cmd += ["--bf16"] if bf16 else []
     exported = _child(export_cmd, "CPU", job)
@@ -80,8 +80,8 @@ def run_target(job: LocalExportJob) -> TargetResult:
         check["max_abs_diff"] = max(check["max_abs_diff"], shipped_check["max_abs_diff"])
         scale = float(np.abs(reference).max())
         variants[name] = {
-            "runtime": timing["runtime"], "parity": check, "top1": top1(logits, labels),
-            "correct": correct(logits, labels),
+            "runtime": timing["runtime"], "parity": check, "top1": top1(logits, truth),
+            "correct": correct(logits, truth),
             "latency_ms": timing["latency_ms"], "call_wall_ms": timing["call_wall_ms"],
             "compile_ms": timing["compile_ms"], "export_s": report[name]["export_s"],
             "rel_max_abs_diff": check["max_abs_diff"] / max(scale, 1e-12),

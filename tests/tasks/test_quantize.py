@@ -18,6 +18,7 @@ from vidopt.onnx_utils import (FORMS_INDEX, INT8_FORMS_DIR, int8_form_files, op_
                                takes_pixels)
 from vidopt.qat import prepare_qat, student_state_from_qat
 from vidopt.stages import open_store
+from vidopt.stats import unpack_correct
 from vidopt.storage import sha256_file
 from vidopt.training import FitSpec, evaluate, fit
 
@@ -147,6 +148,11 @@ def test_qat_runs_when_ptq_misses_the_budget(trained):
     assert {"ptq_test_top1", "qat_test_top1", "fp32_test_top1", "reason"} <= set(art.notes)
     assert m["test_top1_clip"] == m["qat.test_top1_clip"] and "ptq.test_top1_clip" in m
     assert m["qat.test_argmax_agreement"] >= 0.9 and m["fp32_ort.max_abs_diff"] <= 1e-4
+    # every statistic counts videos, not windows: one outcome per test video, its 4 windows' logits averaged
+    test_videos = trained["dataset"].class_counts
+    n_test = sum(c["test"] for c in test_videos.values())
+    assert len(unpack_correct(art.test_correct)) == n_test == int(np.sum(art.test_confusion))
+    assert abs(unpack_correct(art.test_correct).mean() - m["test_top1_video"]) < 1e-9
     # The soft targets were the fp32 student's own logits on the training clips (no teacher is an input)
     soft = torch.load(Path(art.uri).parent / "fp32_logits.pt", weights_only=True)
     student, _ = load_model_dir(trained["student"].uri)

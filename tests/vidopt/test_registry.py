@@ -1,5 +1,5 @@
 """Promotion gates: each fails on its own cause, with its numbers. A candidate must beat answering the majority class
-significantly, and must not be significantly worse than the champion on the same clips (McNemar), while a one-clip
+significantly, and must not be significantly worse than the champion on the same videos (McNemar), while a one-video
 difference is no reason to keep the old champion."""
 import numpy as np
 
@@ -55,14 +55,14 @@ def test_a_model_no_better_than_the_majority_class_is_refused_with_its_numbers()
                                                           ("normal", 0.577)))
 
 
-def test_the_champion_stays_only_where_the_challenger_is_significantly_worse_on_the_same_clips():
+def test_the_champion_stays_only_where_the_challenger_is_significantly_worse_on_the_same_videos():
     champion = Champion("3", 0.92, correct(92), CLIPS)
     one_clip_worse = result(top1=0.91, correct=correct(91))
     [gate] = [g for g in promotion_gates(one_clip_worse, 0.91, BudgetConfig(), champion) if g.name == "vs_champion"]
-    assert gate.passed and "not significant" in gate.detail and "same 100 clips" in gate.detail
+    assert gate.passed and "not significant" in gate.detail and "same 100 videos" in gate.detail
     much_worse = result(top1=0.80, correct=correct(80))
     [gate] = [g for g in promotion_gates(much_worse, 0.80, BudgetConfig(), champion) if g.name == "vs_champion"]
-    assert not gate.passed and "0 clips only this version got right, 12 only the champion" in gate.detail
+    assert not gate.passed and "0 videos only this version got right, 12 only the champion" in gate.detail
     # other clips (new data): the proportions are compared instead
     elsewhere = Champion("3", 0.92, correct(92), "d" * 64)
     [gate] = [g for g in promotion_gates(much_worse, 0.80, BudgetConfig(), elsewhere) if g.name == "vs_champion"]
@@ -75,3 +75,13 @@ def test_a_failed_or_unmeasured_target_is_never_promoted():
         "verified", "above_majority", "top1_vs_teacher", "latency"}
     float_target = result(parity={"max_abs_diff": 1e-6})  # float targets: parity already checked in the worker
     assert failed(promotion_gates(float_target, 0.9, BudgetConfig(), None)) == set()
+
+
+def test_gates_count_videos_where_the_target_recorded_them():
+    # 80 of 100 clips right, but 45 of 50 videos once each video's windows are averaged: the gates read 90%
+    per_video = result(top1=0.80, correct=correct(45, 50))
+    gates = {g.name: g for g in promotion_gates(per_video, teacher_top1=0.91, budgets=BudgetConfig(min_top1=0.85),
+                                                 champion=None, majority=("a", 0.5))}
+    assert gates["min_top1"].passed and gates["min_top1"].detail.startswith("90.0%")
+    assert gates["top1_vs_teacher"].passed and "1.00 points lost" in gates["top1_vs_teacher"].detail
+    assert "n=50" in gates["above_majority"].detail

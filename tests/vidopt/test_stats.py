@@ -40,7 +40,7 @@ def test_mcnemar_is_the_exact_binomial_on_the_discordant_clips():
     assert one_each.p_value == 1.0 and not one_each.a_worse()
     worse = stats.mcnemar(np.zeros(10, bool), np.ones(10, bool))
     assert worse.a_worse() and worse.p_value == pytest.approx(2 / 2**10)
-    with pytest.raises(ValueError, match="same clips"):
+    with pytest.raises(ValueError, match="same videos"):
         stats.mcnemar(np.ones(3, bool), np.ones(4, bool))
 
 

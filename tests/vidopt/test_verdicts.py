@@ -1,4 +1,4 @@
-"""What a run's numbers say once their noise is counted: intervals per rung, paired tests on the same clips, and
+"""What a run's numbers say once their noise is counted: intervals per rung, paired tests on the same videos, and
 the headlines (a student that beats its teacher, a teacher that did not teach)."""
 import numpy as np
 
@@ -17,7 +17,7 @@ def test_a_student_far_above_its_teacher_is_a_headline_and_one_clip_is_not():
     v = ladder_verdicts({"teacher": rung("teacher", 56), "student": rung("student", 76),
                          "pruned": rung("pruned", 77), "int8": rung("int8", 77)})
     assert [r.rung for r in v.rungs] == ["teacher", "student", "pruned", "int8"]
-    assert v.rungs[0].interval[0] < 0.56 < v.rungs[0].interval[1] and v.rungs[0].clips == 100
+    assert v.rungs[0].interval[0] < 0.56 < v.rungs[0].interval[1] and v.rungs[0].videos == 100
     assert any(h.startswith("The student beats its teacher") for h in v.headlines)
     assert "not significant" in v.rungs[2].vs_previous          # 77 vs 76: one clip
     assert v.confusion == [[77, 0], [23, 0]] and v.recall == [1.0, 0.0]
