@@ -85,8 +85,17 @@ def clip_set(reads: TrainingReads, dataset: DatasetArtifact, split: str, per_vid
     """One split's clips (per_video uniformly spaced clips a video), decoded once and kept in the store, named by
     data content and clip settings: every stage and every node reads the same file. Decoding happens here, where
     ingestion left the videos."""
+    return _clip_set(reads, dataset, split, per_video)
+
+
+def eval_clip_set(reads: TrainingReads, dataset: DatasetArtifact, split: str) -> FileRef:
+    """One split's clips as evaluation scores them: each video's windows (vidopt/data.py eval_windows)."""
+    return _clip_set(reads, dataset, split, None)
+
+
+def _clip_set(reads: TrainingReads, dataset: DatasetArtifact, split: str, per_video: int | None) -> FileRef:
     store = open_store(reads.run)
-    name = f"{dataset.manifest_sha256[:16]}-{_clip_hash(reads.clips)}-{split}-{per_video}.pt"
+    name = f"{dataset.manifest_sha256[:16]}-{_clip_hash(reads.clips)}-{split}-{per_video or 'eval'}.pt"
     uri = store.uri(*CLIP_SETS.split("/"), name)
     if store.has(uri):
         return store.ref(uri)
@@ -117,11 +126,11 @@ def selection(reads: TrainingReads, dataset: DatasetArtifact, stage: str, score:
     clips, which overfit. `logits`: (val, train) targets of a distillation-loss score."""
     store = open_store(reads.run)
     if split_rows(dataset, "val", store):
-        clips = clip_set(reads, dataset, "val", reads.clips.eval_clips_per_video)
+        clips = eval_clip_set(reads, dataset, "val")
         return Selection(score=score, clips=clips, logits=logits[0], name=f"val_{_score_name(score)}")
     log.warning("%s: the val split is empty; choosing the best epoch on the training clips instead (it will "
                 "overfit)", stage)
-    clips = clip_set(reads, dataset, "train", reads.clips.eval_clips_per_video)
+    clips = eval_clip_set(reads, dataset, "train")
     return Selection(score=score, clips=clips, logits=logits[1], name=f"train_{_score_name(score)}")
 
 
@@ -156,7 +165,7 @@ def test_scores(logits: np.ndarray, labels: np.ndarray, videos: np.ndarray, clas
 
 def model_metrics(reads: TrainingReads, work: StageWork, model: nn.Module, spec: ModelSpec, dataset: DatasetArtifact,
                   fit_result: dict) -> Scores:
-    """Top-1 per clip and per video on val and test (clips.eval_clips_per_video uniformly spaced clips per video),
+    """Top-1 per clip and per video on val and test (each video's eval windows),
     MACs and parameters of one [3, T, H, W] clip, the safetensors weights' size, epochs run and best epoch; and what
     it got right and wrong on the test clips."""
     metrics: dict[str, float] = {}
@@ -165,7 +174,7 @@ def model_metrics(reads: TrainingReads, work: StageWork, model: nn.Module, spec:
         if not split_rows(dataset, split, store):
             log.warning("metrics: the %s split is empty; no %s top-1 recorded", split, split)
             continue
-        clips = clip_set(reads, dataset, split, reads.clips.eval_clips_per_video)
+        clips = eval_clip_set(reads, dataset, split)
         ref = logits_of(reads, spec, clips, work.child(f"eval/{spec.weights.sha256[:16]}-{split}_logits.pt"))
         logits = torch.load(store.get_file(ref), map_location="cpu", weights_only=True).numpy()
         saved = load_clip_set(store, clips)

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from tasks import ingest
-from tasks.common import CLASSES, TrainingReads, clip_set, load_clip_set
+from tasks.common import CLASSES, TrainingReads, eval_clip_set, load_clip_set
 from vidopt.checkpoint import ARCH, load_model_dir
 from vidopt.config import PipelineConfig
 from vidopt.metrics import top1_per_video
@@ -89,7 +89,7 @@ def run(cfg: PipelineConfig, data: str, model: Path | None = None, out: Path | N
             raise EvaluateError(f"evaluate: {data} has labels the model does not know: {unknown} (it knows "
                                 f"{classes})")
         store = open_store(cfg.run)
-        ref = clip_set(TrainingReads.of(cfg), dataset, "test", cfg.clips.eval_clips_per_video)
+        ref = eval_clip_set(TrainingReads.of(cfg), dataset, "test")
         test = load_clip_set(store, ref)
         batch = cfg.clips.batch_size
         if kind == "onnx":

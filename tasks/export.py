@@ -14,7 +14,7 @@ import time
 from prefect import task
 
 from tasks.caching import stage_cache
-from tasks.common import TrainingReads, clip_set
+from tasks.common import TrainingReads, eval_clip_set
 from tasks.retry import IO_RETRY_DELAYS, only_io_errors
 from vidopt.artifacts import (CpuOptions, DatasetArtifact, ExportJob, FpgaOptions, GpuOptions, ModelArtifact,
                               TargetResult, TpuOptions)
@@ -58,7 +58,7 @@ def run(cfg: PipelineConfig | Reads, dataset: DatasetArtifact, int8: ModelArtifa
     if not split_rows(dataset, split, work.store):
         raise ValueError(f"export: dataset {dataset.uri} has no test or val videos to verify targets on")
     # The split's clips as the quantize stage already decoded them (one clip set in the store): workers fetch it.
-    eval_clips = clip_set(cfg, dataset, split, cfg.clips.eval_clips_per_video)
+    eval_clips = eval_clip_set(cfg, dataset, split)
     jobs = [ExportJob(target=t, store=work.store.spec, model=int8.uri, eval_clips=eval_clips, out=work.child(t),
                       options=target_options(cfg, t)) for t in cfg.export.targets]
     # The jobs as sent, so `vidopt bench export` can time each target alone against this stage.

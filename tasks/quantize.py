@@ -27,6 +27,7 @@ from tasks.common import (
     Scores,
     TrainingReads,
     clip_set,
+    eval_clip_set,
     load_clip_set,
     log_model_stage,
     logits_of,
@@ -166,7 +167,7 @@ def _eval_clip_set(cfg: Reads, dataset: DatasetArtifact, split: str) -> FileRef:
     if not split_rows(dataset, split, open_store(cfg.run)):
         raise QuantizeError(f"quantize: the {split} split of dataset {dataset.data_version} is empty; "
                             "add videos or change data.split_fractions")
-    return clip_set(cfg, dataset, split, cfg.clips.eval_clips_per_video)
+    return eval_clip_set(cfg, dataset, split)
 
 
 def _calibration_batches(train: ClipSet, cfg: PipelineConfig) -> list[torch.Tensor]:

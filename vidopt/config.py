@@ -58,7 +58,9 @@ class ClipConfig(Section):
     width: int = Field(112, ge=1)
     resize: Literal["crop", "squash"] = "crop"  # crop: scale keeping the aspect ratio, then the centre (a random
     #                                      window while training); squash: scale each side to fit
-    eval_clips_per_video: int = Field(1, ge=1)  # uniformly spaced clips per video at evaluation
+    eval_clips_per_video: int = Field(3, ge=1)  # at most this many uniformly spaced windows per video at evaluation,
+    #                                      their logits averaged; fewer where the video is too short for them to
+    #                                      overlap by half a clip or less (vidopt/data.py eval_windows)
     batch_size: int = Field(8, ge=1)
     loader_workers: int = 2              # DataLoader processes decoding clips
     memory_cache_mb: int = Field(512, ge=0)  # training videos decoded once into memory when they fit in this;

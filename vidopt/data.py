@@ -107,6 +107,17 @@ def sample_clip_indices(
     return list(range(start, start + span, stride))
 
 
+def eval_windows(row: dict, clips: ClipConfig) -> int:
+    """How many uniformly spaced windows evaluation scores a video on: up to clips.eval_clips_per_video, and no more
+    than its length holds with neighbours overlapping by at most half a clip (a 32-frame video and a 29-frame clip:
+    one; 142 frames: three). More windows of one video would repeat what the first saw."""
+    frames, stride = clips.frames, clip_stride(row, clips)
+    stride = max(1, min(stride, (row["num_frames"] - 1) // max(frames - 1, 1)))   # as sample_clip_indices shrinks it
+    span = (frames - 1) * stride + 1
+    room = row["num_frames"] - span
+    return max(1, min(clips.eval_clips_per_video, room // max((span + 1) // 2, 1)))
+
+
 def clip_stride(row: dict, clips: ClipConfig) -> int:
     """Frames between a clip's frames in this video: clips.stride, or, with clips.seconds, what spans that many
     seconds at the video's frame rate (10 and 30 fps cameras show the model the same stretch of time)."""
@@ -183,24 +194,27 @@ class ClipDataset:
 
     def __init__(self, rows: list[dict], classes: list[str], clips: ClipConfig, *, train: bool, seed: int = 0,
                  per_video: int | None = None, normalise: bool = True, store: FrameStore | None = None):
+        """per_video: that many clips of every video; None: one random clip (train), or the evaluation windows
+        (`eval_windows`: up to clips.eval_clips_per_video, as many as the video's length holds)."""
         self.rows, self.clips, self.train, self.seed, self.normalise = rows, clips, train, seed, normalise
         self.store = store  # decoded frames of `rows`, when they fit in memory
         self.class_index = {c: i for i, c in enumerate(classes)}
-        self.per_video = per_video or (1 if train else clips.eval_clips_per_video)
+        counts = [per_video or (1 if train else eval_windows(row, clips)) for row in rows]
+        self.items = [(video, clip, n) for video, n in enumerate(counts) for clip in range(n)]  # (video, window, of)
         self.epoch = 0  # bump between epochs so random offsets change
 
     def __len__(self) -> int:
-        return len(self.rows) * self.per_video
+        return len(self.items)
 
     def __getitem__(self, item: int):
         from vidopt.video import read_frames
 
         torch = _import_torch()
-        video, clip = divmod(item, self.per_video)
+        video, clip, clips = self.items[item]
         row = self.rows[video]
         rng = np.random.default_rng([self.seed, self.epoch, item]) if self.train else None
         indices = sample_clip_indices(row["num_frames"], self.clips.frames, clip_stride(row, self.clips),
-                                      train=self.train, rng=rng, clip=clip, clips=self.per_video)
+                                      train=self.train, rng=rng, clip=clip, clips=clips)
         if self.store is not None:
             frames = self.store.videos[video][indices]  # [T, h, w, C] uint8
         else:

@@ -45,9 +45,10 @@ class ClipSet:
             yield normalise_clips(self.clips[idx]), self.labels[idx], self.videos[idx]
 
 
-def decode_clip_set(rows: list[dict], classes: list[str], clips: ClipConfig, per_video: int,
+def decode_clip_set(rows: list[dict], classes: list[str], clips: ClipConfig, per_video: int | None,
                     cache: Path | None = None) -> ClipSet:
-    """Decode `per_video` uniformly spaced clips of every row once (cached on disk at `cache` if given)."""
+    """Decode `per_video` uniformly spaced clips of every row once (cached on disk at `cache` if given); None: the
+    evaluation windows (vidopt/data.py eval_windows)."""
     if cache is not None and cache.exists():
         return ClipSet(**torch.load(cache, weights_only=True))
     dataset = ClipDataset(rows, classes, clips, train=False, per_video=per_video, normalise=False)

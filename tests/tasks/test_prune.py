@@ -172,8 +172,7 @@ def test_structured_stage_fine_tunes_back_what_pruning_lost(upstream, tiny_cfg):
     # The saved directory alone rebuilds the model the stage measured.
     model, _ = load_model_dir(pruned.uri)
     assert m["rebuild_max_abs_diff"] < 1e-5
-    val = decode_clip_set(split_rows(upstream["dataset"], "val"), upstream["dataset"].classes, cfg.clips,
-                          cfg.clips.eval_clips_per_video)
+    val = decode_clip_set(split_rows(upstream["dataset"], "val"), upstream["dataset"].classes, cfg.clips, None)
     assert evaluate(model, val.batches(cfg.clips.batch_size, shuffle=False))["top1_clip"] == m["val_top1_clip"]
     # Done once: the same inputs return the stored result.
     assert prune.run(cfg, upstream["dataset"], upstream["student"], upstream["teacher"]) == pruned

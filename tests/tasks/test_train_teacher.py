@@ -61,7 +61,7 @@ def check_model_dir(artifact, cfg, dataset, saved: dict) -> torch.nn.Module:
     with torch.no_grad():
         assert torch.equal(reloaded(saved["input"]), saved["logits"])
     # The metrics were measured on the saved (best) weights: re-measuring the reloaded model gives the same numbers.
-    test_clips = decode_clip_set(split_rows(dataset, "test"), dataset.classes, cfg.clips, cfg.clips.eval_clips_per_video)
+    test_clips = decode_clip_set(split_rows(dataset, "test"), dataset.classes, cfg.clips, None)
     test = evaluate(reloaded, test_clips.batches(cfg.clips.batch_size, shuffle=False))
     assert test["top1_clip"] == pytest.approx(artifact.metrics["test_top1_clip"])
     return reloaded

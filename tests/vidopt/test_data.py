@@ -1,7 +1,8 @@
 import numpy as np
 import pytest
 
-from vidopt.data import class_counts, data_version, sample_clip_indices, split_for_hash
+from vidopt.config import ClipConfig
+from vidopt.data import class_counts, data_version, eval_windows, sample_clip_indices, split_for_hash
 
 
 def _hash(i: int) -> str:
@@ -43,6 +44,24 @@ def test_eval_clips_are_uniform_and_deterministic():
     assert sample_clip_indices(40, 8, 1, train=False) == list(range(16, 24))  # centre
     starts = [sample_clip_indices(40, 8, 1, train=False, clip=k, clips=4)[0] for k in range(4)]
     assert starts == sorted(starts) and starts[0] < 8 and starts[-1] > 24
+
+
+def test_evaluation_scores_a_video_on_as_many_windows_as_its_length_holds():
+    clips = ClipConfig(frames=8, stride=4, eval_clips_per_video=3)          # a clip spans 29 frames
+    windows = {n: eval_windows({"num_frames": n}, clips) for n in (20, 32, 58, 59, 73, 74, 142)}
+    # k windows lie (frames - 29) / k apart: at least 15 (half a clip) for k of them
+    assert windows == {20: 1, 32: 1, 58: 1, 59: 2, 73: 2, 74: 3, 142: 3}
+    # clips.seconds: 2 s at 10 fps is 21 frames (step 3), at 30 fps 61 (step 9): the same 60-frame count differs
+    timed = clips.model_copy(update={"seconds": 2.0})
+    assert eval_windows({"num_frames": 60, "fps": 10.0}, timed) == 3
+    assert eval_windows({"num_frames": 60, "fps": 30.0}, timed) == 1
+    assert eval_windows({"num_frames": 142}, clips.model_copy(update={"eval_clips_per_video": 1})) == 1
+    from vidopt.data import ClipDataset
+
+    rows = [{"num_frames": n, "label": "a", "path": f"{n}.mp4"} for n in (32, 142)]
+    assert [item[:2] for item in ClipDataset(rows, ["a"], clips, train=False).items] == [(0, 0), (1, 0), (1, 1), (1, 2)]
+    assert len(ClipDataset(rows, ["a"], clips, train=True)) == 2
+    assert len(ClipDataset(rows, ["a"], clips, train=False, per_video=4)) == 8   # fixed training clips (distill)
 
 
 def test_short_video_shrinks_stride_and_an_empty_one_fails():
