@@ -16,7 +16,7 @@ from prefect import task
 
 from tasks.caching import stage_cache
 from tasks.retry import IO_RETRY_DELAYS, only_io_errors
-from vidopt.artifacts import DatasetArtifact, ModelArtifact, ReportArtifact, TargetResult
+from vidopt.artifacts import CrossValArtifact, DatasetArtifact, ModelArtifact, ReportArtifact, TargetResult
 from vidopt.config import BudgetConfig, ExportConfig, PipelineConfig, ReportConfig
 from vidopt.report import best_summary, build_report, write_report
 from vidopt.stages import StageReads, StageWork, artifact_hash, open_store, stage_work
@@ -32,9 +32,10 @@ class Reads(StageReads):
 
 def work_dir(cfg: PipelineConfig | Reads, dataset: DatasetArtifact, teacher: ModelArtifact, student: ModelArtifact,
              pruned: ModelArtifact, int8: ModelArtifact, targets: list[TargetResult],
-             registry: list[dict] | None = None) -> StageWork:
+             registry: list[dict] | None = None, crossval: CrossValArtifact | None = None) -> StageWork:
     ladder = {"teacher": teacher, "student": student, "pruned": pruned, "int8": int8}
-    results = json.dumps([[t.model_dump(mode="json") for t in targets], registry or []], sort_keys=True)
+    results = json.dumps([[t.model_dump(mode="json") for t in targets], registry or [],
+                          crossval.model_dump(mode="json") if crossval else None], sort_keys=True)
     inputs = [artifact_hash(dataset), *(f"{name}:{a.weights_sha256}" for name, a in ladder.items()),
               hashlib.sha256(results.encode()).hexdigest()]
     return stage_work(Reads.of(cfg), "report", inputs)
@@ -42,18 +43,18 @@ def work_dir(cfg: PipelineConfig | Reads, dataset: DatasetArtifact, teacher: Mod
 
 def run(cfg: PipelineConfig | Reads, dataset: DatasetArtifact, teacher: ModelArtifact, student: ModelArtifact,
         pruned: ModelArtifact, int8: ModelArtifact, targets: list[TargetResult],
-        registry: list[dict] | None = None) -> ReportArtifact:
-    """The compression ladder's models, the export stage's results and the registry's decisions -> the report,
-    published to the store."""
+        registry: list[dict] | None = None, crossval: CrossValArtifact | None = None) -> ReportArtifact:
+    """The compression ladder's models, the export stage's results, the registry's decisions and the k-fold scores
+    (when run) -> the report, published to the store."""
     reads = Reads.of(cfg)
-    work = work_dir(reads, dataset, teacher, student, pruned, int8, targets, registry)
+    work = work_dir(reads, dataset, teacher, student, pruned, int8, targets, registry, crossval)
     ladder = {"teacher": teacher, "student": student, "pruned": pruned, "int8": int8}
     context = {"data version": dataset.data_version, "classes": str(len(dataset.classes)),
                "config hash": cfg.config_hash() if isinstance(cfg, PipelineConfig) else "-",
                "run name": reads.run.name or "-",
                "written": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
     report = build_report(ladder, targets, reads.budgets, reads.report.profiles, reads.export.cpu_threads, context,
-                          dataset.classes, registry)
+                          dataset.classes, registry, crossval)
     folder = work.child("report")
     paths = write_report(report, work.local / "report")
     work.store.put_dir(work.local / "report", folder)
@@ -93,11 +94,11 @@ def log_report(stage, record: ReportArtifact, store) -> None:
       retry_condition_fn=only_io_errors, **stage_cache(work_dir))
 def report_task(cfg: PipelineConfig, dataset: DatasetArtifact, teacher: ModelArtifact, student: ModelArtifact,
                 pruned: ModelArtifact, int8: ModelArtifact, targets: list[TargetResult], registry: list[dict],
-                parent_run_id: str) -> ReportArtifact:
+                crossval: CrossValArtifact | None, parent_run_id: str) -> ReportArtifact:
     from vidopt.tracking import stage_run
 
     with stage_run("report", parent_run_id) as stage:  # [MLflow] nested run holding the report
-        record = run(cfg, dataset, teacher, student, pruned, int8, targets, registry)
+        record = run(cfg, dataset, teacher, student, pruned, int8, targets, registry, crossval)
         log_report(stage, record, open_store(cfg.run))
     return record
 

@@ -122,6 +122,22 @@ class TargetResult(BaseModel):
     extra: dict = {}                       # per-target details (variants such as fp16 / bf16, build logs)
 
 
+class FoldScores(BaseModel):
+    """One fold of cross-validation: its test videos and what each rung got right on them."""
+    fold: int
+    test_videos: int
+    top1: dict[str, float]                 # rung ("teacher", "student") -> test top-1 per video
+    correct: dict[str, str]                # rung -> packed per-video correctness (vidopt/stats.py)
+    teacher_check: str = ""                # distillation's verdict on this fold's teacher
+
+
+class CrossValArtifact(Artifact):
+    """k-fold cross-validation of the teacher and the student (tasks/crossval.py): every video tested once."""
+    folds: list[FoldScores]
+    pooled: dict[str, dict[str, float]]    # rung -> {top1, low, high, videos, fold_mean, fold_sd}: over all folds
+    student_vs_teacher: str                # McNemar on every video, pooled
+
+
 class ReportArtifact(Artifact):
     """The run report (vidopt/report.py): files in `uri`, and the best variant per target under the budgets."""
     html_uri: str                          # self-contained page, the Pareto plot embedded

@@ -26,6 +26,9 @@ class Section(BaseModel):
 
 
 class DataConfig(Section):
+    # Where the data lives and how ingestion checks it: the dataset's content hash already stands for what it found.
+    runtime_only = frozenset({"source", "manifest", "sample_if_missing", "s3_endpoint_url", "s3_region",
+                              "min_frames", "decoder_checks", "probe_workers", "sample"})
     source: str = ".vidopt/bucket"       # local folder or s3://bucket/prefix; layout <label>/<file> or a manifest
     manifest: str | None = None          # CSV/JSONL (path,label) relative to `source`; None: use <label>/<file>
     sample_if_missing: bool = False      # a local `source` that does not exist is filled with the sample dataset
@@ -35,6 +38,8 @@ class DataConfig(Section):
     stratify: bool = True                # every class cut at the fractions (vidopt/data.py assign_splits); False:
     #                                      each video by its own hash, which never moves a video when others arrive
     min_split_videos: int = Field(1, ge=0)  # stratified: at least this many of each class in val and in test
+    folds: int = Field(0, ge=0)          # k >= 2: also k-fold cross-validation of the teacher and the student
+    #                                      (tasks/crossval.py): every video tested once, k times the training
     min_frames: int = 16                 # shorter videos are quarantined: a clip needs this many frames
     decoder_checks: int = 24             # frames compared per file before decord is trusted with it
     probe_workers: int = 2               # processes probing files (and writing sample data) in parallel: one per core

@@ -20,7 +20,8 @@ STAGES: tuple[Stage, ...] = (
     Stage("quantize", ("dataset", "pruned"), "int8"),
     Stage("export", ("dataset", "int8"), "targets"),
     Stage("register", ("dataset", "teacher", "targets"), "registry"),
-    Stage("report", ("dataset", "teacher", "student", "pruned", "int8", "targets", "registry"), "report"),
+    Stage("crossval", ("dataset",), "crossval"),   # data.folds >= 2 only; after the shipped model's own chain
+    Stage("report", ("dataset", "teacher", "student", "pruned", "int8", "targets", "registry", "crossval"), "report"),
 )
 LADDER = ("teacher", "student", "pruned", "int8")   # the models of the compression ladder, in order
 

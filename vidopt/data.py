@@ -60,6 +60,32 @@ def assign_splits(rows: list[dict], fractions: Sequence[float], stratify: bool =
             row["split"] = "test" if i < test else "val" if i < test + val else "train"
 
 
+def assign_fold(rows: list[dict], folds: int, fold: int, fractions: Sequence[float], min_videos: int = 1) -> list[dict]:
+    """Rows (copies) split for fold `fold` of `folds`-fold cross-validation. Within each class, videos ordered by
+    content hash are dealt to the folds in turn, so every fold holds its share of every class; fold `fold` is the test
+    split, and of the rest, the val share of `fractions` (val / (train + val), at least `min_videos` per class where
+    the class has enough) is val, stratified the same way. Over the k folds every video is tested exactly once."""
+    if not 0 <= fold < folds:
+        raise ValueError(f"fold {fold} of {folds}: must be 0..{folds - 1}")
+    val_share = fractions[1] / max(fractions[0] + fractions[1], 1e-12)
+    by_label: dict[str, list[dict]] = {}
+    for row in rows:
+        by_label.setdefault(row["label"], []).append(dict(row))
+    out = []
+    for label_rows in by_label.values():
+        label_rows.sort(key=lambda r: (_unit(r["sha256"]), r["sha256"]))
+        rest = [r for i, r in enumerate(label_rows) if i % folds != fold]
+        val = round(len(rest) * val_share)
+        if val_share > 0 and len(rest) > min_videos:
+            val = max(val, min_videos)
+        for i, row in enumerate(label_rows):
+            row["split"] = "test" if i % folds == fold else "train"
+        for row in rest[:val]:
+            row["split"] = "val"
+        out += label_rows
+    return out
+
+
 def data_version(rows: list[dict]) -> str:
     """Hash of what the data *is* (content, label, split), not where it lives: re-uploads keep the version."""
     keyed = sorted((r["sha256"], r["label"], r["split"]) for r in rows)

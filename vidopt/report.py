@@ -14,7 +14,7 @@ import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from vidopt.artifacts import ModelArtifact, TargetResult
+from vidopt.artifacts import CrossValArtifact, ModelArtifact, TargetResult
 from vidopt.config import BudgetConfig, TargetProfile, TargetProfiles
 from vidopt.storage import atomic_path, atomic_write_text
 from vidopt.verdicts import Verdicts, confusion_png, interval_text, ladder_verdicts
@@ -74,6 +74,7 @@ class Report:
     verdicts: Verdicts | None = None                     # intervals, paired tests, headlines (vidopt/verdicts.py)
     classes: list[str] = field(default_factory=list)
     registry: list[dict] = field(default_factory=list)   # the register stage's decision per target
+    crossval: CrossValArtifact | None = None             # k-fold scores of the teacher and the student (data.folds)
 
 
 # ---- points -------------------------------------------------------------------------------------------------------
@@ -232,9 +233,10 @@ def best_per_target(points: list[Point], targets: list[TargetResult]) -> dict[st
 
 def build_report(ladder: dict[str, ModelArtifact], targets: list[TargetResult], budgets: BudgetConfig,
                  profiles: TargetProfiles, threads: int = 1, context: dict[str, str] | None = None,
-                 classes: list[str] | None = None, registry: list[dict] | None = None) -> Report:
+                 classes: list[str] | None = None, registry: list[dict] | None = None,
+                 crossval: CrossValArtifact | None = None) -> Report:
     """`threads`: the onnxruntime thread count whose ladder latencies to show (the CPU target's, export.cpu_threads);
-    `registry`: the register stage's decisions, shown with their reasons."""
+    `registry`: the register stage's decisions, shown with their reasons; `crossval`: k-fold scores, when run."""
     points = ladder_points(ladder, threads)
     points += [p for result in targets if result.status == "ok" for p in target_points(result)]
     teacher = next((a for a in ladder.values() if a.kind == "teacher"), None)
@@ -246,7 +248,7 @@ def build_report(ladder: dict[str, ModelArtifact], targets: list[TargetResult], 
         if isinstance(profile, TargetProfile) and point.latency_ms is not None:
             point.kwh_per_million, point.usd_per_million = estimate_per_million(point.latency_ms, profile)
     return Report(points, best_per_target(points, targets), targets, ladder, budgets, profiles, teacher_top1,
-                  dict(context or {}), ladder_verdicts(ladder), list(classes or []), list(registry or []))
+                  dict(context or {}), ladder_verdicts(ladder), list(classes or []), list(registry or []), crossval)
 
 
 def best_summary(report: Report) -> dict[str, dict]:
@@ -327,6 +329,21 @@ def _ladder_cells(rung: str, a: ModelArtifact) -> list[str]:
 LADDER_HEADERS = ["rung", "kind", "test top-1 clip %", "test top-1 video %", "GMACs", "params", "size MB", "notes"]
 STATS_HEADERS = ["rung", "test top-1 %", "95% CI", "videos", "vs the teacher (same videos)", "vs the rung before"]
 REGISTRY_HEADERS = ["model", "version", "champion", "reason", "gates"]
+CROSSVAL_HEADERS = ["rung", "top-1 % (every video once)", "95% CI", "videos", "per fold %", "fold mean +- sd"]
+
+
+def _crossval_rows(report: Report) -> list[list[str]]:
+    cv = report.crossval
+    if cv is None:
+        return []
+    return [[rung, _pct(p["top1"]), f"{100 * p['low']:.1f}-{100 * p['high']:.1f}", str(int(p["videos"])),
+             " / ".join(f"{100 * f.top1[rung]:.1f}" for f in cv.folds),
+             f"{100 * p['fold_mean']:.1f} +- {100 * p['fold_sd']:.1f}"] for rung, p in cv.pooled.items()]
+
+
+def _crossval_title(report: Report) -> str:
+    return (f"Cross-validation: {len(report.crossval.folds)} folds, every video tested once "
+            f"(student vs teacher: {report.crossval.student_vs_teacher})")
 
 
 def _stats_rows(report: Report) -> list[list[str]]:
@@ -474,6 +491,8 @@ def render_html(report: Report, png: bytes) -> str:
         "and the other wrong says so (p &lt; 0.05).</p>",
         _html_table(STATS_HEADERS, _stats_rows(report)), _confusion_html(report),
         *(["<h2>Registry</h2>", _html_table(REGISTRY_HEADERS, _registry_rows(report))] if report.registry else []),
+        *([f"<h2>{e(_crossval_title(report))}</h2>", _html_table(CROSSVAL_HEADERS, _crossval_rows(report))]
+          if report.crossval else []),
         "<h2>Target profiles behind the estimates</h2>", f'<p class="estimate">{e(ESTIMATE_NOTE)}</p>',
         _html_table(["target", "device", "watts", "USD / hour"], profiles),
         "</body></html>", ""])
@@ -492,6 +511,8 @@ def render_table(report: Report) -> str:
     if _stats_rows(report):
         lines += ["Test top-1 with 95% intervals; paired tests on the same videos (McNemar)"]
         lines += _text_table(STATS_HEADERS, _stats_rows(report)) + [""]
+    if report.crossval:
+        lines += [_crossval_title(report)] + _text_table(CROSSVAL_HEADERS, _crossval_rows(report)) + [""]
     lines += ["Every variant on every target (front: Pareto front; top-1 vs latency)"]
     lines += _text_table(POINT_HEADERS, [_point_cells(p, best_labels) for p in report.points])
     lines += ["", f"Best variant per target. Budgets: {budget_text(report.budgets, report.teacher_top1)}"]
@@ -512,7 +533,8 @@ def rows_json(report: Report) -> dict:
             "headlines": report.verdicts.headlines if report.verdicts else [],
             "confusion": {"classes": report.classes, "matrix": report.verdicts.confusion if report.verdicts else [],
                           "recall": report.verdicts.recall if report.verdicts else []},
-            "registry": report.registry}
+            "registry": report.registry,
+            "crossval": report.crossval.model_dump() if report.crossval else None}
 
 
 def write_report(report: Report, out_dir: Path) -> dict[str, Path]:

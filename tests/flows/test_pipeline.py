@@ -92,14 +92,16 @@ def test_reruns_come_from_prefects_cache_and_a_quantize_change_reruns_only_what_
     unchanged = task_states(pipeline(cfg, return_state=True))
     assert unchanged.pop("ingest") == "Completed"  # always lists the source: new clips may have arrived
     assert set(unchanged.values()) == {"Cached"}, unchanged
-    assert set(unchanged) == {"train_teacher", "distill", "prune", "quantize", "export", "register", "report"}
+    assert set(unchanged) == {"train_teacher", "distill", "prune", "quantize", "export", "register", "crossval",
+                              "report"}
 
     # per-tensor weight scales: a quantize change whose int8 file surely differs. (Downstream stages key on that
     # file's hash, so a change giving the same bytes rightly leaves them cached: with float logits, 8 calibration
     # clips instead of 16 gave the tiny model the same activation ranges and the same file.)
     changed = cfg.model_copy(update={"quantize": cfg.quantize.model_copy(update={"per_channel": False})})
     states = task_states(pipeline(changed, return_state=True))
-    assert {name for name, state in states.items() if state == "Cached"} == {"train_teacher", "distill", "prune"}
+    assert {name for name, state in states.items() if state == "Cached"} == {"train_teacher", "distill", "prune",
+                                                                              "crossval"}
     assert {name for name, state in states.items() if state == "Completed"} == {
         "ingest", "quantize", "export", "register", "report"}
 

@@ -183,3 +183,21 @@ def test_stratified_splits_give_every_class_its_share_and_a_minimum_of_val_and_t
     assert [r["split"] for r in again] == [r["split"] for r in rows]   # deterministic: the hashes decide
     assign_splits(again, (1.0, 0.0, 0.0))
     assert {r["split"] for r in again} == {"train"}   # no minimum for a split asked to be empty
+
+
+def test_folds_are_stratified_and_test_every_video_once():
+    from vidopt.data import assign_fold
+
+    rows = [{"sha256": f"{i:064x}"[::-1], "label": "ab"[i % 2]} for i in range(20)]   # 10 per class
+    tested = []
+    for fold in range(5):
+        split = assign_fold(rows, 5, fold, (0.7, 0.15, 0.15), min_videos=1)
+        test = [r for r in split if r["split"] == "test"]
+        assert sorted(r["label"] for r in test) == ["a", "a", "b", "b"]
+        # of the 8 left per class, 0.15 / 0.85 of them (1.4 -> 1) are val
+        assert sorted(r["label"] for r in split if r["split"] == "val") == ["a", "b"]
+        tested += [r["sha256"] for r in test]
+    assert sorted(tested) == sorted(r["sha256"] for r in rows)
+    assert "split" not in rows[0]                    # the caller's rows are left as they were
+    with pytest.raises(ValueError, match="fold 5 of 5"):
+        assign_fold(rows, 5, 5, (0.7, 0.15, 0.15))
