@@ -2,7 +2,7 @@
 
     vidopt run [--profile demo] [key.sub=value ...]      run the pipeline flow (local Prefect, MLflow in the project dir)
     vidopt data sample --out DIR [--profile demo] [...]  write the labeled sample dataset as H.264 mp4 files
-    vidopt bench decode DIR [...]                        clip-sampling throughput of decord vs PyAV
+    vidopt bench decode DIR|--mix DIR [...]              clip-sampling throughput of decord vs PyAV, per kind of file
     vidopt bench ingest DIR [...]                        ingestion's per-file inspection: one PyAV pass vs two
     vidopt bench ladder [--project-dir .vidopt] [...]    latency / size / top-1 of teacher, student, pruned, int8
     vidopt bench export --stage-dir DIR                  each export target alone vs all at once on the pools

@@ -285,3 +285,16 @@ def test_decode_benchmark_measures_both_decoders_and_writes_json(videos, tmp_pat
 def test_missing_file_cannot_be_opened(tmp_path):
     with pytest.raises(DecodeError, match="^cannot open: No such file"):
         probe_video(tmp_path / "gone.mp4")
+
+
+def test_decode_bench_writes_a_mix_of_resolutions_and_frame_rates_and_times_each(tmp_path, monkeypatch, capsys):
+    from vidopt.bench import decode
+
+    monkeypatch.setattr(decode, "MIX", ((48, 64, 10, 24), (64, 96, 25, 30)))   # small stand-ins for QVGA..1080p
+    report = main_decode_bench(["--mix", str(tmp_path / "mix"), "--clips", "12", "--frames", "8", "--repeats", "1",
+                                "--size", *map(str, SIZE)])
+    assert report["kinds"] == {"64x48 @ 10 fps": 2, "96x64 @ 25 fps": 2} and report["videos"] == 4
+    for decoder in ("pyav", "decord"):
+        numbers = report["results"][decoder]
+        assert numbers["clips_per_s:64x48 @ 10 fps"] > 0 and numbers["clips_per_s:96x64 @ 25 fps"] > 0
+    assert "clips/s per core by kind of file" in capsys.readouterr().out

@@ -1,6 +1,8 @@
-"""Decoder benchmark over `<label>/<video>.mp4`: clip-sampling throughput and sequential decode rate, decord vs PyAV.
+"""Decoder benchmark over `<label>/<video>.mp4`: clip-sampling throughput and sequential decode rate, decord vs PyAV,
+overall and per kind of file (resolution and frame rate). One process, one decoding thread: the numbers are per core.
 
-    python -m vidopt.bench.decode DIR [--clips 200] [--frames 16] [--stride 2] [--size 112 112] [--json out.json]
+    vidopt bench decode DIR [--clips 200] [--frames 16] [--stride 2] [--size 112 112] [--json out.json]
+    vidopt bench decode --mix DIR     # first writes camera-like files of four resolutions and frame rates to DIR
 """
 from __future__ import annotations
 
@@ -17,15 +19,44 @@ from vidopt.video import DECODERS, DecodeError, decord_message, decord_reader, i
 SEQUENTIAL_CHUNK = 32  # decord frames per get_batch when decoding a whole file: bounds memory on long videos
 
 
-def find_videos(root: Path) -> tuple[list[tuple[Path, int]], list[str]]:
-    """-> ([(path, decoded frame count)], [skip notes]) for every `<label>/<video>.mp4` PyAV can decode."""
-    videos, skipped = [], []
+# (height, width, fps, frames): what surveillance and phone cameras hand in, from a 10 fps QVGA to 1080p.
+MIX = ((240, 320, 10, 40), (360, 640, 15, 60), (720, 1280, 30, 90), (1080, 1920, 25, 60))
+MIX_PER_KIND = 2
+
+
+def find_videos(root: Path) -> tuple[list[tuple[Path, int]], list[str], dict[Path, str]]:
+    """-> ([(path, decoded frame count)], [skip notes], {path: its kind, "WxH @ fps"}) for every
+    `<label>/<video>.mp4` PyAV can decode."""
+    videos, skipped, kinds = [], [], {}
     for path in sorted(root.glob("*/*.mp4")):
         try:
-            videos.append((path, probe_video(path).num_frames))
+            probe = probe_video(path)
         except DecodeError as err:
             skipped.append(f"{path.relative_to(root)}: {err}")
-    return videos, skipped
+            continue
+        videos.append((path, probe.num_frames))
+        kinds[path] = f"{probe.width}x{probe.height} @ {probe.fps:g} fps"
+    return videos, skipped, kinds
+
+
+def write_mix(root: Path, seed: int = 0) -> None:
+    """MIX_PER_KIND H.264 files of every MIX kind under root/mix/: a textured scene panning a few pixels a frame,
+    so the codec codes real motion (neither static skip blocks nor incompressible noise)."""
+    from vidopt.sample_data import write_mp4
+
+    rng = np.random.default_rng(seed)
+    (root / "mix").mkdir(parents=True, exist_ok=True)
+    for height, width, fps, frames in MIX:
+        for index in range(MIX_PER_KIND):
+            path = root / "mix" / f"{width}x{height}-{fps}fps-{index}.mp4"
+            if path.exists():
+                continue
+            texture = rng.integers(0, 256, (height // 8 + frames, width // 8 + frames, 3), dtype=np.uint8)
+            texture = texture.repeat(8, 0).repeat(8, 1)                       # 8x8 blocks: detail, not noise
+            ramp = np.linspace(0, 60, width, dtype=np.float32)[None, :, None]
+            video = np.stack([np.clip(0.7 * texture[4 * t:4 * t + height, 2 * t:2 * t + width] + ramp, 0, 255)
+                              for t in range(frames)]).astype(np.uint8)       # [T, H, W, 3], panning
+            write_mp4(video, path, fps)
 
 
 def plan_clips(videos: list[tuple[Path, int]], clips: int, frames: int, stride: int,
@@ -39,12 +70,14 @@ def plan_clips(videos: list[tuple[Path, int]], clips: int, frames: int, stride: 
     return [(usable[k][0], sample_clip_indices(usable[k][1], frames, stride, train=True, rng=rng)) for k in picks]
 
 
-def time_clip_sampling(plan: list[tuple[Path, list[int]]], decoder: str, size: tuple[int, int]) -> float:
-    """clips/s through read_frames, exactly as the data loader calls it."""
-    start = time.perf_counter()
+def time_clip_sampling(plan: list[tuple[Path, list[int]]], decoder: str, size: tuple[int, int]) -> list[float]:
+    """Seconds per planned clip through read_frames, exactly as the data loader calls it."""
+    seconds = []
     for path, indices in plan:
+        start = time.perf_counter()
         read_frames(path, indices, decoder=decoder, size=size)
-    return len(plan) / (time.perf_counter() - start)
+        seconds.append(time.perf_counter() - start)
+    return seconds
 
 
 def decode_all_pyav(path: Path) -> int:
@@ -83,10 +116,16 @@ def warm_up(decoder: str, path: Path) -> None:
 
 
 def measure(decoder: str, videos: list[tuple[Path, int]], plan: list[tuple[Path, list[int]]],
-            size: tuple[int, int]) -> dict:
+            size: tuple[int, int], kinds: dict[Path, str]) -> dict:
+    """clips/s overall and per kind of file ("clips_per_s:<kind>"), sequential frames/s."""
     try:
-        return {"clips_per_s": time_clip_sampling(plan, decoder, size),
-                "sequential_frames_per_s": time_sequential(videos, decoder)}
+        seconds = time_clip_sampling(plan, decoder, size)
+        numbers = {"clips_per_s": len(seconds) / sum(seconds)}
+        for kind in sorted(set(kinds.values())):
+            mine = [s for (path, _), s in zip(plan, seconds) if kinds[path] == kind]
+            if mine:
+                numbers[f"clips_per_s:{kind}"] = len(mine) / sum(mine)
+        return numbers | {"sequential_frames_per_s": time_sequential(videos, decoder)}
     except DecodeError as err:  # e.g. decord cannot open AV1: report it, keep the other decoder's numbers
         return {"error": str(err)}
 
@@ -99,7 +138,7 @@ def best_of(runs: list[dict]) -> dict:
 
 def run_benchmark(root: Path, clips: int, frames: int, stride: int, size: tuple[int, int], seed: int,
                   repeats: int) -> dict:
-    videos, skipped = find_videos(root)
+    videos, skipped, kinds = find_videos(root)
     if not videos:
         raise SystemExit(f"bench.decode: no decodable <label>/<video>.mp4 under {root}")
     plan = plan_clips(videos, clips, frames, stride, seed)
@@ -108,9 +147,10 @@ def run_benchmark(root: Path, clips: int, frames: int, stride: int, size: tuple[
     runs = {decoder: [] for decoder in DECODERS}
     for _ in range(repeats):  # alternate decoders so slow spells of a noisy machine hit both
         for decoder in DECODERS:
-            runs[decoder].append(measure(decoder, videos, plan, size))
+            runs[decoder].append(measure(decoder, videos, plan, size, kinds))
     return {
         "root": str(root), "videos": len(videos), "total_frames": sum(n for _, n in videos), "skipped": skipped,
+        "kinds": {kind: sum(1 for k in kinds.values() if k == kind) for kind in sorted(set(kinds.values()))},
         "clips": clips, "frames": frames, "stride": stride, "size": list(size), "repeats": repeats,
         "results": {decoder: best_of(decoder_runs) for decoder, decoder_runs in runs.items()},
     }
@@ -131,13 +171,23 @@ def format_table(report: dict) -> str:
             lines.append(f"{decoder:<8} failed: {numbers['error']}")
         else:
             lines.append(f"{decoder:<8} {numbers['clips_per_s']:>10.1f} {numbers['sequential_frames_per_s']:>12.0f}")
+    if len(report["kinds"]) > 1:
+        width = max(len(k) for k in report["kinds"])
+        lines += ["", "clips/s per core by kind of file", f"{'file kind':<{width}} {'videos':>6} "
+                  + " ".join(f"{d:>8}" for d in report["results"])]
+        for kind, count in report["kinds"].items():
+            cells = [f"{report['results'][d].get(f'clips_per_s:{kind}', float('nan')):>8.1f}"
+                     for d in report["results"]]
+            lines.append(f"{kind:<{width}} {count:>6} " + " ".join(cells))
     lines += [f"skipped {note}" for note in report["skipped"]]
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(prog="python -m vidopt.bench.decode", description=__doc__.splitlines()[0])
-    parser.add_argument("root", type=Path, help="folder of <label>/<video>.mp4")
+    parser.add_argument("root", type=Path, nargs="?", help="folder of <label>/<video>.mp4")
+    parser.add_argument("--mix", type=Path, metavar="DIR",
+                        help="write camera-like files of several resolutions and frame rates here, then bench them")
     parser.add_argument("--clips", type=int, default=200, help="clips to sample per decoder")
     parser.add_argument("--frames", type=int, default=16, help="frames per clip (T)")
     parser.add_argument("--stride", type=int, default=2, help="frame step inside a clip, as the training loader uses")
@@ -147,7 +197,11 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--repeats", type=int, default=3, help="rounds per decoder; the best is reported")
     parser.add_argument("--json", type=Path, help="also write the numbers here")
     args = parser.parse_args(argv)
-    report = run_benchmark(args.root, args.clips, args.frames, args.stride, tuple(args.size), args.seed,
+    if args.mix is not None:
+        write_mix(args.mix, args.seed)
+    if (args.root or args.mix) is None:
+        parser.error("give a folder of <label>/<video>.mp4, or --mix DIR")
+    report = run_benchmark(args.root or args.mix, args.clips, args.frames, args.stride, tuple(args.size), args.seed,
                            args.repeats)
     return print_report(report, format_table(report), args.json)
 
