@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from pathlib import Path
 
 from prefect import task
 
@@ -96,7 +97,30 @@ def log_target(result: TargetResult, parent_run_id: str, data_version: str, stor
             local = store.get_file(result.artifact_uri)
             mlflow.log_artifact(str(local), "artifact")
             logged["mlflow_artifact_uri"] = f"{run.info.artifact_uri}/artifact/{local.name}"
+            model = log_pyfunc_model(local)
+            if model is not None:
+                logged.update(mlflow_model_uri=model.model_uri, mlflow_model_id=model.model_id)
     return result.model_copy(update={"extra": {**result.extra, **logged}})
+
+
+def log_pyfunc_model(archive_path: Path):
+    """[MLflow] the target's package as an MLflow model wherever this machine runs it (an ONNX file on onnxruntime's
+    CPU provider, as runtime.json says) -> its ModelInfo, or None for packages of other runtimes."""
+    import tarfile
+    import tempfile
+
+    from vidopt.pyfunc import log_onnx_model
+
+    if not tarfile.is_tarfile(archive_path):
+        return None
+    with tempfile.TemporaryDirectory(prefix="vidopt-package-") as tmp, tarfile.open(archive_path) as tar:
+        tar.extractall(tmp, filter="data")
+        runtimes = list(Path(tmp).glob("*/runtime.json"))
+        runtime = json.loads(runtimes[0].read_text()) if len(runtimes) == 1 else {}
+        if not str(runtime.get("file", "")).endswith(".onnx") or runtime.get("provider") != "CPUExecutionProvider":
+            return None
+        _, t, h, w = runtime["input"]["shape"]          # [C, T, H, W]
+        return log_onnx_model(runtimes[0].parent, (t, h, w), runtime.get("classes") or [])
 
 
 # [Prefect] retries cover object-store reads only; `run` above is the plain function tests call.

@@ -34,7 +34,7 @@ def model_name(target: str) -> str:
 
 # Where tasks/export.py logged a result, not what was verified: an export task run again after Prefect's results were
 # lost logs the same verified results under new MLflow runs, and that is no reason to register new versions.
-LOGGED_AT = ("mlflow_run_id", "mlflow_artifact_uri")
+LOGGED_AT = ("mlflow_run_id", "mlflow_artifact_uri", "mlflow_model_uri", "mlflow_model_id")
 
 
 class Reads(StageReads):
@@ -57,7 +57,7 @@ def run(cfg: PipelineConfig, dataset: DatasetArtifact, teacher: ModelArtifact,
     work = work_dir(cfg, dataset, teacher, targets)
     if work.store.has(work.child(DECISIONS)):  # registered already: registering again would add versions
         return json.loads(work.store.read_text(work.child(DECISIONS)))
-    teacher_top1 = teacher.metrics.get("test_top1_video")
+    teacher_top1 = teacher.metrics.get("test_top1_video", teacher.metrics.get("test_top1_clip"))
     tags = {"data_version": dataset.data_version, "config_hash": cfg.config_hash(), "code_version": code_version()}
     split = "test" if any(c.get("test") for c in dataset.class_counts.values()) else "val"
     counts = {label: c.get(split, 0) for label, c in dataset.class_counts.items()}
@@ -69,6 +69,7 @@ def run(cfg: PipelineConfig, dataset: DatasetArtifact, teacher: ModelArtifact,
 
 def register_target(result: TargetResult, teacher_top1: float | None, cfg: PipelineConfig,
                     tags: dict[str, str], majority: tuple[str, float] | None = None) -> dict:
+    import mlflow
     from mlflow import MlflowClient
 
     name = model_name(result.target)
@@ -92,8 +93,11 @@ def register_target(result: TargetResult, teacher_top1: float | None, cfg: Pipel
             numbers["correct"] = result.correct
     gate_tags = {f"gate.{g.name}": f"{'pass' if g.passed else 'fail'}: {g.detail}"[:5000] for g in gates}
     promoted = all(g.passed for g in gates)
+    model_id = result.extra.get("mlflow_model_id")
+    if model_id:   # an MLflow model (vidopt/pyfunc.py): the version loads with mlflow.pyfunc and serves
+        source = mlflow.get_logged_model(model_id).artifact_location
     version = client.create_model_version(
-        name, source, run_id=result.extra.get("mlflow_run_id"),
+        name, source, run_id=result.extra.get("mlflow_run_id"), model_id=model_id,
         tags={**tags, **numbers, **gate_tags, "runtime": result.runtime, "target": result.target,
               "promoted": str(promoted).lower()},
         description=f"{result.target} artifact verified on {result.runtime}").version

@@ -22,6 +22,9 @@ class MetricLogger(Protocol):
     def close(self) -> None: ...
 
 
+EXPERIMENT_KIND = "mlflow.experimentKind"
+
+
 def default_tracking_uri(project_dir: str | Path) -> str:
     return f"sqlite:///{(Path(project_dir) / 'mlflow.db').resolve()}"
 
@@ -91,7 +94,9 @@ def configure_mlflow(cfg: PipelineConfig) -> str:
         # Local store: keep artifacts beside mlflow.db instead of ./mlruns in whatever the cwd is.
         artifacts = (Path(cfg.run.project_dir) / "mlartifacts").resolve().as_uri()
         mlflow.create_experiment(cfg.tracking.experiment, artifact_location=artifacts)
-    mlflow.set_experiment(cfg.tracking.experiment)
+    experiment = mlflow.set_experiment(cfg.tracking.experiment)
+    if experiment.tags.get(EXPERIMENT_KIND) is None:   # opens on the runs table, not MLflow's GenAI views
+        mlflow.MlflowClient().set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND, "custom_model_development")
     return uri
 
 

@@ -23,6 +23,7 @@ from vidopt.stats import pack_correct
 from vidopt.store import ArtifactStore
 
 EVAL_BATCH = 8
+VERIFIED_LOGITS = "verified_logits.npy"   # a target's logits over the eval clips, beside its package
 
 
 class Truth(NamedTuple):
