@@ -100,7 +100,38 @@ def report_task(cfg: PipelineConfig, dataset: DatasetArtifact, teacher: ModelArt
     with stage_run("report", parent_run_id) as stage:  # [MLflow] nested run holding the report
         record = run(cfg, dataset, teacher, student, pruned, int8, targets, registry, crossval)
         log_report(stage, record, open_store(cfg.run))
+    log_run_summary(parent_run_id, {"teacher": teacher, "student": student, "pruned": pruned, "int8": int8},
+                    targets)
     return record
+
+
+def run_summary(ladder: dict[str, ModelArtifact], targets: list[TargetResult]) -> dict[str, float]:
+    """The numbers a runs table compares: each rung's test top-1, MACs and size, int8's speed-up over its fp32 twin,
+    and each verified target's top-1 and latency."""
+    summary = {}
+    for rung, artifact in ladder.items():
+        m = artifact.metrics
+        summary |= {f"{rung}.{k}": m[k] for k in ("test_top1_clip", "test_top1_video", "macs", "size_bytes")
+                    if k in m}
+    int8 = ladder["int8"].metrics
+    summary |= {f"int8.{k}": int8[k] for k in ("speedup.b1.t1", "size_ratio") if k in int8}
+    for t in targets:
+        if t.status == "ok":
+            summary |= {f"{t.target}.{k}": v for k, v in (("top1", t.top1), ("latency_ms", t.latency_ms),
+                                                           ("artifact_bytes", t.artifact_bytes)) if v is not None}
+    return {k: float(v) for k, v in summary.items()}
+
+
+def log_run_summary(parent_run_id: str, ladder: dict[str, ModelArtifact], targets: list[TargetResult]) -> None:
+    """[MLflow] the summary on the parent run, so the experiment's runs table compares pipeline runs."""
+    import time
+
+    from mlflow import MlflowClient
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    MlflowClient().log_batch(parent_run_id, metrics=[Metric(k, v, now, 0)
+                                                     for k, v in run_summary(ladder, targets).items()])
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 from pathlib import Path
 
 import pytest
+import mlflow
 from mlflow.tracking import MlflowClient
 from prefect.testing.utilities import prefect_test_harness
 
@@ -66,6 +67,13 @@ def test_pipeline_runs_every_stage_and_tracks_it_in_mlflow(prefect_server, tiny_
     report = stage_runs["report"]
     assert {a.path for a in client.list_artifacts(report.info.run_id, "report")} >= {"report/report.html",
                                                                                       "report/pareto.png"}
+    # The parent run carries the summary a runs table compares; the experiment opens on that table.
+    summary = client.get_run(parent.info.run_id).data.metrics
+    assert summary["int8.test_top1_clip"] == result["ladder"]["int8"]["metrics"]["test_top1_clip"]
+    assert summary["cpu.latency_ms"] > 0 and "teacher.test_top1_video" in summary and "int8.speedup.b1.t1" in summary
+    assert client.get_experiment(parent.info.experiment_id).tags["mlflow.experimentKind"] == "custom_model_development"
+    # The CPU target's version is an MLflow model with a signature
+    assert mlflow.models.get_model_info(f"models:/vidopt-cpu/{version.version}").signature is not None
     # Artifacts live beside mlflow.db in the project dir, not in the current directory.
     assert Path(cfg.run.project_dir, "mlartifacts").is_dir() and not Path("mlruns").exists()
 
