@@ -12,6 +12,7 @@
     vidopt bench ops [FILE ...] [--project-dir .vidopt]  onnxruntime's time per node: fp32 and every int8 form
     vidopt bench train [--profile tiny] [--workers 1 2]  teacher training clips/s: vidopt vs a plain PyTorch loop
     vidopt evaluate --data DIR|s3://... [--model PATH]   top-1 with its interval, recall per class, confusion matrix
+    vidopt predict PATH|DIR|s3://... [--model URI|PATH]  a label per video and per window, with clips/s
     vidopt config [--profile demo] [...]                 print the resolved config
     vidopt listen [--profile demo] [...] [--once]        emit vidopt.data.arrived for new clips in data.source
     vidopt serve [--profile demo] [...]                  Prefect deployments of the pipeline: cron + new-data events
@@ -27,12 +28,16 @@ import sys
 import threading
 from pathlib import Path
 
-from vidopt.config import ConfigError, PipelineConfig, load_config
+from vidopt import __version__
+from vidopt.config import PROFILE_DIR, ConfigError, PipelineConfig, load_config
 from vidopt.ingestion import IngestError
+from vidopt.progress import progress_bar
 
 
 def _add_config_args(parser: argparse.ArgumentParser, default_profile: str = "demo") -> None:
-    parser.add_argument("--profile", default=default_profile, help="a profile in flows/configs/ or a .yaml path")
+    known = ", ".join(sorted(p.stem for p in PROFILE_DIR.glob("*.yaml")))
+    parser.add_argument("--profile", default=default_profile,
+                        help=f"a profile in flows/configs/ ({known}; default {default_profile}) or a .yaml path")
     parser.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides, e.g. clips.frames=8")
 
 
@@ -130,6 +135,21 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_predict(args: argparse.Namespace) -> int:
+    from tasks.evaluate import EvaluateError
+    from tasks.predict import PredictError, format_table, run
+
+    cfg = load_config(args.profile, args.overrides)
+    try:
+        with progress_bar("predict", "videos") as progress:
+            report = run(cfg, args.source, args.model, args.stride, args.eval_windows, args.workers, progress)
+    except (PredictError, EvaluateError) as err:
+        print(err, file=sys.stderr)
+        return 2
+    print(json.dumps(report, indent=2) if args.json else format_table(report))
+    return 1 if any(v["error"] for v in report["videos"]) else 0
+
+
 def cmd_config(args: argparse.Namespace) -> int:
     print(load_config(args.profile, args.overrides).model_dump_json(indent=2))
     return 0
@@ -137,6 +157,7 @@ def cmd_config(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vidopt", description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"vidopt {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser("run", help="run the pipeline")
@@ -179,6 +200,18 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--out", type=Path, help="where evaluation.json and confusion.png go")
     _add_config_args(evaluate)
     evaluate.set_defaults(func=cmd_evaluate)
+
+    predict = sub.add_parser("predict", help="classify videos: a label per video and per window, with clips/s")
+    predict.add_argument("source", help="a video file, a folder of videos or an s3:// prefix")
+    predict.add_argument("--model", help="models:/<name>@<alias> or models:/<name>/<version>, a CPU package or a "
+                                         "model folder (default: models:/vidopt-cpu@champion, else the newest int8)")
+    predict.add_argument("--stride", type=int, help="frames between window starts (default: one clip span)")
+    predict.add_argument("--eval-windows", action="store_true",
+                         help="the windows the pipeline's evaluation scores, instead of sliding ones")
+    predict.add_argument("--workers", type=int, default=2, help="processes decoding videos in parallel")
+    predict.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    _add_config_args(predict)
+    predict.set_defaults(func=cmd_predict)
 
     show = sub.add_parser("config", help="print the resolved config")
     _add_config_args(show)

@@ -19,7 +19,7 @@ from tasks.common import TrainingReads, eval_clip_set
 from tasks.retry import IO_RETRY_DELAYS, only_io_errors
 from vidopt.artifacts import (CpuOptions, DatasetArtifact, ExportJob, FpgaOptions, GpuOptions, ModelArtifact,
                               TargetResult, TpuOptions)
-from vidopt.config import BudgetConfig, ExportConfig, PipelineConfig
+from vidopt.config import BudgetConfig, ClipConfig, ExportConfig, PipelineConfig
 from vidopt.stages import StageWork, artifact_hash, forget_incarnation, split_rows, stage_work
 from workers.pools import run_jobs
 
@@ -78,7 +78,8 @@ def run(cfg: PipelineConfig | Reads, dataset: DatasetArtifact, int8: ModelArtifa
     return results
 
 
-def log_target(result: TargetResult, parent_run_id: str, data_version: str, store) -> TargetResult:
+def log_target(result: TargetResult, parent_run_id: str, data_version: str, store,
+               clips: ClipConfig | None = None) -> TargetResult:
     """[MLflow] a nested run per target with its verification metrics and its artifact. Returns the result with the
     run id and the logged artifact's URI in `extra`, which registration points the model version at."""
     import mlflow
@@ -97,13 +98,13 @@ def log_target(result: TargetResult, parent_run_id: str, data_version: str, stor
             local = store.get_file(result.artifact_uri)
             mlflow.log_artifact(str(local), "artifact")
             logged["mlflow_artifact_uri"] = f"{run.info.artifact_uri}/artifact/{local.name}"
-            model = log_pyfunc_model(local)
+            model = log_pyfunc_model(local, clips)
             if model is not None:
                 logged.update(mlflow_model_uri=model.model_uri, mlflow_model_id=model.model_id)
     return result.model_copy(update={"extra": {**result.extra, **logged}})
 
 
-def log_pyfunc_model(archive_path: Path):
+def log_pyfunc_model(archive_path: Path, clips: ClipConfig | None = None):
     """[MLflow] the target's package as an MLflow model wherever this machine runs it (an ONNX file on onnxruntime's
     CPU provider, as runtime.json says) -> its ModelInfo, or None for packages of other runtimes."""
     import tarfile
@@ -120,7 +121,8 @@ def log_pyfunc_model(archive_path: Path):
         if not str(runtime.get("file", "")).endswith(".onnx") or runtime.get("provider") != "CPUExecutionProvider":
             return None
         _, t, h, w = runtime["input"]["shape"]          # [C, T, H, W]
-        return log_onnx_model(runtimes[0].parent, (t, h, w), runtime.get("classes") or [])
+        sampling = clips.model_dump(include={"stride", "seconds", "resize"}) if clips else {}
+        return log_onnx_model(runtimes[0].parent, (t, h, w), runtime.get("classes") or [], sampling)
 
 
 # [Prefect] retries cover object-store reads only; `run` above is the plain function tests call.
@@ -132,7 +134,7 @@ def export_task(cfg: PipelineConfig, dataset: DatasetArtifact, int8: ModelArtifa
 
     store = work_dir(cfg, dataset, int8).store
     with stage_run("export", parent_run_id) as stage:  # [MLflow] nested run; one more level per target
-        results = [log_target(r, stage.run.info.run_id, dataset.data_version, store)
+        results = [log_target(r, stage.run.info.run_id, dataset.data_version, store, cfg.clips)
                    for r in run(cfg, dataset, int8)]
         for result in results:
             stage.log(f"{result.target}.ok", float(result.status == "ok"))

@@ -10,9 +10,11 @@ import numpy as np
 MODEL_CODE = Path(__file__).with_name("mlflow_onnx_model.py")
 
 
-def log_onnx_model(package: Path, clip_shape: tuple[int, int, int], classes: list[str], name: str = "model"):
+def log_onnx_model(package: Path, clip_shape: tuple[int, int, int], classes: list[str], sampling: dict | None = None,
+                   name: str = "model"):
     """[MLflow] log the package folder (runtime.json and its ONNX file) as a pyfunc model in the active run -> its
-    ModelInfo. clip_shape: (T, H, W)."""
+    ModelInfo. clip_shape: (T, H, W); sampling: how its clips were cut from videos (clips.stride, seconds, resize),
+    kept as metadata for whoever decodes videos for it (`vidopt predict`)."""
     import mlflow
     import onnxruntime
     from mlflow.models import ModelSignature
@@ -27,5 +29,5 @@ def log_onnx_model(package: Path, clip_shape: tuple[int, int, int], classes: lis
         # pinned here: inferring them would load the model in a subprocess on every run
         pip_requirements=[f"mlflow=={mlflow.__version__}", f"onnxruntime=={onnxruntime.__version__}",
                           f"numpy=={np.__version__}"],
-        metadata={"classes": classes, "input": "decoded clips uint8 [B, T, H, W, 3] RGB",
+        metadata={"classes": classes, "clips": sampling or {}, "input": "decoded clips uint8 [B, T, H, W, 3] RGB",
                   "output": "logits float32 [B, classes]"})

@@ -11,12 +11,12 @@ import mlflow
 import numpy as np
 import pytest
 
-from tasks import register
+from tasks import predict, register
 from tasks.common import eval_clip_set, load_clip_set
 from tasks.export import Reads, log_target, target_options
 from tests.conftest import free_port, start_in_own_group, stop_group, wait_healthy
 from vidopt.artifacts import ExportJob
-from vidopt.stages import open_store
+from vidopt.stages import open_store, split_rows
 from workers import cpu
 from workers.common import VERIFIED_LOGITS, run_export_job
 
@@ -73,3 +73,24 @@ def test_the_registered_cpu_target_loads_and_serves_as_an_mlflow_model(tiny_ladd
     finally:
         stop_group(server, signal.SIGTERM)
     assert not Path("mlruns").exists()
+
+    # `vidopt predict` with the registered model, on the test videos: every window's label is the one the target's
+    # own verification computed for that clip; a corrupt file gets its reason and the rest go on.
+    folder = tmp_path / "videos"
+    folder.mkdir()
+    rows = split_rows(stages["dataset"], "test", store)
+    for i, row in enumerate(rows):
+        (folder / f"{i:03d}.mp4").symlink_to(row["path"])
+    (folder / "zzz.mp4").write_bytes(b"not a video")
+    here = cfg.model_copy(update={"tracking": cfg.tracking.model_copy(update={"uri": tracking,
+                                                                               "experiment": "pyfunc-test"})})
+    report = predict.run(here, str(folder), model=uri, eval_windows=True, workers=2)
+    videos = load_clip_set(store, clips_ref).videos.numpy()
+    classes = stages["dataset"].classes
+    for i, video in enumerate(report["videos"][:-1]):
+        expected = [classes[k] for k in verified[videos == i].argmax(1)]
+        assert video["video"] == f"{i:03d}.mp4" and video["windows"] == expected and video["error"] is None
+        assert video["label"] == classes[int(verified[videos == i].mean(0).argmax())]
+    assert report["videos"][-1]["error"] and report["videos"][-1]["label"] is None
+    assert report["clips"] == len(verified) and report["clips_per_s"] > 0
+    assert "clips/s" in predict.format_table(report) and "zzz.mp4  failed: " in predict.format_table(report)
