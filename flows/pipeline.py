@@ -7,12 +7,27 @@ reads (tasks/caching.py).
 from __future__ import annotations
 
 import importlib
+import logging
 
 from prefect import flow
 
+from flows.summary import publish_run_artifact
 from vidopt.config import PipelineConfig
 from vidopt.dag import LADDER, STAGES
 from vidopt.tracking import pipeline_run
+
+
+def route_vidopt_logs() -> None:
+    """vidopt's INFO lines (epochs, accuracies, targets) into the flow run's logs in the Prefect UI, however the run
+    was started (`vidopt run`, `vidopt serve`, a worker of infra/prefect.yaml): a flow-run process configures no
+    logging of its own, so they would stop at Python's WARNING default."""
+    from prefect.logging.handlers import APILogHandler
+
+    logger = logging.getLogger("vidopt")
+    if logger.level == logging.NOTSET:
+        logger.setLevel(logging.INFO)
+    if not any(isinstance(h, APILogHandler) for h in logger.handlers):   # PREFECT_LOGGING_EXTRA_LOGGERS adds one
+        logger.addHandler(APILogHandler())
 
 
 def stage_task(name: str):
@@ -23,13 +38,16 @@ def stage_task(name: str):
 # [Prefect] the config is the flow's one parameter, so the UI renders PipelineConfig as a form.
 @flow(name="vidopt-pipeline", log_prints=True)
 def pipeline(config: PipelineConfig) -> dict:
+    route_vidopt_logs()
     with pipeline_run(config) as parent:  # [MLflow] parent run; each stage opens a nested run under it
         run_id = parent.run.info.run_id
         out: dict = {}
         for stage in STAGES:
             out[stage.gives] = stage_task(stage.name)(config, **{n: out[n] for n in stage.needs},
                                                       parent_run_id=run_id)
-    return {"mlflow_run_id": run_id, "dataset": out["dataset"].model_dump(),
-            "ladder": {name: out[name].model_dump() for name in LADDER},
-            "targets": [t.model_dump() for t in out["targets"]], "registry": out["registry"],
-            "report": out["report"].model_dump()}
+    result = {"mlflow_run_id": run_id, "dataset": out["dataset"].model_dump(),
+              "ladder": {name: out[name].model_dump() for name in LADDER},
+              "targets": [t.model_dump() for t in out["targets"]], "registry": out["registry"],
+              "report": out["report"].model_dump()}
+    publish_run_artifact(config, result)   # [Prefect] the run's summary on its page in the UI
+    return result

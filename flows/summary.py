@@ -61,6 +61,35 @@ def registry_lines(decisions: list[dict]) -> list[str]:
     return lines
 
 
+def run_markdown(cfg: PipelineConfig, result: dict) -> str:
+    """The run as markdown: the ladder, the targets, the registry's decisions, links to MLflow and the report."""
+    uri = cfg.tracking.uri or default_tracking_uri(cfg.run.project_dir)
+    lines = ["# vidopt run", "", f"MLflow run `{result['mlflow_run_id']}` in `{uri}`; report: "
+             f"`{result['report']['html_uri']}`", "", "| rung | test top-1 clip / video % | GMACs | notes |",
+             "|---|---:|---:|---|"]
+    for name, artifact in result["ladder"].items():
+        m = artifact["metrics"]
+        lines.append(f"| {name} | {_pct(m.get('test_top1_clip')).strip()} / {_pct(m.get('test_top1_video')).strip()} "
+                     f"| {m.get('macs', 0) / 1e9:.3f} | {artifact.get('notes', {}).get('quantization', '')} |")
+    lines += ["", "| target | status | top-1 % | latency ms | runtime / reason |", "|---|---|---:|---:|---|"]
+    for t in result["targets"]:
+        latency = f"{t['latency_ms']:.2f}" if t.get("latency_ms") is not None else "-"
+        lines.append(f"| {t['target']} | {t['status']} | {_pct(t.get('top1')).strip()} | {latency} | "
+                     f"{(t['runtime'] if t['status'] == 'ok' else t['reason']).replace('|', '/')} |")
+    lines += ["", "| model | version | champion | reason |", "|---|---|---|---|"]
+    lines += [f"| {d['model']} | {d['version'] or '-'} | {'yes' if d['champion'] else 'no'} | "
+              f"{d['reason'].replace('|', '/')} |" for d in result["registry"]]
+    return "\n".join(lines) + "\n"
+
+
+def publish_run_artifact(cfg: PipelineConfig, result: dict) -> None:
+    """[Prefect] a markdown artifact of the run, on the flow run's page."""
+    from prefect.artifacts import create_markdown_artifact
+
+    create_markdown_artifact(run_markdown(cfg, result), key="vidopt-run",
+                             description="The compression ladder, the targets, the registry's decisions and links")
+
+
 def print_summary(cfg: PipelineConfig, result: dict) -> None:
     lines = [""] + dataset_lines(result["dataset"])
     if result.get("ladder"):
