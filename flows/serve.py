@@ -6,6 +6,8 @@ started by `vidopt.data.arrived` events (debounced on the server). infra/prefect
 """
 from __future__ import annotations
 
+import logging
+import time
 from datetime import timedelta
 
 import httpx
@@ -33,6 +35,24 @@ START_SERVER_HINT = ("start one with `prefect server start --host 127.0.0.1` and
 
 class ServeError(RuntimeError):
     """`vidopt serve` cannot run as asked; the message says what to do."""
+
+
+class OncePerInterval(logging.Filter):
+    """Lets a record whose message contains `text` through at most once every `every_s` seconds: the runner says
+    "1 scheduled runs skipped (at capacity)" at every poll (each second) while a debounced run waits its turn."""
+
+    def __init__(self, text: str, every_s: float = 60.0):
+        super().__init__()
+        self.text, self.every_s, self.last = text, every_s, float("-inf")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if self.text not in record.getMessage():
+            return True
+        now = time.monotonic()
+        if now - self.last < self.every_s:
+            return False
+        self.last = now
+        return True
 
 
 def deployment_names(serve_cfg: ServeConfig) -> tuple[str, str]:
@@ -127,6 +147,7 @@ def check_api_server() -> str:
 def serve(cfg: PipelineConfig) -> None:
     """Register both deployments and run their flow runs here until interrupted (Ctrl-C pauses the schedule)."""
     url = check_api_server()
+    logging.getLogger("prefect.runner").addFilter(OncePerInterval("scheduled runs skipped (at capacity)"))
     deployments = build_deployments(cfg)
     print(f"vidopt serve: {', '.join(d.name for d in deployments)} on {url}")
     # [Prefect] limit=1: this process runs one pipeline at a time, so a cron run and an event run never share the

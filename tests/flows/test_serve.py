@@ -203,3 +203,15 @@ def test_serve_registers_deployments_and_debounces_events(prefect_server, served
     finally:
         cancel_runs(api, on_new_data["id"])
         cancel_runs(api, scheduled["id"])
+
+
+def test_the_runners_at_capacity_line_is_said_once_a_minute_not_every_poll():
+    import logging
+
+    from flows.serve import OncePerInterval
+
+    quiet = OncePerInterval("scheduled runs skipped (at capacity)", every_s=60)
+    said = [quiet.filter(logging.makeLogRecord({"msg": "%d scheduled runs skipped (at capacity)", "args": (1,)}))
+            for _ in range(140)]
+    assert said.count(True) == 1
+    assert quiet.filter(logging.makeLogRecord({"msg": "Runner 'x' submitting flow run"}))   # other lines pass
