@@ -37,6 +37,9 @@ POOL_RESOURCES: dict[str, dict] = {
 RESOURCE_NAMES = {"cpu": "CPU", "gpu": "GPU", "tpu": "TPU", "fpga": "FPGA"}
 
 
+STILL_RUNNING_EVERY_S = 15.0
+
+
 def connect(cfg: RayConfig) -> dict[str, float]:
     """[Ray] join `cfg.address`, or start a local Ray declaring the emulated pools; returns the cluster's resources."""
     if not ray.is_initialized():
@@ -107,8 +110,13 @@ def run_jobs(jobs: list[ExportJob], cfg: RayConfig, backend_module: str = BACKEN
             results[job.target] = TargetResult(target=job.target, status="skipped", reason=reason)
         else:
             attempts.append(_start(_Attempt(job, backend_module), cfg))
+    said = time.monotonic()
     while attempts:
         done, _ = ray.wait([a.ref for a in attempts], num_returns=1, timeout=1.0)
+        if time.monotonic() - said >= STILL_RUNNING_EVERY_S:   # a minute of silence reads as a hang
+            said = time.monotonic()
+            log.info("export: still running: %s", ", ".join(f"{a.job.target} ({said - a.started:.0f} s)"
+                                                             for a in attempts))
         for attempt in list(attempts):
             outcome = _collect(attempt, done, cfg)
             if outcome is None:

@@ -42,10 +42,18 @@ def _job(target, tmp_path, **script):
                      options=default_options(target))
 
 
-def test_targets_run_concurrently_on_their_pools_and_missing_pool_is_skipped(local_ray, tmp_path):
+def test_targets_run_concurrently_on_their_pools_and_missing_pool_is_skipped(local_ray, tmp_path, monkeypatch,
+                                                                              caplog):
+    import logging
+
+    from workers import pools
+
+    monkeypatch.setattr(pools, "STILL_RUNNING_EVERY_S", 1.0)   # 15 s in use: said here within the 3 s jobs
     cfg = RayConfig(job_timeout_s=60)
     started = time.monotonic()
-    results = run_jobs([_job(t, tmp_path, seconds=3) for t in ("cpu", "gpu", "tpu", "fpga")], cfg, FAKE)
+    with caplog.at_level(logging.INFO, logger="vidopt.pools"):
+        results = run_jobs([_job(t, tmp_path, seconds=3) for t in ("cpu", "gpu", "tpu", "fpga")], cfg, FAKE)
+    assert any(r.getMessage().startswith("export: still running: cpu (") for r in caplog.records)
     wall = time.monotonic() - started
     by_target = {r.target: r for r in results}
     assert [r.target for r in results] == ["cpu", "gpu", "tpu", "fpga"]
