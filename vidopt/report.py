@@ -383,18 +383,28 @@ def pareto_png(report: Report) -> bytes:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(9, 5.5), dpi=110, layout="constrained")
+    fig = Figure(figsize=(12, 5.5), dpi=110, layout="constrained")
     FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
+    ax, key = fig.subplots(1, 2, width_ratios=[3, 1])
+    key.set_axis_off()
     shown = [p for p in report.points if p.plotted]
     if shown:
         _draw_points(ax, shown, report)
+        _draw_key(key, shown)
     else:
         ax.text(0.5, 0.5, "no variant has both a top-1 and a latency to plot", ha="center", transform=ax.transAxes)
         ax.set_axis_off()
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png")
     return buffer.getvalue()
+
+
+def _draw_key(ax, shown: list[Point]) -> None:
+    """The plot's numbers, each with its variant, top-1 and latency."""
+    lines = [f"{i:>2}  {_short(p.label, 26):<26} {100 * p.top1:5.1f}% {p.latency_ms:8.3g} ms"
+             for i, p in enumerate(shown, 1)]
+    ax.text(0, 1, "\n".join(lines), va="top", ha="left", family="monospace", fontsize=7, transform=ax.transAxes,
+            parse_math=False)
 
 
 def _short(text: str, limit: int = 32) -> str:
@@ -412,7 +422,8 @@ def _draw_points(ax, shown: list[Point], report: Report) -> None:
     from matplotlib.ticker import FuncFormatter
 
     biggest = max(p.artifact_bytes or 0 for p in shown) or 1
-    stacked: dict[tuple, int] = {}  # labels of points at the same place go one under the other
+    placed: list[tuple[float, float]] = []  # where numbers already are: a near one goes below it
+    number = {id(p): i for i, p in enumerate(shown, 1)}
     for target in dict.fromkeys(p.target for p in shown):
         mine = [p for p in shown if p.target == target]
         colour = COLOURS.get(target, "#17becf")
@@ -420,11 +431,12 @@ def _draw_points(ax, shown: list[Point], report: Report) -> None:
                    linewidths=1.5, s=[max(MIN_AREA, MAX_AREA * (p.artifact_bytes or 0) / biggest) for p in mine],
                    facecolors=[to_rgba(colour, 0.0 if p.over_budget else 0.6) for p in mine],
                    edgecolors=to_rgba(colour, 0.9))
-        for p in mine:
-            place = (round(math.log10(p.latency_ms), 2), round(100 * p.top1, 1))
-            stacked[place] = stacked.get(place, -1) + 1
-            ax.annotate(_short(p.label), (p.latency_ms, 100 * p.top1), xytext=(7, 3 - 9 * stacked[place]),
-                        textcoords="offset points", fontsize=7, parse_math=False)  # names are text, never TeX
+        for p in mine:   # a number per point, named in the key beside the plot: names overlap, numbers barely
+            x, y = math.log10(p.latency_ms), 100 * p.top1
+            near = sum(1 for px, py in placed if abs(px - x) < 0.06 and abs(py - y) < 1.5)
+            placed.append((x, y))
+            ax.annotate(str(number[id(p)]), (p.latency_ms, y), xytext=(6 + 12 * near, 3),
+                        textcoords="offset points", fontsize=7, color=colour)
     front = sorted((p for p in shown if p.pareto), key=lambda p: p.latency_ms)
     ax.plot([p.latency_ms for p in front], [100 * p.top1 for p in front], "--", color="black", lw=1,
             label="Pareto front")
