@@ -105,8 +105,9 @@ def log_target(result: TargetResult, parent_run_id: str, data_version: str, stor
 
 
 def log_pyfunc_model(archive_path: Path, clips: ClipConfig | None = None):
-    """[MLflow] the target's package as an MLflow model wherever this machine runs it (an ONNX file on onnxruntime's
-    CPU provider, as runtime.json says) -> its ModelInfo, or None for packages of other runtimes."""
+    """[MLflow] the target's package as an MLflow model wherever this machine runs it (an ONNX file that onnxruntime's
+    CPU provider runs too, as runtime.json says: the CPU and GPU packages) -> its ModelInfo, or None for packages of
+    other runtimes (StableHLO, HLS projects)."""
     import tarfile
     import tempfile
 
@@ -118,7 +119,8 @@ def log_pyfunc_model(archive_path: Path, clips: ClipConfig | None = None):
         tar.extractall(tmp, filter="data")
         runtimes = list(Path(tmp).glob("*/runtime.json"))
         runtime = json.loads(runtimes[0].read_text()) if len(runtimes) == 1 else {}
-        if not str(runtime.get("file", "")).endswith(".onnx") or runtime.get("provider") != "CPUExecutionProvider":
+        if not str(runtime.get("file", "")).endswith(".onnx") or "CPUExecutionProvider" not in runtime.get(
+                "providers", []):
             return None
         _, t, h, w = runtime["input"]["shape"]          # [C, T, H, W]
         sampling = clips.model_dump(include={"stride", "seconds", "resize"}) if clips else {}

@@ -2,8 +2,8 @@
 onnxruntime where it is loaded or served).
 
 Input: decoded clips uint8 [B, T, H, W, 3] RGB. Output: logits float32 [B, classes]. The package's runtime.json names
-the ONNX file, its thread settings and what its input is: uint8 pixels [B, 3, T, H, W], or float clips normalised
-with the given mean and std.
+the ONNX file, the execution providers to run it on, its thread settings and what its input is: uint8 pixels
+[B, 3, T, H, W], or float clips normalised with the given mean and std.
 """
 import json
 from pathlib import Path
@@ -24,8 +24,10 @@ class OnnxClipClassifier(PythonModel):
         options.intra_op_num_threads = self.runtime.get("intra_op_num_threads", 1)
         options.inter_op_num_threads = 1
         options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        # the providers runtime.json names that this onnxruntime build has, in its order; the CPU one always
+        providers = [p for p in self.runtime.get("providers", []) if p in ort.get_available_providers()]
         self.session = ort.InferenceSession(str(package / self.runtime["file"]), options,
-                                            providers=["CPUExecutionProvider"])
+                                            providers=providers or ["CPUExecutionProvider"])
         self.input = self.session.get_inputs()[0].name
 
     def predict(self, context, model_input, params=None) -> np.ndarray:

@@ -109,6 +109,29 @@ def correct(logits: np.ndarray, truth: Truth) -> str:
     return pack_correct(video_logits.argmax(1) == video_labels)
 
 
+def model_classes(job: LocalExportJob) -> list[str] | None:
+    """The class names of the job's model, in logit order (the model folder's classes.json)."""
+    import json
+
+    path = Path(job.model_dir) / "classes.json"
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def onnx_runtime_json(file: str, providers: list[str], threads: int, shape: list[int], pixels: bool,
+                      classes: list[str] | None, **extra) -> dict:
+    """runtime.json of an ONNX package: which file runs where, and what it reads (the MLflow model of the package,
+    vidopt/mlflow_onnx_model.py, follows it)."""
+    from vidopt.data import KINETICS_MEAN, KINETICS_STD
+    from vidopt.onnx_utils import INPUT_NAME, OUTPUT_NAME, input_layout
+
+    return {"file": file, "providers": providers, "intra_op_num_threads": threads, "inter_op_num_threads": 1,
+            "execution_mode": "ORT_SEQUENTIAL", **extra,
+            "input": {"name": INPUT_NAME, "dtype": "uint8" if pixels else "float32", "layout": input_layout(pixels),
+                      "shape": shape,
+                      **({} if pixels else {"normalise": {"mean": list(KINETICS_MEAN), "std": list(KINETICS_STD)}})},
+            "output": {"name": OUTPUT_NAME, "layout": "[B, classes] logits"}, "classes": classes}
+
+
 def archive(src: Path, dest: Path) -> Path:
     """tar.gz of a directory, written beside and renamed into place (whole or absent)."""
     tmp = dest.with_name(f".{dest.name}.tmp")

@@ -18,11 +18,12 @@ import numpy as np
 import onnxruntime as ort
 
 from vidopt.artifacts import LocalExportJob, TargetResult
-from vidopt.data import KINETICS_MEAN, KINETICS_STD, normalise_clips
-from vidopt.onnx_utils import (FORMS_INDEX, INPUT_NAME, INT8_FILE, INT8_FORMS_DIR, OUTPUT_NAME, faithful_int8_forms,
-                               input_layout, int8_form_files, measure_latency, ort_predict, ort_session,
+from vidopt.data import normalise_clips
+from vidopt.onnx_utils import (FORMS_INDEX, INT8_FILE, INT8_FORMS_DIR, faithful_int8_forms,
+                               int8_form_files, measure_latency, ort_predict, ort_session,
                                rank_int8_forms, takes_pixels)
-from workers.common import VERIFIED_LOGITS, archive, batches, correct, load_stored_clips, parity, reference_logits, top1
+from workers.common import (VERIFIED_LOGITS, archive, batches, correct, load_stored_clips, model_classes,
+                            onnx_runtime_json, parity, reference_logits, top1)
 
 
 def run_target(job: LocalExportJob) -> TargetResult:
@@ -41,18 +42,9 @@ def run_target(job: LocalExportJob) -> TargetResult:
     shutil.copy2(shipped, package / "student_int8.onnx")
     session = ort_session(package / "student_int8.onnx", threads)
     pixels = takes_pixels(session)
-    (package / "runtime.json").write_text(json.dumps({
-        "runtime": f"onnxruntime>={ort.__version__}", "provider": "CPUExecutionProvider",
-        "intra_op_num_threads": threads, "inter_op_num_threads": 1, "execution_mode": "ORT_SEQUENTIAL",
-        "int8_form": form,
-        "file": "student_int8.onnx",
-        "input": {"name": INPUT_NAME, "dtype": "uint8" if pixels else "float32", "layout": input_layout(pixels),
-                  "shape": list(x.shape[1:]),
-                  **({} if pixels else {"normalise": {"mean": list(KINETICS_MEAN), "std": list(KINETICS_STD)}})},
-        "output": {"name": OUTPUT_NAME, "layout": "[B, classes] logits"},
-        "classes": json.loads((Path(job.model_dir) / "classes.json").read_text())
-        if (Path(job.model_dir) / "classes.json").exists() else None,
-    }, indent=2))
+    runtime = onnx_runtime_json("student_int8.onnx", ["CPUExecutionProvider"], threads, list(x.shape[1:]), pixels,
+                                model_classes(job), runtime=f"onnxruntime>={ort.__version__}", int8_form=form)
+    (package / "runtime.json").write_text(json.dumps(runtime, indent=2))
     logits = ort_predict(session, batches(stored))
     np.save(Path(job.out_dir) / VERIFIED_LOGITS, logits)   # what the registered model must reproduce
     latency = measure_latency(package / "student_int8.onnx", tuple(x.shape[1:]), batch=1, threads=threads)

@@ -28,8 +28,8 @@ import torch
 from vidopt.artifacts import LocalExportJob, TargetResult, default_options
 from vidopt.checkpoint import load_model_dir
 from vidopt.data import normalise_clips
-from workers.common import (Truth, archive, batches, correct, load_stored_clips, parity, reference_logits, run_module,
-                            top1)
+from workers.common import (Truth, archive, batches, correct, load_stored_clips, model_classes, onnx_runtime_json,
+                            parity, reference_logits, run_module, top1)
 
 FP32_TOL = 1e-4           # max |logit| difference allowed for fp32 back-ends
 FP16_REL_TOL = 1e-2       # fp16 keeps 11 mantissa bits; max |diff| against max |logit|, reported (not gated)
@@ -68,6 +68,10 @@ def run_target(job: LocalExportJob) -> TargetResult:
                 variants[f"tensorrt_{precision}"] = _guarded(
                     lambda: _tensorrt_variant(source, stored, truth, reference, precision))
     variants["aoti"] = _guarded(lambda: _aoti_variant(model, x, truth, reference, package, cuda, threads))
+    if "fp16" in onnx_files:   # the package's portable form: the fp16 ONNX file on onnxruntime, CUDA where it is
+        runtime = onnx_runtime_json(onnx_files["fp16"].name, ["CUDAExecutionProvider", "CPUExecutionProvider"],
+                                    threads, list(x.shape[1:]), False, model_classes(job))
+        (package / "runtime.json").write_text(json.dumps(runtime, indent=2))
 
     problems = [f"{k}: {v['error']}" if "error" in v else f"{k}: parity {v['parity']} outside {v['tolerance']}"
                 for k, v in variants.items() if "error" in v or (v.get("gated") and not v["within_tolerance"])]

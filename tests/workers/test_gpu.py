@@ -1,5 +1,6 @@
 """GPU target on a machine without a GPU: fp16 / int8 ONNX verified on onnxruntime's CPU provider, AOTInductor fp32
 compiled with g++ and run on CPU; the runtime strings must name what ran, never TensorRT or CUDA."""
+import json
 import subprocess
 import sys
 import tarfile
@@ -113,6 +114,20 @@ def test_gpu_target_on_cpu_names_what_ran(demo_job, tmp_path):
     stem = next(n for n in trt.node if n.op_type == "Conv")
     weights = {i.name: list(i.dims) for i in trt.initializer}
     assert weights[next(n for n in trt.node if n.output[0] == stem.input[1]).input[0]][0] == 8
+    # runtime.json names the package's portable form, which its MLflow model runs (CUDA where there is one)
+    from types import SimpleNamespace
+
+    from vidopt.mlflow_onnx_model import OnnxClipClassifier
+    from vidopt.onnx_utils import ort_predict, ort_session
+
+    package = tmp_path / "out" / "package"
+    runtime = json.loads((package / "runtime.json").read_text())
+    assert runtime["file"] == "student_fp16.onnx" and runtime["providers"][-1] == "CPUExecutionProvider"
+    stored, _ = load_stored_clips(job)
+    classifier = OnnxClipClassifier()
+    classifier.load_context(SimpleNamespace(artifacts={"package": str(package)}))
+    np.testing.assert_allclose(classifier.predict(None, stored[:4].numpy()),
+                               ort_predict(ort_session(package / runtime["file"]), [stored[:4]]), atol=1e-5)
     # The archived AOTInductor package runs on its own.
     runner = torch._inductor.aoti_load_package(str(tmp_path / "out" / "package" / "student.pt2"))
     x, _ = load_eval_clips(job)
