@@ -68,8 +68,8 @@ class ClipConfig(Section):
     #                                      overlap by half a clip or less (vidopt/data.py eval_windows)
     batch_size: int = Field(8, ge=1)
     loader_workers: int = 2              # DataLoader processes decoding clips
-    memory_cache_mb: int = Field(512, ge=0)  # training videos decoded once into memory when they fit in this;
-    #   the demo's 448 videos (32 frames, 64x64) take 176 MB, and its teacher epoch fell from ~19 s to ~14 s
+    memory_cache_mb: int = Field(512, ge=0)  # training videos decoded once into memory when they fit in this (MB):
+    #                                      decoding is about a quarter of a CPU teacher epoch; 512 holds the demo's
 
 
 TeacherName = Literal["r3d_18", "mc3_18", "r2plus1d_18"]
@@ -87,14 +87,13 @@ class TeacherConfig(Section):
     backbone_lr_scale: float = Field(1.0, gt=0, le=1)  # the share of `lr` every layer but the classifier trains at:
     #                                      0.1 fine-tunes published weights (teacher.init) without washing them out
     epochs: int = Field(12, ge=0)        # 0: no training (the initial or `init` weights as they are)
-    lr: float = 1e-3                     # AdamW peak of the one-cycle schedule (vidopt/training.py). 3e-3 never
-    #   left chance on the demo data (r3d_18 w0.25 from scratch, 800 steps); 1e-3 reached 90% test top-1 in 400 steps
+    lr: float = 1e-3                     # AdamW peak of the one-cycle schedule (vidopt/training.py): at 3e-3 an
+    #                                      r3d_18 trained from scratch never leaves chance
     weight_decay: float = 1e-4
     patience: int = Field(4, ge=1)       # early stopping: epochs without a better val top-1
     precision: Literal["fp32", "bf16", "auto"] = "fp32"  # of the training steps; bf16: mixed precision, float32
-    #   weights (vidopt/training.py Bf16Forward); auto: bf16 where the CPU has AMX. 2-core AMX Xeon, demo: epochs
-    #   2.9 s against 5.1, but test top-1 over seeds 0, 1, 2 82.2% (stopped early), 93.9%, 91.4% against fp32's
-    #   94.9%, 91.4%, 92.9%: faster, noisier, so not the default. The students stay float32: their steps gain 1.4x
+    #   weights (vidopt/training.py Bf16Forward); auto: bf16 where the CPU has AMX. fp32 by default: bf16 is faster
+    #   on AMX but its test top-1 varies more from seed to seed. The students always train in float32
 
 
 class AugmentConfig(Section):
@@ -110,12 +109,7 @@ class DistillConfig(Section):
     # Student architecture: per-frame 2D encoder widths (3x3 convs but the stem, stride as listed), temporal Conv1d
     # widths. A 5x5 stem at stride 4: the stem, which int8 barely speeds up at the 16 channels pruning leaves it, works
     # on a quarter of the pixels, and the compute sits in the 32-80 wide convs where onnxruntime's int8 is 2.5-3x fp32
-    # (`vidopt bench int8-widths`). Zen 4, demo data, the pruned student's int8 against its own fp32 at batch 1,
-    # 1 thread: 2.34x (0.55 -> 0.23 ms) on seeds 0 and 2, where the 3x3 stride-2 stem of [16, 32, 64, 128] gave
-    # 1.41-1.45x (0.316 -> 0.218). Test top-1 of the student, pruned and int8: seed 0 92.4%, 94.4%, 94.9% (the old
-    # design: 95.4%, 95.4%, 96.4%); seed 2 96.4%, 97.5%, 97.5% (the old student: 87.8%). A 4x4 patch stem lost 12
-    # points (82.7% student); pooling the 4x4 map to 2x2 gave 94.4%, 96.4%, 95.9%, but 1.88x: onnxruntime's int8
-    # average pool costs ~27 us, and the depthwise-conv form of it disagreed with fp32 on 2 of 197 test clips.
+    # (`vidopt bench int8-widths`; docs/design.md, "The student").
     conv_widths: list[int] = Field(default_factory=lambda: [32, 64, 64, 128])
     conv_strides: list[int] = Field(default_factory=lambda: [4, 1, 2, 2])
     stem_kernel: int = Field(5, ge=1)    # the first conv's (vidopt/models.py StudentArch): odd, or its stride
@@ -123,10 +117,10 @@ class DistillConfig(Section):
     pool_grid: int = Field(4, ge=1)      # encoder output pooled to a grid x grid map: keeps coarse position for motion
     #                                      (the demo's 64x64 frames leave exactly 4x4: no pooling at all)
     frame_differences: bool = True       # the encoder also sees each frame's difference to the next (vidopt/models.py):
-    #                                      on the demo data the student left chance after ~200 steps instead of ~1000
+    #                                      motion becomes explicit, and the student leaves chance ~5x sooner
     epochs: int = Field(20, ge=1)
-    lr: float = 2e-3                     # with augment: the student reached 87% test top-1 on the demo data in
-    #                                      ~2000 steps at 2e-3 (cross-entropy alone, no teacher)
+    lr: float = 2e-3                     # AdamW peak of the one-cycle schedule: at this rate the augmented
+    #                                      student learns the demo even from the labels alone
     weight_decay: float = 1e-4
     alpha: float = Field(0.5, ge=0, le=1)  # weight of CE(labels); (1 - alpha) weighs T^2 * KL to the teacher
     check_teacher: bool = True           # distil only from a teacher significantly better than the majority class
@@ -136,7 +130,7 @@ class DistillConfig(Section):
     temperature: float = Field(4.0, gt=0)
     cached_clips_per_video: int = Field(4, ge=1)  # fixed training clips per video whose teacher logits are cached
     augment: bool = True                 # colour / brightness / shift per clip (vidopt/augment.py) in every student
-    #                                      stage: without it the student memorised the training videos
+    #                                      stage: without it the student memorises the training videos
     patience: int = Field(6, ge=1)       # early stopping, here and in prune's fine-tune: epochs without a better
     #                                      val top-1 (distill) or a lower val distillation loss (prune)
 
@@ -156,16 +150,11 @@ class DistillConfig(Section):
 class PruneConfig(Section):
     method: Literal["structured", "l1_unstructured"] = "structured"
     target_macs_ratio: float = Field(0.40, gt=0, le=1)  # structured: keep this fraction of the student's MACs.
-    #   Default student at 0.40: [16, 32, 32, 80] / [80], 0.30 of the MACs (the next multiples of 16 overshoot);
-    #   onnxruntime fp32 at 8x64x64, batch 1, 1 thread: 3.15x faster than the unpruned student, the demo's test
-    #   top-1 +2.0 points (Zen 4, seed 0, 3 epochs a round; the demo's 2: 3.11x, +2.5). The old student
-    #   ([16, 32, 64, 128], 3x3 stride-2 stem) gave
-    #   [16, 16, 16, 48] / [48]: 1.86-2.36x, 0.0 to +1.0 point; at 0.45, [16, 16, 32, 48] / [48], 1.65-1.76x
+    #   Default student at 0.40: [16, 32, 32, 80] / [80], 0.30 of the MACs (the next multiples of 16 overshoot):
+    #   about 3x faster than the unpruned student in fp32 at batch 1, without losing test top-1 on the demo
     channel_multiple: int = Field(16, ge=1)  # kept widths are multiples of this, and narrower convs stay whole:
     #   onnxruntime's CPU kernels work on 16-channel blocks (fp32 NCHWc on AVX-512; the fast int8 conv needs >= 16
-    #   output channels). Demo student, 8x64x64: widths [8, 16, 24, 48] ran no faster than [16, 16, 32, 48] in fp32
-    #   and ~1.5x slower in int8. (int8 gains more on wider convs, 1.4x at 16 and 2.4x at 32: `vidopt bench
-    #   int8-widths`; but multiple 32 gave the demo a slower int8 model, [16, 32, 32, 96] at 0.54 vs 0.46 ms)
+    #   output channels). A multiple of 8 saves no time and slows int8; 32 rounds widths up into a slower int8 model
     sparsity: float = Field(0.5, ge=0, lt=1)           # l1_unstructured: fraction of weights set to zero
     finetune_epochs: int = Field(8, ge=0)              # distillation fine-tuning after pruning (after the last step)
     steps: int = Field(1, ge=1)                        # structured: prune in this many rounds, each removing the
@@ -174,14 +163,11 @@ class PruneConfig(Section):
     #   the importance scores still mean something)
     step_epochs: int = Field(2, ge=0)
     distill_from: Literal["student", "teacher"] = "student"  # whose logits the fine-tuning matches: the unpruned
-    #   student's (the function pruning must keep; on the demo it now beats the teacher), or the teacher's
+    #   student's (the function pruning must keep; on the demo a better one than the teacher's), or the teacher's
     alpha: float = Field(0.0, ge=0, le=1)  # weight of CE(labels) in the fine-tune loss (distill.alpha's role): 0 is
-    #   pure distillation, copying the unpruned model's function. Demo data, 4 rounds, one run each: test top-1 lost
-    #   4.5 points at 0.5, 3.0 at 0.1, 2.5 at 0
-    lr: float = 2e-3  # one-cycle peak of every fine-tune, distill.lr's. Demo, Zen 4 host, test top-1 vs the unpruned
-    #   student: 1e-3 lost 1.0 point (seed 0) and 1.5 (seed 2); 2e-3 lost 0.0 and gained 0.5, also a lower val
-    #   distillation loss on seed 0 (0.407 vs 0.431); 2e-3 with 30 fine-tune epochs: +1.5 (seed 0), -0.5 (seed 2),
-    #   35 s more
+    #   pure distillation, copying the unpruned model's function; any share of labels loses more test top-1
+    lr: float = 2e-3  # one-cycle peak of every fine-tune, distill.lr's: at 1e-3 the pruned student loses a point
+    #   or more
 
 
 class QuantizeConfig(Section):
@@ -217,7 +203,7 @@ class RayConfig(Section):
         default_factory=lambda: {"cpu": 5, "gpu": 5, "tpu": 5})
     #   ^ added to Ray's worker niceness on a *local* node, whose pools share its cores: the FPGA emulation (one
     #     single-threaded process, the longest job) keeps its priority and the other targets fill the cores around it.
-    #     Demo export on 2 cores: 1.35x -> 1.18x the slowest target alone. Unused with `address`.
+    #     Unused with `address`.
 
 
 class BudgetConfig(Section):
