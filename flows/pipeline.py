@@ -12,7 +12,7 @@ import logging
 from prefect import flow
 
 from flows.summary import publish_run_artifact
-from vidopt.config import PipelineConfig
+from vidopt.config import PipelineConfig, load_config
 from vidopt.dag import LADDER, STAGES
 from vidopt.tracking import pipeline_run
 
@@ -38,6 +38,19 @@ def stage_task(name: str):
 # [Prefect] the config is the flow's one parameter, so the UI renders PipelineConfig as a form.
 @flow(name="vidopt-pipeline", log_prints=True)
 def pipeline(config: PipelineConfig) -> dict:
+    return run_pipeline(config)
+
+
+# [Prefect] the same flow named by a profile and overrides: what infra/prefect.yaml's deployments pass, so they
+# follow flows/configs/ instead of copying a profile.
+@flow(name="vidopt-pipeline", log_prints=True)
+def pipeline_from_profile(profile: str = "demo", overrides: list[str] | None = None) -> dict:
+    """profile: a profile in flows/configs/ or a .yaml path; overrides: key.sub=value, as on the command line."""
+    return run_pipeline(load_config(profile, overrides or []))
+
+
+def run_pipeline(config: PipelineConfig) -> dict:
+    """Every stage in the order of vidopt/dag.py, inside one parent MLflow run."""
     route_vidopt_logs()
     with pipeline_run(config) as parent:  # [MLflow] parent run; each stage opens a nested run under it
         run_id = parent.run.info.run_id

@@ -19,7 +19,7 @@ import yaml
 from ray.autoscaler._private.kuberay.autoscaling_config import _derive_autoscaling_config_from_ray_cr
 from ray.autoscaler._private.util import prepare_config, validate_config as validate_launcher_config
 
-from vidopt.config import flatten, load_config, validate_config
+from vidopt.config import load_config
 from workers.pools import POOL_RESOURCES, RESOURCE_NAMES
 
 REPO = Path(__file__).resolve().parents[2]
@@ -80,6 +80,12 @@ def cluster_deployment() -> dict:
     return spec
 
 
+def cluster_config():
+    """The PipelineConfig the cluster deployment's runs resolve: its profile plus its overrides."""
+    parameters = cluster_deployment()["parameters"]
+    return load_config(parameters["profile"], parameters["overrides"])
+
+
 @pytest.mark.parametrize("manifest", MANIFESTS)
 def test_each_pool_has_a_worker_type_offering_what_it_asks(manifest):
     types = node_types(manifest)
@@ -112,7 +118,7 @@ def test_every_pool_is_up_before_export_looks_for_it(manifest):
 @pytest.mark.parametrize("manifest", MANIFESTS)
 def test_gpu_type_holds_the_cluster_deployments_training_workers(manifest):
     gpu = node_types(manifest)["gpu"]
-    workers = cluster_deployment()["parameters"]["config"]["train"]["workers"]
+    workers = cluster_config().train.workers
     assert gpu["max_workers"] * gpu["resources"]["GPU"] >= workers >= 2, "DDP needs a GPU per training worker"
 
 
@@ -199,12 +205,11 @@ def test_every_ray_node_installs_the_checkout_the_deployment_runs_in():
 
 
 def test_cluster_deployment_reaches_the_servers_the_files_define():
-    spec = cluster_deployment()
-    config = spec["parameters"]["config"]
-    assert spec["entrypoint"] == "flows/pipeline.py:pipeline"
-    assert config["ray"]["address"] == "auto"
-    assert config["run"]["artifact_root"].startswith("s3://") and config["data"]["source"].startswith("s3://")
-    mlflow = urlsplit(config["tracking"]["uri"])
+    spec, config = cluster_deployment(), cluster_config()
+    assert spec["entrypoint"] == "flows/pipeline.py:pipeline_from_profile"
+    assert config.ray.address == "auto"
+    assert config.run.artifact_root.startswith("s3://") and config.data.source.startswith("s3://")
+    mlflow = urlsplit(config.tracking.uri)
     launcher, compose = load(LAUNCHER), load(COMPOSE)["services"]
     k8s_services = {o["metadata"]["name"]: o for o in k8s_objects() if o["kind"] == "Service"}
     [prefect_api] = [e["value"] for e in ray_groups()["head"]["template"]["spec"]["containers"][0]["env"]
@@ -219,16 +224,15 @@ def test_cluster_deployment_reaches_the_servers_the_files_define():
         assert mlflow.netloc in flags["--allowed-hosts"].split(",")
 
 
-def test_cluster_deployment_config_validates():
-    validate_config(cluster_deployment()["parameters"]["config"])
-
-
 def test_cluster_deployment_is_the_gpu_profile_on_the_cluster():
-    # like infra/prefect.yaml and the demo profile: only where things are on the cluster may differ from gpu.yaml
-    raw = cluster_deployment()["parameters"]["config"]
-    where = {k: v for k, v in flatten(raw).items() if k.split(".")[0] in ("ray", "train", "tracking")
-             or k in ("run.project_dir", "run.artifact_root", "data.source")}
-    assert validate_config(raw) == load_config("gpu", [f"{k}={json.dumps(v)}" for k, v in where.items()])
+    # only where things are on the cluster is overridden: the recipe is flows/configs/gpu.yaml's
+    parameters = cluster_deployment()["parameters"]
+    assert parameters["profile"] == "gpu"
+    for override in parameters["overrides"]:
+        key = override.partition("=")[0]
+        assert key.split(".")[0] in ("ray", "train", "tracking") or key in ("run.project_dir", "run.artifact_root",
+                                                                            "data.source"), override
+    assert cluster_config().train.device == "gpu"
 
 
 def mlflow_servers() -> dict[str, dict[str, str]]:
@@ -371,7 +375,7 @@ def test_prefect_deploy_of_the_cluster_file_against_a_server(prefect_server, tmp
         deployment = read_deployment(api, spec["name"])
         assert deployment["work_pool_name"] == spec["work_pool"]["name"]
         assert deployment["entrypoint"] == spec["entrypoint"]
-        assert validate_config(deployment["parameters"]["config"]) == validate_config(spec["parameters"]["config"])
+        assert deployment["parameters"] == spec["parameters"]
         assert deployment["pull_steps"] == load(CLUSTER_DEPLOYMENT)["pull"]
         assert deployment["global_concurrency_limit"]["limit"] == 1
     finally:

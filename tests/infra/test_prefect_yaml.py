@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 from tests.flows.test_serve import automations_of, read_deployment
-from vidopt.config import load_config, validate_config
+from vidopt.config import load_config
 
 REPO = Path(__file__).resolve().parents[2]
 PREFECT_YAML = REPO / "infra" / "prefect.yaml"
@@ -35,9 +35,12 @@ def test_prefect_yaml_declares_what_vidopt_serve_registers():
     assert sorted(declared) == sorted(d.name for d in built)
     for deployment in built:
         spec = declared[deployment.name]
-        assert spec["entrypoint"] == deployment.entrypoint == "flows/pipeline.py:pipeline"
-        assert validate_config(spec["parameters"]["config"]) == demo
-        assert (spec["tags"], spec["description"]) == (deployment.tags, deployment.description)
+        # the same flow, named by the profile serve resolved instead of the resolved config
+        assert (spec["entrypoint"], deployment.entrypoint) == ("flows/pipeline.py:pipeline_from_profile",
+                                                               "flows/pipeline.py:pipeline")
+        assert load_config(spec["parameters"]["profile"], spec["parameters"]["overrides"]) == demo
+        assert spec["tags"] == deployment.tags
+        assert spec["description"].split("Parameters:")[0] == deployment.description.split("Parameters:")[0]
         assert spec["work_pool"]["name"] == "vidopt-process"
         assert spec["concurrency_limit"] == {"limit": deployment.concurrency_limit,
                                              "collision_strategy": deployment.concurrency_options.collision_strategy}
@@ -65,9 +68,9 @@ def test_prefect_deploy_all_against_a_server(prefect_server, tmp_path):
         scheduled, on_new_data = read_deployment(api, "vidopt-scheduled"), read_deployment(api, "vidopt-on-new-data")
         for deployment in (scheduled, on_new_data):
             assert deployment["work_pool_name"] == "vidopt-process"
-            assert deployment["entrypoint"] == "flows/pipeline.py:pipeline"
-            assert validate_config(deployment["parameters"]["config"]) == load_config("demo")
-            assert "PipelineConfig" in deployment["parameter_openapi_schema"]["definitions"]
+            assert deployment["entrypoint"] == "flows/pipeline.py:pipeline_from_profile"
+            assert deployment["parameters"] == {"profile": "demo", "overrides": []}
+            assert set(deployment["parameter_openapi_schema"]["properties"]) == {"profile", "overrides"}
             assert deployment["pull_steps"] == [
                 {"prefect.deployments.steps.set_working_directory": {"directory": str(REPO)}}]
             assert deployment["global_concurrency_limit"]["limit"] == 1
