@@ -53,8 +53,9 @@ def format_table(report: dict) -> str:
         lines.append(f"| {rung} | " + " | ".join(cells) + f" | {mean} | {100 * stat['stdev']:.1f} |")
     gap = report["int8_below_teacher_points"]
     if gap is not None:
-        lines += ["", f"mean int8 is {gap:+.1f} points below the mean teacher "
-                      f"({'within' if gap <= 2 + 1e-9 else 'NOT within'} 2 points)"]
+        side = f"{gap:.1f} points below" if gap > 0 else f"{-gap:.1f} points above"
+        lines += ["", f"mean int8 is {side} the mean teacher ({'within' if gap <= 2 + 1e-9 else 'NOT within'} "
+                      "2 points below)"]
     return "\n".join(lines)
 
 

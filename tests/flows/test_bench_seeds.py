@@ -14,4 +14,6 @@ def test_each_seed_trains_its_own_ladder_and_the_table_summarises_them(sample_di
     teacher = report["summary"]["teacher"]
     assert teacher["mean"] == pytest.approx((per_seed[0]["teacher"] + per_seed[1]["teacher"]) / 2)
     out = capsys.readouterr().out
-    assert "| int8 |" in out and "seed 1" in out and "points below the mean teacher" in out
+    gap = report["int8_below_teacher_points"]
+    side = f"{abs(gap):.1f} points {'below' if gap > 0 else 'above'} the mean teacher"
+    assert "| int8 |" in out and "seed 1" in out and side in out
