@@ -219,6 +219,26 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class RunNameFormatter(logging.Formatter):
+    """`HH:MM:SS logger [task or flow run]: message`: Prefect's own lines ("Finished in state Completed()") say which
+    task run they are about; vidopt's lines name their stage in the message."""
+
+    def __init__(self):
+        super().__init__("%(asctime)s %(name)s%(run)s: %(message)s", datefmt="%H:%M:%S")
+
+    def format(self, record: logging.LogRecord) -> str:
+        name = getattr(record, "task_run_name", None) or getattr(record, "flow_run_name", None)
+        record.run = f" [{name}]" if name else ""
+        return super().format(record)
+
+
+def configure_logging() -> None:
+    handler = logging.StreamHandler()
+    handler.setFormatter(RunNameFormatter())
+    logging.basicConfig(level=logging.INFO, handlers=[handler])
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per Prefect API call otherwise
+
+
 def _exit_on_sigterm(signum: int, frame) -> None:
     """SIGTERM (`kill`, a scheduler, a container stop) ends the command as Ctrl-C would: finally blocks and atexit
     handlers run, so Prefect's temporary server, the local Ray and open MLflow runs are stopped, not orphaned (the
@@ -230,12 +250,10 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if threading.current_thread() is threading.main_thread():  # only the main thread may set handlers
         signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    configure_logging()
     if len(argv) >= 2 and argv[0] == "bench" and argv[1] in BENCHES:
-        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
         return run_bench(argv[1], argv[2:])
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per Prefect API call otherwise
     try:
         return args.func(args)
     except ConfigError as err:

@@ -72,3 +72,15 @@ def _wait_until(condition, seconds: float) -> bool:
             return False
         time.sleep(0.25)
     return True
+
+
+def test_log_lines_name_the_task_run_they_are_about():
+    import logging
+
+    from flows.cli import RunNameFormatter
+
+    record = logging.makeLogRecord({"name": "prefect.task_runs", "msg": "Finished in state Completed()",
+                                    "task_run_name": "distill-1c2", "created": 0})
+    assert RunNameFormatter().format(record).endswith(" prefect.task_runs [distill-1c2]: Finished in state Completed()")
+    plain = logging.makeLogRecord({"name": "vidopt.distill", "msg": "distill: done", "created": 0})
+    assert RunNameFormatter().format(plain).endswith(" vidopt.distill: distill: done")

@@ -119,27 +119,37 @@ def wait_for(what: str, check, timeout_s: float, every_s: float = 0.5):
     return value
 
 
-@pytest.fixture
-def served(prefect_server, tmp_path):
-    """`vidopt serve --profile tiny` in its own process against the session's server; the data source is an empty
-    folder, so a run that gets as far as ingest fails at once. Yields (the resolved config, its log file)."""
-    empty = tmp_path / "bucket"
-    empty.mkdir()
-    overrides = [f"run.project_dir={tmp_path / 'project'}", f"data.source={empty}", "data.sample_if_missing=false",
-                 "serve.deployment=vidopt-serve-test", "serve.cron=15 4 * * *", "serve.timezone=Europe/Berlin",
-                 "serve.debounce_s=10"]  # 10 s: Prefect's smallest quiet window, for a short test
+def start_serving(prefect_server: str, tmp_path: Path, overrides: list[str]):
+    """`vidopt serve --profile tiny <overrides>` in its own process against the session's server -> (process, log)."""
     env = {**os.environ, "PREFECT_API_URL": prefect_server, "PREFECT_HOME": str(tmp_path / "prefect-home")}
     log_path = tmp_path / "serve.log"
     with open(log_path, "wb") as log:
         proc = subprocess.Popen([sys.executable, "-m", "flows.cli", "serve", "--profile", "tiny", *overrides],
                                 cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    yield load_config("tiny", overrides), log_path
+    return proc, log_path
+
+
+def stop_serving(proc: subprocess.Popen) -> None:
     os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C: the runner stops and kills its flow-run processes
     try:
         proc.wait(timeout=20)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(timeout=10)
+
+
+@pytest.fixture
+def served(prefect_server, tmp_path):
+    """`vidopt serve --profile tiny` against the session's server; the data source is an empty folder, so a run that
+    gets as far as ingest fails at once. Yields (the resolved config, its log file)."""
+    empty = tmp_path / "bucket"
+    empty.mkdir()
+    overrides = [f"run.project_dir={tmp_path / 'project'}", f"data.source={empty}", "data.sample_if_missing=false",
+                 "serve.deployment=vidopt-serve-test", "serve.cron=15 4 * * *", "serve.timezone=Europe/Berlin",
+                 "serve.debounce_s=10"]  # 10 s: Prefect's smallest quiet window, for a short test
+    proc, log_path = start_serving(prefect_server, tmp_path, overrides)
+    yield load_config("tiny", overrides), log_path
+    stop_serving(proc)
 
 
 @pytest.mark.integration
@@ -215,3 +225,32 @@ def test_the_runners_at_capacity_line_is_said_once_a_minute_not_every_poll():
             for _ in range(140)]
     assert said.count(True) == 1
     assert quiet.filter(logging.makeLogRecord({"msg": "Runner 'x' submitting flow run"}))   # other lines pass
+
+
+@pytest.mark.integration
+def test_a_served_deployments_run_shows_vidopts_epoch_and_target_lines_in_its_logs(prefect_server, sample_dir,
+                                                                                   tmp_path):
+    overrides = [f"run.project_dir={tmp_path / 'project'}", f"data.source={sample_dir}", "serve.deployment=vidopt-logs",
+                 "teacher.epochs=1", "distill.epochs=1", "prune.finetune_epochs=1", "export.targets=[cpu]"]
+    proc, log_path = start_serving(prefect_server, tmp_path, overrides)
+    api = httpx.Client(base_url=prefect_server, timeout=30)
+    try:
+        deployment = wait_for("the deployment", lambda: read_deployment(api, "vidopt-logs-scheduled"), 120, 1)
+        for _ in range(3):   # the sqlite-backed server answers 503 "database is locked" under load
+            response = api.post(f"/deployments/{deployment['id']}/create_flow_run", json={})
+            if response.status_code < 500:
+                break
+            time.sleep(1)
+        assert response.status_code == 201, response.text[:2000]
+        run = response.json()
+        state = wait_for("the run to finish", lambda: (s := api.get(f"/flow_runs/{run['id']}").json()["state_type"])
+                         in ("COMPLETED", "FAILED", "CRASHED") and s, 600, 2)
+        assert state == "COMPLETED", log_path.read_text()[-3000:]
+
+        def lines():
+            logs = api.post("/logs/filter", json={"logs": {"flow_run_id": {"any_": [run["id"]]}}, "limit": 200}).json()
+            return [log["message"] for log in logs if log["name"].startswith("vidopt.")]
+        wait_for("vidopt's lines in the run's logs", lambda: any("export: cpu ok" in m for m in lines()), 30)
+        assert any(m.startswith("train_teacher: epoch 1/1") for m in lines()), lines()
+    finally:
+        stop_serving(proc)
