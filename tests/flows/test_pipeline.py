@@ -29,19 +29,19 @@ def test_pipeline_runs_every_stage_and_tracks_it_in_mlflow(prefect_server, tiny_
 
     # [Prefect] vidopt's own lines are in the flow run's logs, and the run's summary is an artifact on its page.
     from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, LogFilter, LogFilterFlowRunId
+    from prefect.client.schemas.filters import (ArtifactFilter, ArtifactFilterFlowRunId, LogFilter, LogFilterFlowRunId,
+                                                LogFilterName)
 
     flow_run = state.state_details.flow_run_id
     with get_client(sync_client=True) as client:
         deadline = time.monotonic() + 30   # logs reach the API in batches, a moment after the run
 
-        def vidopt_logs():
-            return [log for log in client.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run])))
-                    if log.name.startswith("vidopt.")]
-        while not any(log.name == "vidopt.pools" and "export: cpu ok" in log.message for log in vidopt_logs()):
-            assert time.monotonic() < deadline, sorted({log.name for log in vidopt_logs()})
+        def said(logger: str, text: str) -> bool:
+            return any(text in log.message for log in client.read_logs(LogFilter(
+                flow_run_id=LogFilterFlowRunId(any_=[flow_run]), name=LogFilterName(any_=[logger]))))
+        while not (said("vidopt.pools", "export: cpu ok") and said("vidopt.register", "register: vidopt-cpu")):
+            assert time.monotonic() < deadline, "vidopt's export and register lines never reached the run's logs"
             time.sleep(1)
-        assert any(log.name == "vidopt.register" for log in vidopt_logs())
         [artifact] = client.read_artifacts(artifact_filter=ArtifactFilter(
             flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run])))
     assert artifact.key == "vidopt-run" and "| int8 |" in artifact.data and result["mlflow_run_id"] in artifact.data

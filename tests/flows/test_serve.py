@@ -248,8 +248,10 @@ def test_a_served_deployments_run_shows_vidopts_epoch_and_target_lines_in_its_lo
         assert state == "COMPLETED", log_path.read_text()[-3000:]
 
         def lines():
-            logs = api.post("/logs/filter", json={"logs": {"flow_run_id": {"any_": [run["id"]]}}, "limit": 200}).json()
-            return [log["message"] for log in logs if log["name"].startswith("vidopt.")]
+            logs = api.post("/logs/filter", json={"logs": {"flow_run_id": {"any_": [run["id"]]},
+                                                           "name": {"any_": ["vidopt.training", "vidopt.pools"]}},
+                                                  "limit": 200}).json()
+            return [log["message"] for log in logs]
         wait_for("vidopt's lines in the run's logs", lambda: any("export: cpu ok" in m for m in lines()), 30)
         assert any(m.startswith("train_teacher: epoch 1/1") for m in lines()), lines()
     finally:
