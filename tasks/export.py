@@ -105,26 +105,35 @@ def log_target(result: TargetResult, parent_run_id: str, data_version: str, stor
 
 
 def log_pyfunc_model(archive_path: Path, clips: ClipConfig | None = None):
-    """[MLflow] the target's package as an MLflow model wherever this machine runs it (an ONNX file that onnxruntime's
-    CPU provider runs too, as runtime.json says: the CPU and GPU packages) -> its ModelInfo, or None for packages of
-    other runtimes (StableHLO, HLS projects)."""
+    """[MLflow] the target's package as an MLflow model wherever this machine can run it: an ONNX file that
+    onnxruntime's CPU provider runs too (the CPU and GPU packages' runtime.json), or the TPU's StableHLO program
+    (torch-xla) -> its ModelInfo; None for the FPGA's HLS projects."""
     import tarfile
     import tempfile
 
-    from vidopt.pyfunc import log_onnx_model
+    from vidopt.pyfunc import log_onnx_model, log_stablehlo_model
 
     if not tarfile.is_tarfile(archive_path):
         return None
+    sampling = clips.model_dump(include={"stride", "seconds", "resize"}) if clips else {}
     with tempfile.TemporaryDirectory(prefix="vidopt-package-") as tmp, tarfile.open(archive_path) as tar:
         tar.extractall(tmp, filter="data")
         runtimes = list(Path(tmp).glob("*/runtime.json"))
-        runtime = json.loads(runtimes[0].read_text()) if len(runtimes) == 1 else {}
-        if not str(runtime.get("file", "")).endswith(".onnx") or "CPUExecutionProvider" not in runtime.get(
-                "providers", []):
-            return None
-        _, t, h, w = runtime["input"]["shape"]          # [C, T, H, W]
-        sampling = clips.model_dump(include={"stride", "seconds", "resize"}) if clips else {}
-        return log_onnx_model(runtimes[0].parent, (t, h, w), runtime.get("classes") or [], sampling)
+        signatures = list(Path(tmp).glob("*/signature.json"))      # the TPU's StableHLO program
+        if len(runtimes) == 1:
+            runtime = json.loads(runtimes[0].read_text())
+            if not str(runtime.get("file", "")).endswith(".onnx") or "CPUExecutionProvider" not in runtime.get(
+                    "providers", []):
+                return None
+            _, t, h, w = runtime["input"]["shape"]          # [C, T, H, W]
+            return log_onnx_model(runtimes[0].parent, (t, h, w), runtime.get("classes") or [], sampling)
+        if len(signatures) == 1:
+            signature = json.loads(signatures[0].read_text())
+            if "normalise" not in signature["input"]:
+                return None
+            _, _, t, h, w = signature["input"]["shape"]     # [1, C, T, H, W]
+            return log_stablehlo_model(signatures[0].parent, (t, h, w), signature.get("classes") or [], sampling)
+        return None
 
 
 # [Prefect] retries cover object-store reads only; `run` above is the plain function tests call.

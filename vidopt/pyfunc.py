@@ -1,6 +1,7 @@
-"""A target's ONNX package as an MLflow model: `mlflow.pyfunc.load_model("models:/vidopt-cpu@champion")` and
-`mlflow models serve` run it on onnxruntime with the thread settings it was verified with (vidopt/mlflow_onnx_model.py,
-logged as code: loading it needs numpy and onnxruntime, not vidopt)."""
+"""A target's package as an MLflow model: `mlflow.pyfunc.load_model("models:/vidopt-cpu@champion")` and `mlflow models
+serve` run it as the target was verified. ONNX packages (CPU, GPU) run on onnxruntime (vidopt/mlflow_onnx_model.py:
+numpy and onnxruntime, not vidopt); the TPU's StableHLO program on torch-xla (vidopt/mlflow_stablehlo_model.py). Both
+are logged as code."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -8,6 +9,21 @@ from pathlib import Path
 import numpy as np
 
 MODEL_CODE = Path(__file__).with_name("mlflow_onnx_model.py")
+STABLEHLO_CODE = Path(__file__).with_name("mlflow_stablehlo_model.py")
+
+
+def log_stablehlo_model(program: Path, clip_shape: tuple[int, int, int], classes: list[str],
+                        sampling: dict | None = None, name: str = "model"):
+    """[MLflow] the TPU target's StableHLO program folder as a pyfunc model (torch-xla runs it) -> its ModelInfo.
+    No input example: checking it would start a PJRT client in this process, which the TPU target keeps out of
+    long-lived ones."""
+    from importlib.metadata import version
+
+    import mlflow
+
+    return _log(name, STABLEHLO_CODE, {"program": str(program)}, clip_shape, classes, sampling,
+                [f"mlflow=={mlflow.__version__}", f"torch=={version('torch').split('+')[0]}",
+                 f"torch-xla=={version('torch-xla').split('+')[0]}", f"numpy=={np.__version__}"], example=False)
 
 
 def log_onnx_model(package: Path, clip_shape: tuple[int, int, int], classes: list[str], sampling: dict | None = None,
@@ -17,6 +33,15 @@ def log_onnx_model(package: Path, clip_shape: tuple[int, int, int], classes: lis
     kept as metadata for whoever decodes videos for it (`vidopt predict`)."""
     import mlflow
     import onnxruntime
+
+    return _log(name, MODEL_CODE, {"package": str(package)}, clip_shape, classes, sampling,
+                [f"mlflow=={mlflow.__version__}", f"onnxruntime=={onnxruntime.__version__}",
+                 f"numpy=={np.__version__}"])
+
+
+def _log(name: str, code: Path, artifacts: dict, clip_shape: tuple[int, int, int], classes: list[str],
+         sampling: dict | None, requirements: list[str], example: bool = True):
+    import mlflow
     from mlflow.models import ModelSignature
     from mlflow.types.schema import Schema, TensorSpec
 
@@ -24,10 +49,8 @@ def log_onnx_model(package: Path, clip_shape: tuple[int, int, int], classes: lis
     signature = ModelSignature(inputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, t, h, w, 3))]),
                                outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, len(classes)))]))
     return mlflow.pyfunc.log_model(
-        name=name, python_model=str(MODEL_CODE), artifacts={"package": str(package)}, signature=signature,
-        input_example=np.zeros((1, t, h, w, 3), np.uint8),
-        # pinned here: inferring them would load the model in a subprocess on every run
-        pip_requirements=[f"mlflow=={mlflow.__version__}", f"onnxruntime=={onnxruntime.__version__}",
-                          f"numpy=={np.__version__}"],
+        name=name, python_model=str(code), artifacts=artifacts, signature=signature,
+        input_example=np.zeros((1, t, h, w, 3), np.uint8) if example else None,
+        pip_requirements=requirements,   # pinned here: inferring them would load the model in a subprocess each run
         metadata={"classes": classes, "clips": sampling or {}, "input": "decoded clips uint8 [B, T, H, W, 3] RGB",
                   "output": "logits float32 [B, classes]"})

@@ -154,8 +154,11 @@ def export_stablehlo(model_dir: str, out: Path, bf16: bool, batch: int) -> dict:
     from torch_xla.stablehlo import exported_program_to_stablehlo
 
     from vidopt.checkpoint import load_model_dir
+    from vidopt.data import KINETICS_MEAN, KINETICS_STD
 
     model, arch = load_model_dir(model_dir)
+    names = Path(model_dir) / "classes.json"
+    classes = json.loads(names.read_text()) if names.exists() else None
     example = (torch.randn(1, 3, arch.frames, arch.height, arch.width),)  # [1, C, T, H, W]
     batched = (torch.randn(batch, 3, arch.frames, arch.height, arch.width),)
     report: dict = {"tpu_chips": tpu.num_available_chips()}
@@ -169,8 +172,10 @@ def export_stablehlo(model_dir: str, out: Path, bf16: bool, batch: int) -> dict:
             program.save(str(directory))
         (target / "signature.json").write_text(json.dumps({
             "input": {"layout": "[1, 3, T, H, W] float32, RGB scaled to [0, 1] then standardised with Kinetics "
-                      "mean/std (vidopt.data.normalise_clips)", "shape": list(example[0].shape)},
-            "output": {"layout": "[1, classes] float32 logits"}, "compute_dtype": name}, indent=2))
+                      "mean/std (vidopt.data.normalise_clips)", "shape": list(example[0].shape),
+                      "normalise": {"mean": list(KINETICS_MEAN), "std": list(KINETICS_STD)}},
+            "output": {"layout": "[1, classes] float32 logits"}, "compute_dtype": name,
+            "classes": classes}, indent=2))
         report[name] = {"export_s": time.monotonic() - started}
     return report
 

@@ -1,8 +1,14 @@
 """TPU target on PJRT CPU: StableHLO exported in one child process, reloaded and run in another, compared here."""
 import importlib.util
+import json
+import os
+import subprocess
 import sys
 import tarfile
 import time
+from pathlib import Path
+
+import numpy as np
 
 import pytest
 import torch
@@ -12,6 +18,7 @@ from workers import tpu
 
 from .import_check import import_without
 
+REPO = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="torch-xla wheels are Linux-only")
 
 
@@ -53,6 +60,20 @@ def test_stablehlo_reloaded_in_a_fresh_process_matches_pytorch(demo_job, tmp_pat
     assert any(n.endswith(".bytecode") for n in names) and any("/data/" in n for n in names)
     assert "stablehlo/signature.json" in names
     assert result.extra["variants"]["fp32"]["shipped_batch1_parity"]["clips"] == 3  # one clip per timed call
+    # The shipped program as an MLflow model (vidopt/mlflow_stablehlo_model.py), run in a fresh process as a server
+    # would: the first clips' logits are the shipped program's own.
+    program = tmp_path / "out" / "stablehlo"
+    assert json.loads((program / "signature.json").read_text())["input"]["normalise"]["mean"][0] == 0.43216
+    script = ("import json, sys, types, torch; from vidopt.mlflow_stablehlo_model import StableHloClipClassifier as C; "
+              "m = C(); m.load_context(types.SimpleNamespace(artifacts={'program': sys.argv[1]})); "
+              "clips = torch.load(sys.argv[2], weights_only=True)['clips'][:2].numpy(); "
+              "print(json.dumps(m.predict(None, clips).tolist()))")
+    child = subprocess.run([sys.executable, "-c", script, str(program), str(tmp_path / "eval6.pt")],
+                           capture_output=True, text=True, timeout=300, cwd=REPO,
+                           env={**os.environ, "PJRT_DEVICE": "CPU"})
+    assert child.returncode == 0, child.stderr[-3000:]
+    shipped = np.load(tmp_path / "out" / "verify" / "stablehlo_shipped.npy")[:2]
+    assert np.abs(np.array(json.loads(child.stdout.strip().splitlines()[-1])) - shipped).max() <= 1e-4
 
 
 def test_verification_batches_are_as_few_and_as_even_as_the_cap_allows():
