@@ -10,11 +10,11 @@ log = logging.getLogger("vidopt.progress")
 
 
 @contextmanager
-def progress_bar(what: str, unit: str) -> Iterator[Callable[[int, int], None]]:
-    """Yields report(done, total)."""
+def progress_bar(what: str, unit: str, lines: bool = True) -> Iterator[Callable[[int, int], None]]:
+    """Yields report(done, total). lines=False: nothing when not a terminal (the caller logs its own lines)."""
     if not sys.stderr.isatty():
         def report(done: int, total: int) -> None:
-            if done == total or done % max(1, total // 10) == 0:
+            if lines and (done == total or done % max(1, total // 10) == 0):
                 log.info("%s: %d/%d %s", what, done, total, unit)
         yield report
         return

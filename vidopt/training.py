@@ -20,6 +20,7 @@ from torch import nn
 
 from vidopt.checkpoint import load_checkpoint, save_checkpoint
 from vidopt.metrics import top1, top1_per_video
+from vidopt.progress import progress_bar
 
 log = logging.getLogger("vidopt.training")
 
@@ -128,39 +129,42 @@ def fit(model: nn.Module, loss_fn: LossFn, train_batches: Iterable, score_fn: Ca
     trained = forward or model                             # what the loss calls; `model` itself is scored and saved
     if spec.precision != "fp32":
         trained = Autocast(trained, device_type, spec.precision)
-    for epoch in range(state["epoch"], spec.epochs):
-        if epoch - state["improved_epoch"] > spec.patience and state["improved_epoch"] >= 0:
-            log.info("%s: early stop after epoch %d (no better %s for %d epochs)", spec.stage, epoch,
-                     spec.score_name, spec.patience)
-            break
-        if on_epoch_start:
-            on_epoch_start(epoch)
-        started = time.monotonic()
-        loss, counters = _train_one_epoch(trained, loss_fn, train_batches, optimizer, scheduler, scaler, device,
-                                          spec.stage, epoch)
-        train_seconds = time.monotonic() - started
-        score = score_fn(model)
-        seconds = time.monotonic() - started
-        # >=: a small val split ties often (72 clips: 0.931 at epochs 18, 25, 27, 29 and 30 of the demo teacher), and
-        # of equal scores the later epoch has trained longer, further down the one-cycle schedule
-        gain = None if state["best_score"] is None else (score - state["best_score"]) * (1 if spec.maximize else -1)
-        if gain is None or gain > 0:
-            state["improved_epoch"] = epoch
-        if gain is None or gain >= 0:
-            state.update(best_score=score, best_epoch=epoch,
-                         best_model={k: v.detach().clone() for k, v in model.state_dict().items()})
-        state["history"].append({"epoch": epoch, "loss": loss, "score": score, "seconds": seconds,
-                                 "train_seconds": train_seconds, **counters})
-        state["epoch"] = epoch + 1
-        store.save({**state, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict()},
-                   {"epoch": epoch, "loss": loss, spec.score_name: score})
-        log.info("%s: epoch %d/%d loss %.4f %s %.4f (%.1f s)", spec.stage, epoch + 1, spec.epochs, loss,
-                 spec.score_name, score, seconds)
-        if logger is not None:
-            logger.log(f"{spec.stage}.loss", loss, step=epoch)
-            logger.log(f"{spec.stage}.{spec.score_name}", score, step=epoch)
-            logger.log(f"{spec.stage}.epoch_seconds", seconds, step=epoch)
+    with progress_bar(spec.stage, "epochs", lines=False) as progress:   # a bar in a terminal; the lines below else
+        for epoch in range(state["epoch"], spec.epochs):
+            if epoch - state["improved_epoch"] > spec.patience and state["improved_epoch"] >= 0:
+                log.info("%s: early stop after epoch %d (no better %s for %d epochs)", spec.stage, epoch,
+                         spec.score_name, spec.patience)
+                break
+            if on_epoch_start:
+                on_epoch_start(epoch)
+            started = time.monotonic()
+            loss, counters = _train_one_epoch(trained, loss_fn, train_batches, optimizer, scheduler, scaler, device,
+                                              spec.stage, epoch)
+            train_seconds = time.monotonic() - started
+            score = score_fn(model)
+            seconds = time.monotonic() - started
+            # >=: a small val split ties often (72 clips: 0.931 at epochs 18, 25, 27, 29 and 30 of the demo
+            # teacher), and of equal scores the later epoch has trained longer, further down the one-cycle schedule
+            sign = 1 if spec.maximize else -1
+            gain = None if state["best_score"] is None else (score - state["best_score"]) * sign
+            if gain is None or gain > 0:
+                state["improved_epoch"] = epoch
+            if gain is None or gain >= 0:
+                state.update(best_score=score, best_epoch=epoch,
+                             best_model={k: v.detach().clone() for k, v in model.state_dict().items()})
+            state["history"].append({"epoch": epoch, "loss": loss, "score": score, "seconds": seconds,
+                                     "train_seconds": train_seconds, **counters})
+            state["epoch"] = epoch + 1
+            store.save({**state, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                        "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict()},
+                       {"epoch": epoch, "loss": loss, spec.score_name: score})
+            log.info("%s: epoch %d/%d loss %.4f %s %.4f (%.1f s)", spec.stage, epoch + 1, spec.epochs, loss,
+                     spec.score_name, score, seconds)
+            if logger is not None:
+                logger.log(f"{spec.stage}.loss", loss, step=epoch)
+                logger.log(f"{spec.stage}.{spec.score_name}", score, step=epoch)
+                logger.log(f"{spec.stage}.epoch_seconds", seconds, step=epoch)
+            progress(epoch + 1, spec.epochs)
 
     if state["best_model"] is not None:
         model.load_state_dict(state["best_model"])
