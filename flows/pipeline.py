@@ -56,8 +56,15 @@ def run_pipeline(config: PipelineConfig) -> dict:
         run_id = parent.run.info.run_id
         out: dict = {}
         for stage in STAGES:
-            out[stage.gives] = stage_task(stage.name)(config, **{n: out[n] for n in stage.needs},
-                                                      parent_run_id=run_id)
+            task, inputs = stage_task(stage.name), {n: out[n] for n in stage.needs}
+            if stage.each:   # one task per item (each export target), submitted together, results in order
+                section, field = stage.each.split(".")
+                argument = field.removesuffix("s")
+                futures = [task.submit(config, **inputs, **{argument: item}, parent_run_id=run_id)
+                           for item in getattr(getattr(config, section), field)]
+                out[stage.gives] = [future.result() for future in futures]
+            else:
+                out[stage.gives] = task(config, **inputs, parent_run_id=run_id)
     result = {"mlflow_run_id": run_id, "dataset": out["dataset"].model_dump(),
               "ladder": {name: out[name].model_dump() for name in LADDER},
               "targets": [t.model_dump() for t in out["targets"]], "registry": out["registry"],

@@ -3,7 +3,8 @@ verifies its artifact on its own runtime (parity with PyTorch, top-1 on the test
 
     python -m tasks.export --profile tiny      # runs the upstream stages first (cached in the project dir)
 
-Each target becomes a nested MLflow run holding its artifact; tasks/register.py turns those into registered versions.
+In the flow each target is a Prefect task of its own (`export-<target>`) and a nested MLflow run holding its artifact;
+tasks/register.py turns those into registered versions.
 """
 from __future__ import annotations
 
@@ -14,17 +15,17 @@ from pathlib import Path
 
 from prefect import task
 
-from tasks.caching import stage_cache
 from tasks.common import TrainingReads, eval_clip_set
 from tasks.retry import IO_RETRY_DELAYS, only_io_errors
 from vidopt.artifacts import (CpuOptions, DatasetArtifact, ExportJob, FpgaOptions, GpuOptions, ModelArtifact,
                               TargetResult, TpuOptions)
 from vidopt.config import BudgetConfig, ClipConfig, ExportConfig, PipelineConfig
-from vidopt.stages import StageWork, artifact_hash, forget_incarnation, split_rows, stage_work
+from vidopt.stages import StageWork, artifact_hash, forget_incarnation, split_rows, stage_incarnation, stage_work
 from workers.pools import run_jobs
 
 log = logging.getLogger("vidopt.export")
 RESULTS = "results.json"
+TARGET_RESULTS = "verified"   # <target>.json: one verified target's result, reused for the same inputs
 
 
 class Reads(TrainingReads):
@@ -46,27 +47,21 @@ def work_dir(cfg: PipelineConfig | Reads, dataset: DatasetArtifact, int8: ModelA
 
 
 def run(cfg: PipelineConfig | Reads, dataset: DatasetArtifact, int8: ModelArtifact) -> list[TargetResult]:
-    """`int8` is the quantize stage's artifact: its folder holds the student's fp32 weights and model_int8.onnx.
-    Results where every target is ok are kept for the same inputs; a skipped or failed target makes the next run try
-    all targets again (a pool may have joined, a transient failure may have passed)."""
+    """Every target at once. `int8` is the quantize stage's artifact: its folder holds the student's fp32 weights and
+    model_int8.onnx. Results where every target is ok are kept for the same inputs; a skipped or failed target makes
+    the next run try it again (a pool may have joined, a transient failure may have passed)."""
     cfg = Reads.of(cfg)
     work = work_dir(cfg, dataset, int8)
     if work.store.has(work.child(RESULTS)):
         saved = json.loads(work.store.read_text(work.child(RESULTS)))
         log.info("export: %s already holds verified targets for these inputs", work.uri)
         return [TargetResult.model_validate(r) for r in saved["results"]]
-    split = "test" if split_rows(dataset, "test", work.store) else "val"
-    if not split_rows(dataset, split, work.store):
-        raise ValueError(f"export: dataset {dataset.uri} has no test or val videos to verify targets on")
-    # The split's clips as the quantize stage already decoded them (one clip set in the store): workers fetch it.
-    eval_clips = eval_clip_set(cfg, dataset, split)
-    jobs = [ExportJob(target=t, store=work.store.spec, model=int8.uri, eval_clips=eval_clips, out=work.child(t),
-                      options=target_options(cfg, t)) for t in cfg.export.targets]
-    # The jobs as sent, so `vidopt bench export` can time each target alone against this stage.
-    work.store.write_text(work.child("jobs.json"), json.dumps([j.model_dump(mode="json") for j in jobs], indent=2))
+    done = {t: r for t in cfg.export.targets if (r := _saved_target(work, t)) is not None}
+    jobs = [job for job in export_jobs(cfg, work, dataset, int8) if job.target not in done]
     started = time.monotonic()
-    results = [r.model_copy(update={"eval_clips": eval_clips.sha256}) for r in run_jobs(jobs, cfg.ray)]
+    fresh = {r.target: r for r in _run_jobs(cfg, work, jobs)}
     wall = time.monotonic() - started
+    results = [done.get(t) or fresh[t] for t in cfg.export.targets]
     log.info("export: %d targets in %.1f s wall (%s)", len(results), wall,
              ", ".join(f"{r.target} {r.status} {r.seconds:.1f} s" for r in results))
     record = json.dumps({"wall_seconds": wall, "results": [r.model_dump() for r in results]}, indent=2)
@@ -76,6 +71,52 @@ def run(cfg: PipelineConfig | Reads, dataset: DatasetArtifact, int8: ModelArtifa
         work.store.write_text(work.child("results.incomplete.json"), record)
         forget_incarnation(work)
     return results
+
+
+def run_target(cfg: PipelineConfig | Reads, dataset: DatasetArtifact, int8: ModelArtifact,
+               target: str) -> TargetResult:
+    """One target, on its pool: what each of the flow's export tasks runs. A verified result is kept for the same
+    inputs; anything else is tried again next time."""
+    cfg = Reads.of(cfg)
+    work = work_dir(cfg, dataset, int8)
+    saved = _saved_target(work, target)
+    if saved is not None:
+        log.info("export: %s already holds the verified %s target for these inputs", work.uri, target)
+        return saved
+    [job] = [job for job in export_jobs(cfg, work, dataset, int8) if job.target == target]
+    [result] = _run_jobs(cfg, work, [job])
+    if result.status != "ok":
+        forget_incarnation(work)
+    return result
+
+
+def export_jobs(cfg: Reads, work: StageWork, dataset: DatasetArtifact, int8: ModelArtifact) -> list[ExportJob]:
+    """One job per target of export.targets, on the test split's eval clips (val where there is no test split)."""
+    split = "test" if split_rows(dataset, "test", work.store) else "val"
+    if not split_rows(dataset, split, work.store):
+        raise ValueError(f"export: dataset {dataset.uri} has no test or val videos to verify targets on")
+    # The split's clips as the quantize stage already decoded them (one clip set in the store): workers fetch it.
+    eval_clips = eval_clip_set(cfg, dataset, split)
+    jobs = [ExportJob(target=t, store=work.store.spec, model=int8.uri, eval_clips=eval_clips, out=work.child(t),
+                      options=target_options(cfg, t)) for t in cfg.export.targets]
+    # The jobs as sent, so `vidopt bench export` can time each target alone against this stage.
+    work.store.write_text(work.child("jobs.json"), json.dumps([j.model_dump(mode="json") for j in jobs], indent=2))
+    return jobs
+
+
+def _run_jobs(cfg: Reads, work: StageWork, jobs: list[ExportJob]) -> list[TargetResult]:
+    """The jobs on their pools at once; each verified result kept in the stage's place."""
+    results = [r.model_copy(update={"eval_clips": job.eval_clips.sha256})
+               for job, r in zip(jobs, run_jobs(jobs, cfg.ray))] if jobs else []
+    for result in results:
+        if result.status == "ok":
+            work.store.write_text(work.child(f"{TARGET_RESULTS}/{result.target}.json"), result.model_dump_json())
+    return results
+
+
+def _saved_target(work: StageWork, target: str) -> TargetResult | None:
+    uri = work.child(f"{TARGET_RESULTS}/{target}.json")
+    return TargetResult.model_validate_json(work.store.read_text(uri)) if work.store.has(uri) else None
 
 
 def log_target(result: TargetResult, parent_run_id: str, data_version: str, store,
@@ -136,20 +177,22 @@ def log_pyfunc_model(archive_path: Path, clips: ClipConfig | None = None):
         return None
 
 
-# [Prefect] retries cover object-store reads only; `run` above is the plain function tests call.
-@task(name="export", retries=len(IO_RETRY_DELAYS), retry_delay_seconds=IO_RETRY_DELAYS,
-      retry_condition_fn=only_io_errors, **stage_cache(work_dir))
-def export_task(cfg: PipelineConfig, dataset: DatasetArtifact, int8: ModelArtifact,
-                parent_run_id: str) -> list[TargetResult]:
-    from vidopt.tracking import stage_run
+def target_cache_key(context, parameters: dict) -> str:
+    """[Prefect] an export task's key: the stage's inputs and place (tasks/caching.py), and its target."""
+    work = work_dir(parameters["cfg"], parameters["dataset"], parameters["int8"])
+    return f"vidopt-export-{work.key}-{parameters['target']}-{stage_incarnation(work)}"
 
-    store = work_dir(cfg, dataset, int8).store
-    with stage_run("export", parent_run_id) as stage:  # [MLflow] nested run; one more level per target
-        results = [log_target(r, stage.run.info.run_id, dataset.data_version, store, cfg.clips)
-                   for r in run(cfg, dataset, int8)]
-        for result in results:
-            stage.log(f"{result.target}.ok", float(result.status == "ok"))
-    return results
+
+# [Prefect] one task per target (the flow submits them together): each is seen, cached and retried on its own, while
+# the targets still run concurrently on their Ray pools. Retries cover object-store reads only.
+@task(name="export", task_run_name="export-{target}", retries=len(IO_RETRY_DELAYS),
+      retry_delay_seconds=IO_RETRY_DELAYS, retry_condition_fn=only_io_errors, cache_key_fn=target_cache_key,
+      persist_result=True, result_serializer="json")
+def export_task(cfg: PipelineConfig, dataset: DatasetArtifact, int8: ModelArtifact, target: str,
+                parent_run_id: str) -> TargetResult:
+    result = run_target(cfg, dataset, int8, target)
+    # [MLflow] a nested run per target under the pipeline's run, holding its artifact
+    return log_target(result, parent_run_id, dataset.data_version, work_dir(cfg, dataset, int8).store, cfg.clips)
 
 
 if __name__ == "__main__":

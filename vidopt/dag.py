@@ -10,6 +10,8 @@ class Stage:
     name: str                 # its module in tasks/, whose `run(cfg, **needs)` is the plain stage function
     needs: tuple[str, ...]    # earlier stages' outputs it takes, by the names they are given
     gives: str                # the name its output goes by
+    each: str = ""            # in the flow, one task per item of this config list (its key's last part names the
+    #                           task's argument), their results listed in order; as a plain function, one call
 
 
 STAGES: tuple[Stage, ...] = (
@@ -18,7 +20,7 @@ STAGES: tuple[Stage, ...] = (
     Stage("distill", ("dataset", "teacher"), "student"),
     Stage("prune", ("dataset", "student", "teacher"), "pruned"),
     Stage("quantize", ("dataset", "pruned"), "int8"),
-    Stage("export", ("dataset", "int8"), "targets"),
+    Stage("export", ("dataset", "int8"), "targets", each="export.targets"),
     Stage("register", ("dataset", "teacher", "targets"), "registry"),
     Stage("crossval", ("dataset",), "crossval"),   # data.folds >= 2 only; after the shipped model's own chain
     Stage("report", ("dataset", "teacher", "student", "pruned", "int8", "targets", "registry", "crossval"), "report"),

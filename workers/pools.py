@@ -15,6 +15,7 @@ import importlib
 import logging
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import ray  # [Ray] the only module that imports Ray
@@ -40,8 +41,18 @@ RESOURCE_NAMES = {"cpu": "CPU", "gpu": "GPU", "tpu": "TPU", "fpga": "FPGA"}
 STILL_RUNNING_EVERY_S = 15.0
 
 
+# ray.init runs in this one thread, which lives as long as the process: a local Ray's GCS and raylet die with the
+# *thread* that started them (Linux PR_SET_PDEATHSIG), and the flow's export tasks run in threads that end with the
+# flow run. One thread also means one ray.init however many tasks connect at once.
+_RAY_OWNER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vidopt-ray")
+
+
 def connect(cfg: RayConfig) -> dict[str, float]:
     """[Ray] join `cfg.address`, or start a local Ray declaring the emulated pools; returns the cluster's resources."""
+    return _RAY_OWNER.submit(_connect, cfg).result()
+
+
+def _connect(cfg: RayConfig) -> dict[str, float]:
     if not ray.is_initialized():
         if cfg.address:
             ray.init(address=cfg.address, log_to_driver=False)
