@@ -29,16 +29,19 @@ def test_pipeline_runs_every_stage_and_tracks_it_in_mlflow(prefect_server, tiny_
 
     # [Prefect] vidopt's own lines are in the flow run's logs, and the run's summary is an artifact on its page.
     from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import (ArtifactFilter, ArtifactFilterFlowRunId, LogFilter, LogFilterFlowRunId,
-                                                LogFilterName)
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, LogFilter, LogFilterFlowRunId
 
     flow_run = state.state_details.flow_run_id
     with get_client(sync_client=True) as client:
         deadline = time.monotonic() + 30   # logs reach the API in batches, a moment after the run
 
-        def said(logger: str, text: str) -> bool:
-            return any(text in log.message for log in client.read_logs(LogFilter(
-                flow_run_id=LogFilterFlowRunId(any_=[flow_run]), name=LogFilterName(any_=[logger]))))
+        def said(logger: str, text: str) -> bool:   # every page of the run's logs: one page holds 200
+            found, page = [], None
+            while page is None or len(page) == 200:
+                page = client.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run])), limit=200,
+                                        offset=len(found))
+                found += page
+            return any(log.name == logger and text in log.message for log in found)
         while not (said("vidopt.pools", "export: cpu ok") and said("vidopt.register", "register: vidopt-cpu")):
             assert time.monotonic() < deadline, "vidopt's export and register lines never reached the run's logs"
             time.sleep(1)

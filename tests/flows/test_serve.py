@@ -247,11 +247,13 @@ def test_a_served_deployments_run_shows_vidopts_epoch_and_target_lines_in_its_lo
                          in ("COMPLETED", "FAILED", "CRASHED") and s, 600, 2)
         assert state == "COMPLETED", log_path.read_text()[-3000:]
 
-        def lines():
-            logs = api.post("/logs/filter", json={"logs": {"flow_run_id": {"any_": [run["id"]]},
-                                                           "name": {"any_": ["vidopt.training", "vidopt.pools"]}},
-                                                  "limit": 200}).json()
-            return [log["message"] for log in logs]
+        def lines():   # every page of the run's logs: one page holds 200
+            found, page = [], None
+            while page is None or len(page) == 200:
+                page = api.post("/logs/filter", json={"logs": {"flow_run_id": {"any_": [run["id"]]}},
+                                                      "limit": 200, "offset": len(found)}).json()
+                found += page
+            return [log["message"] for log in found if log["name"].startswith("vidopt.")]
         wait_for("vidopt's lines in the run's logs", lambda: any("export: cpu ok" in m for m in lines()), 30)
         assert any(m.startswith("train_teacher: epoch 1/1") for m in lines()), lines()
     finally:
