@@ -59,6 +59,7 @@ def _connect(cfg: RayConfig) -> dict[str, float]:
         else:
             emulated = set(cfg.emulate)
             ray.init(
+                address="local",   # a Ray of this run's own, even where another one runs on the machine
                 num_cpus=cfg.num_cpus,
                 num_gpus=local_gpus("gpu" in emulated),
                 resources={RESOURCE_NAMES[t]: 1 for t in ("tpu", "fpga") if t in emulated},
