@@ -94,7 +94,7 @@ def log_report(stage, record: ReportArtifact, store) -> None:
       retry_condition_fn=only_io_errors, **stage_cache(work_dir))
 def report_task(cfg: PipelineConfig, dataset: DatasetArtifact, teacher: ModelArtifact, student: ModelArtifact,
                 pruned: ModelArtifact, int8: ModelArtifact, targets: list[TargetResult], registry: list[dict],
-                crossval: CrossValArtifact | None, parent_run_id: str) -> ReportArtifact:
+                parent_run_id: str, crossval: CrossValArtifact | None = None) -> ReportArtifact:
     from vidopt.tracking import stage_run
 
     with stage_run("report", parent_run_id) as stage:  # [MLflow] nested run holding the report
