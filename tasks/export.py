@@ -148,11 +148,11 @@ def log_target(result: TargetResult, parent_run_id: str, data_version: str, stor
 def log_pyfunc_model(archive_path: Path, clips: ClipConfig | None = None):
     """[MLflow] the target's package as an MLflow model wherever this machine can run it: an ONNX file that
     onnxruntime's CPU provider runs too (the CPU and GPU packages' runtime.json), or the TPU's StableHLO program
-    (torch-xla) -> its ModelInfo; None for the FPGA's HLS projects."""
+    (torch-xla), or the FPGA's HLS project (hls4ml's C++ emulation) -> its ModelInfo, or None."""
     import tarfile
     import tempfile
 
-    from vidopt.pyfunc import log_onnx_model, log_stablehlo_model
+    from vidopt.pyfunc import log_hls_model, log_onnx_model, log_stablehlo_model
 
     if not tarfile.is_tarfile(archive_path):
         return None
@@ -163,6 +163,9 @@ def log_pyfunc_model(archive_path: Path, clips: ClipConfig | None = None):
         signatures = list(Path(tmp).glob("*/signature.json"))      # the TPU's StableHLO program
         if len(runtimes) == 1:
             runtime = json.loads(runtimes[0].read_text())
+            if "ips" in runtime:   # the FPGA's HLS project: its emulation compiles with g++ where it loads
+                clip = (runtime["frames"], runtime["height"], runtime["width"])
+                return log_hls_model(runtimes[0].parent, clip, runtime.get("classes") or [], sampling)
             if not str(runtime.get("file", "")).endswith(".onnx") or "CPUExecutionProvider" not in runtime.get(
                     "providers", []):
                 return None

@@ -1,7 +1,7 @@
 """A target's package as an MLflow model: `mlflow.pyfunc.load_model("models:/vidopt-cpu@champion")` and `mlflow models
 serve` run it as the target was verified. ONNX packages (CPU, GPU) run on onnxruntime (vidopt/mlflow_onnx_model.py:
-numpy and onnxruntime, not vidopt); the TPU's StableHLO program on torch-xla (vidopt/mlflow_stablehlo_model.py). Both
-are logged as code."""
+numpy and onnxruntime, not vidopt); the TPU's StableHLO program on torch-xla (vidopt/mlflow_stablehlo_model.py); the
+FPGA's HLS project in hls4ml's C++ emulation (vidopt/mlflow_hls_model.py). All are logged as code."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -10,6 +10,7 @@ import numpy as np
 
 MODEL_CODE = Path(__file__).with_name("mlflow_onnx_model.py")
 STABLEHLO_CODE = Path(__file__).with_name("mlflow_stablehlo_model.py")
+HLS_CODE = Path(__file__).with_name("mlflow_hls_model.py")
 
 
 def log_stablehlo_model(program: Path, clip_shape: tuple[int, int, int], classes: list[str],
@@ -24,6 +25,19 @@ def log_stablehlo_model(program: Path, clip_shape: tuple[int, int, int], classes
     return _log(name, STABLEHLO_CODE, {"program": str(program)}, clip_shape, classes, sampling,
                 [f"mlflow=={mlflow.__version__}", f"torch=={version('torch').split('+')[0]}",
                  f"torch-xla=={version('torch-xla').split('+')[0]}", f"numpy=={np.__version__}"], example=False)
+
+
+def log_hls_model(project: Path, clip_shape: tuple[int, int, int], classes: list[str], sampling: dict | None = None,
+                  name: str = "model"):
+    """[MLflow] the FPGA target's HLS project as a pyfunc model (hls4ml's C++ emulation, compiled where it loads) ->
+    its ModelInfo. No input example: checking it would compile both IPs here."""
+    from importlib.metadata import version
+
+    import mlflow
+
+    return _log(name, HLS_CODE, {"project": str(project)}, clip_shape, classes, sampling,
+                [f"mlflow=={mlflow.__version__}", f"hls4ml=={version('hls4ml')}", f"numpy=={np.__version__}"],
+                example=False)
 
 
 def log_onnx_model(package: Path, clip_shape: tuple[int, int, int], classes: list[str], sampling: dict | None = None,

@@ -7,6 +7,7 @@ test clips. Synthesis needs AMD Vitis, absent here, so the HLS projects ship as 
 """
 from __future__ import annotations
 
+import json
 import math
 import shutil
 import tempfile
@@ -22,8 +23,10 @@ from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from vidopt.artifacts import LocalExportJob, TargetResult
 from vidopt.checkpoint import load_model_dir
+from vidopt.data import KINETICS_MEAN, KINETICS_STD
 from vidopt.models import Student, StudentArch, has_pool
-from workers.common import archive, batches, correct, load_eval_clips, parity, reference_logits, top1
+from workers.common import (VERIFIED_LOGITS, archive, batches, correct, load_eval_clips, model_classes, parity,
+                            reference_logits, top1)
 
 IO_TYPE = "io_stream"    # layer-by-layer FIFOs: the only way a 112x112 frame fits an FPGA (io_parallel unrolls it all)
 CLOCK_NS = 5             # 200 MHz target clock for synthesis
@@ -290,9 +293,16 @@ def run_target(job: LocalExportJob) -> TargetResult:
         emulation_s = time.monotonic() - emulation_started
         types = {"encoder": shipped_types(enc_ip), "head": shipped_types(head_ip)}
         (root / "README.md").write_text(readme(arch, hls4ml.__version__, types, margin))
+        # what the project's MLflow model (vidopt/mlflow_hls_model.py) needs to run the two IPs on decoded clips
+        (root / "runtime.json").write_text(json.dumps({
+            "ips": ["encoder", "head"], "frames": t, "height": arch.height, "width": arch.width, "feature_dim": d,
+            "frame_differences": arch.frame_differences, "runtime": f"hls4ml {hls4ml.__version__} C++ emulation",
+            "input": {"normalise": {"mean": list(KINETICS_MEAN), "std": list(KINETICS_STD)}},
+            "classes": model_classes(job)}, indent=2))
         for built in [p for p in root.rglob("*") if p.suffix in BUILD_OUTPUTS]:
             built.unlink()
         Path(job.out_dir).mkdir(parents=True, exist_ok=True)
+        np.save(Path(job.out_dir) / VERIFIED_LOGITS, logits)   # what the registered model must reproduce
         artifact = archive(root, Path(job.out_dir) / "fpga_hls_project.tar.gz")
 
     reference = reference_logits(job, x)

@@ -3,7 +3,9 @@ import shutil
 import sys
 import tarfile
 import time
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -114,3 +116,19 @@ def test_two_ips_match_pytorch(job):
     assert "vitis-run --tcl build_prj.tcl" in readme and "[28, 28, 6]" in readme and "[4, 32]" in readme
     assert "next frame minus this one" in readme  # the host computes the frame differences
     assert result.artifact_bytes > 0
+
+    # The archive as its MLflow model runs it (vidopt/mlflow_hls_model.py): compiled from the shipped sources, the
+    # host's frame differences in numpy, the same emulated logits the target verified.
+    from types import SimpleNamespace
+
+    from vidopt.mlflow_hls_model import HlsClipClassifier
+    from workers.common import VERIFIED_LOGITS
+
+    unpacked = Path(job.out_dir) / "unpacked"
+    with tarfile.open(result.artifact_uri) as tar:
+        tar.extractall(unpacked, filter="data")
+    classifier = HlsClipClassifier()
+    classifier.load_context(SimpleNamespace(artifacts={"project": str(unpacked / "fpga_hls_project")}))
+    clips = torch.load(job.eval_clips, weights_only=True)["clips"][:2].numpy()       # uint8 [2, T, H, W, 3]
+    verified = np.load(Path(job.out_dir) / VERIFIED_LOGITS)[:2]
+    np.testing.assert_allclose(classifier.predict(None, clips), verified, atol=1e-5)
