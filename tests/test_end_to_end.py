@@ -198,9 +198,8 @@ def test_new_clips_in_the_bucket_start_a_run_that_registers_a_model_version(
     [version] = [v for v in registry.search_model_versions(f"name='{model}'") if v.version not in versions_before]
     assert registry.get_model_version_by_alias(model, "challenger").version == version.version
     assert version.tags["target"] == TARGET and version.tags["runtime"].startswith("onnxruntime")
-    export_run = registry.get_run(version.run_id)
-    stage_run = registry.get_run(export_run.data.tags["mlflow.parentRunId"])
-    pipeline_run = registry.get_run(stage_run.data.tags["mlflow.parentRunId"])
+    export_run = registry.get_run(version.run_id)                          # export-<target>, a child of the run
+    pipeline_run = registry.get_run(export_run.data.tags["mlflow.parentRunId"])
     data_version_tag = version.tags["data_version"]
     assert data_version_tag == export_run.data.tags["data_version"] == pipeline_run.data.tags["data_version"]
     assert (datetime.fromisoformat(final["start_time"]).timestamp() * 1000 <= pipeline_run.info.start_time
@@ -216,12 +215,25 @@ def test_new_clips_in_the_bucket_start_a_run_that_registers_a_model_version(
     rows = [json.loads(line) for line in manifest.splitlines() if line.strip()]
     assert {r["key"]: r["sha256"] for r in rows} == {key: sha256_bytes(body) for key, body in clips.items()}
     assert data_version(rows) == data_version_tag
-    #    The version's artifact: the CPU package, as many bytes as registered, and it runs.
-    assert version.source.startswith(f"{export_run.info.artifact_uri}/"), (version.source, export_run.info.artifact_uri)
-    artifact_bucket, artifact_key = s3_location(version.source, mlflow_server.artifacts_destination)
+    #    The run's artifact: the CPU package, as many bytes as registered, and it runs.
+    artifact_bucket, artifact_key = s3_location(f"{export_run.info.artifact_uri}/artifact/cpu_int8.tar.gz",
+                                                mlflow_server.artifacts_destination)
     package = s3.get_object(Bucket=artifact_bucket, Key=artifact_key)["Body"].read()
     assert len(package) == int(version.tags["artifact_bytes"])
-    assert_cpu_package_runs(package, classes=len({r["label"] for r in rows}))
+    classes = len({r["label"] for r in rows})
+    assert_cpu_package_runs(package, classes=classes)
+    #    The version itself is an MLflow model, fetched through the server from the bucket, and it runs.
+    import mlflow
+    import numpy as np
+
+    previous = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(mlflow_server.url)
+    try:
+        loaded = mlflow.pyfunc.load_model(f"models:/{model}/{version.version}")
+    finally:
+        mlflow.set_tracking_uri(previous)
+    shape = loaded.metadata.get_input_schema().inputs[0].shape                # (-1, T, H, W, 3)
+    assert loaded.predict(np.zeros((2, *shape[1:]), np.uint8)).shape == (2, classes)
 
 
 def assert_cpu_package_runs(package: bytes, classes: int) -> None:
