@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, field_validator, model_validator
 
 from vidopt.sample_data import SampleSpec
 
@@ -40,9 +40,10 @@ class DataConfig(Section):
     min_split_videos: int = Field(1, ge=0)  # stratified: at least this many of each class in val and in test
     folds: int = Field(0, ge=0)          # k >= 2: also k-fold cross-validation of the teacher and the student
     #                                      (tasks/crossval.py): every video tested once, k times the training
-    min_frames: int = 16                 # shorter videos are quarantined: a clip needs this many frames
-    decoder_checks: int = 24             # frames compared per file before decord is trusted with it
-    probe_workers: int = 2               # processes probing files (and writing sample data) in parallel: one per core
+    min_frames: int = Field(16, ge=2)    # shorter videos are quarantined (a still image is never a video); longer
+    #                                      ones shorter than a clip are padded with their last frame
+    decoder_checks: int = Field(24, ge=1)  # frames compared per file before decord is trusted with it
+    probe_workers: int = Field(2, ge=1)  # processes probing files (and writing sample data) in parallel: one per core
     sample: SampleSpec = Field(default_factory=SampleSpec)  # what `sample_if_missing` and `vidopt data sample` write
 
     @field_validator("split_fractions")
@@ -87,9 +88,9 @@ class TeacherConfig(Section):
     backbone_lr_scale: float = Field(1.0, gt=0, le=1)  # the share of `lr` every layer but the classifier trains at:
     #                                      0.1 fine-tunes published weights (teacher.init) without washing them out
     epochs: int = Field(12, ge=0)        # 0: no training (the initial or `init` weights as they are)
-    lr: float = 1e-3                     # AdamW peak of the one-cycle schedule (vidopt/training.py): at 3e-3 an
-    #                                      r3d_18 trained from scratch never leaves chance
-    weight_decay: float = 1e-4
+    lr: float = Field(1e-3, gt=0, allow_inf_nan=False)  # AdamW peak of the one-cycle schedule (vidopt/training.py):
+    #                                      at 3e-3 an r3d_18 trained from scratch never leaves chance
+    weight_decay: float = Field(1e-4, ge=0, allow_inf_nan=False)
     patience: int = Field(4, ge=1)       # early stopping: epochs without a better val top-1
     precision: Literal["fp32", "bf16", "auto"] = "fp32"  # of the training steps; bf16: mixed precision, float32
     #   weights (vidopt/training.py Bf16Forward); auto: bf16 where the CPU has AMX. fp32 by default: bf16 is faster
@@ -119,9 +120,9 @@ class DistillConfig(Section):
     frame_differences: bool = True       # the encoder also sees each frame's difference to the next (vidopt/models.py):
     #                                      motion becomes explicit, and the student leaves chance ~5x sooner
     epochs: int = Field(20, ge=1)
-    lr: float = 2e-3                     # AdamW peak of the one-cycle schedule: at this rate the augmented
-    #                                      student learns the demo even from the labels alone
-    weight_decay: float = 1e-4
+    lr: float = Field(2e-3, gt=0, allow_inf_nan=False)  # AdamW peak of the one-cycle schedule: at this rate the
+    #                                      augmented student learns the demo even from the labels alone
+    weight_decay: float = Field(1e-4, ge=0, allow_inf_nan=False)
     alpha: float = Field(0.5, ge=0, le=1)  # weight of CE(labels); (1 - alpha) weighs T^2 * KL to the teacher
     check_teacher: bool = True           # distil only from a teacher significantly better than the majority class
     #                                      on val (tasks/distill.py teacher_check); else labels alone. False: always
@@ -166,8 +167,8 @@ class PruneConfig(Section):
     #   student's (the function pruning must keep; on the demo a better one than the teacher's), or the teacher's
     alpha: float = Field(0.0, ge=0, le=1)  # weight of CE(labels) in the fine-tune loss (distill.alpha's role): 0 is
     #   pure distillation, copying the unpruned model's function; any share of labels loses more test top-1
-    lr: float = 2e-3  # one-cycle peak of every fine-tune, distill.lr's: at 1e-3 the pruned student loses a point
-    #   or more
+    lr: float = Field(2e-3, gt=0, allow_inf_nan=False)  # one-cycle peak of every fine-tune, distill.lr's: at 1e-3
+    #   the pruned student loses a point or more
 
 
 class QuantizeConfig(Section):
@@ -175,15 +176,16 @@ class QuantizeConfig(Section):
     per_channel: bool = True                  # per-output-channel weight scales (needed for pruned, uneven layers)
     max_top1_drop: float = Field(0.01, ge=0)  # allowed test top-1 loss vs fp32; beyond it, quantization-aware training
     qat_epochs: int = Field(3, ge=1)
-    qat_lr: float = 1e-4
-    threads: list[int] = Field(default_factory=lambda: [1, 2])  # onnxruntime intra-op threads to measure latency with
+    qat_lr: float = Field(1e-4, gt=0, allow_inf_nan=False)
+    threads: list[PositiveInt] = Field(default_factory=lambda: [1, 2], min_length=1)  # onnxruntime intra-op
+    #                                      threads to measure latency with
 
 
 Target = Literal["cpu", "gpu", "tpu", "fpga"]
 
 
 class ExportConfig(Section):
-    targets: list[Target] = Field(default_factory=lambda: ["cpu", "gpu", "tpu", "fpga"])
+    targets: list[Target] = Field(default_factory=lambda: ["cpu", "gpu", "tpu", "fpga"], min_length=1)
     cpu_threads: int = Field(1, ge=1)        # onnxruntime intra-op threads the CPU artifact is tuned and shipped with
     tpu_bf16: bool = True                    # also export and verify a bf16 StableHLO variant
     fpga_fixed_width: int = Field(16, ge=8)  # total bits of each ap_fixed<W, I>; I comes from calibration ranges
@@ -371,6 +373,8 @@ def validate_config(raw: dict[str, Any]) -> PipelineConfig:
         for e in err.errors():
             key = ".".join(str(p) for p in e["loc"])
             msg = "unknown key" if e["type"] == "extra_forbidden" else e["msg"]
+            if key and e["type"] != "extra_forbidden" and not isinstance(e.get("input"), dict):
+                msg = f"{msg}, got {e['input']!r}"   # the value as typed: what to change
             problems.append(f"config: {key}: {msg}" if key else f"config: {msg}")   # no key: a cross-section check
         raise ConfigError("\n".join(problems)) from None
 

@@ -81,3 +81,20 @@ def test_redact_masks_secrets_and_uri_credentials():
     assert flat["tracking.api_token"] == "***"
     assert "hunter2" not in flat["tracking.uri"] and flat["tracking.uri"].endswith("@mlflow:5000")
     assert flat["data.source"] == "s3://b/p"
+
+
+@pytest.mark.parametrize("override, message", [
+    ("teacher.lr=nan", "config: teacher.lr: Input should be a finite number, got 'nan'"),
+    ("distill.lr=.inf", "config: distill.lr: Input should be a finite number"),
+    ("prune.lr=0", "config: prune.lr: Input should be greater than 0, got 0"),
+    ("teacher.weight_decay=-1", "config: teacher.weight_decay: Input should be greater than or equal to 0, got -1"),
+    ("data.probe_workers=0", "config: data.probe_workers: Input should be greater than or equal to 1, got 0"),
+    ("data.decoder_checks=0", "config: data.decoder_checks: Input should be greater than or equal to 1, got 0"),
+    ("data.min_frames=1", "config: data.min_frames: Input should be greater than or equal to 2, got 1"),
+    ("quantize.threads=[2, 0]", "config: quantize.threads.1: Input should be greater than 0, got 0"),
+    ("export.targets=[]", "config: export.targets: List should have at least 1 item"),
+])
+def test_values_out_of_range_are_refused_at_load_naming_key_and_value(override, message):
+    with pytest.raises(ConfigError) as err:
+        load_config("tiny", [override])
+    assert str(err.value).startswith(message)
