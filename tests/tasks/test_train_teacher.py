@@ -109,9 +109,8 @@ def test_teacher_init_loads_matching_weights_and_replaces_the_classifier(sample_
     init = tmp_path / "pretrained.pt"
     torch.save(source.state_dict(), init)
 
-    # lr=0: training leaves every parameter where init put it, so the model dir shows exactly what was loaded.
-    cfg = tiny_cfg(f"data.source={sample_dir}", "teacher.width=0.125", "teacher.epochs=1", "teacher.lr=0",
-                   f"teacher.init={init}")
+    # epochs=0: no training, so the model dir shows exactly what was loaded.
+    cfg = tiny_cfg(f"data.source={sample_dir}", "teacher.width=0.125", "teacher.epochs=0", f"teacher.init={init}")
     teacher = train_teacher.run(cfg, dataset)
     loaded, _ = load_model_dir(teacher.uri)
     expected = dict(source.named_parameters())
