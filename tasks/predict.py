@@ -71,16 +71,17 @@ def decode_windows(path: str, clips: ClipConfig, stride: int | None, eval_window
         raise DecodeError(found["reason"])
     step = clip_stride(found, clips)
     span = (clips.frames - 1) * step + 1
-    if eval_windows:   # exactly the windows ClipDataset(train=False) evaluates
+    if eval_windows or found["num_frames"] <= span:   # the windows evaluation scores (a short video: its one)
         n = n_eval_windows(found, clips)
         indices = [sample_clip_indices(found["num_frames"], clips.frames, step, train=False, clip=c, clips=n)
                    for c in range(n)]
     else:
-        indices = [list(range(s, min(s + span, found["num_frames"]), step))[:clips.frames]
-                   for s in window_starts(found["num_frames"], span, stride or span)]
-        indices = [ix + [ix[-1]] * (clips.frames - len(ix)) for ix in indices]   # a short video: its last frame
-    size = decode_size(found, clips)
-    windows = [crop_to_clip(read_frames(path, ix, decoder=found["decoder"], size=size), clips) for ix in indices]
+        indices = [list(range(s, s + span, step)) for s in window_starts(found["num_frames"], span, stride or span)]
+    # every frame any window needs, decoded in one pass (PyAV decodes from the start on each call), then the windows
+    needed = sorted({i for ix in indices for i in ix})
+    decoded = read_frames(path, needed, decoder=found["decoder"], size=decode_size(found, clips))  # [F, h, w, 3]
+    at = {frame: row for row, frame in enumerate(needed)}
+    windows = [crop_to_clip(decoded[[at[i] for i in ix]], clips) for ix in indices]
     return np.stack([np.asarray(w) for w in windows]), [ix[0] for ix in indices]
 
 
@@ -92,7 +93,7 @@ def _decode_job(args: tuple) -> tuple[np.ndarray | None, list[int], str | None]:
         return None, [], str(err) or type(err).__name__
 
 
-def list_videos(source: str, cfg: PipelineConfig, scratch: Path) -> list[tuple[str, str]]:
+def list_videos(source: str, cfg: PipelineConfig) -> list[tuple[str, str]]:
     """(name shown, local path) of a file, every video file under a folder, or every object under an s3:// prefix
     (downloaded into the project's cache)."""
     if not is_s3(source) and Path(source).is_file():
@@ -154,7 +155,7 @@ def run(cfg: PipelineConfig, source: str, model: str | None = None, stride: int 
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="vidopt-predict-") as scratch:
         m = load_model(model, cfg, Path(scratch))
-        videos = list_videos(source, cfg, Path(scratch))
+        videos = list_videos(source, cfg)
         jobs = [(path, m.clips, stride, eval_windows, cfg.data.decoder_checks) for _, path in videos]
         results, clips = [], 0
         with spawn_pool(max(1, workers)) as pool:    # decoding in parallel; the model runs here, a video at a time

@@ -40,7 +40,7 @@ def test_stablehlo_reloaded_in_a_fresh_process_matches_pytorch(demo_job, tmp_pat
     torch.save({k: v[:6] for k, v in saved.items()}, tmp_path / "eval6.pt")
     job = for_target(demo_job, "tpu", {"bf16": True, "latency_iters": 3, "pjrt_device": "CPU"},
                      eval_clips=str(tmp_path / "eval6.pt"), out_dir=str(tmp_path / "out"))
-    xla_already_imported = "torch_xla" in sys.modules   # by another test in this session, perhaps
+    xla_already_imported = "torch_xla" in sys.modules   # by another test in this pytest process, perhaps
     started = time.monotonic()
     result = tpu.run_target(job)
     print(f"tpu run_target: {time.monotonic() - started:.1f} s; " + "; ".join(
