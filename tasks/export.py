@@ -99,8 +99,10 @@ def export_jobs(cfg: Reads, work: StageWork, dataset: DatasetArtifact, int8: Mod
     eval_clips = eval_clip_set(cfg, dataset, split)
     jobs = [ExportJob(target=t, store=work.store.spec, model=int8.uri, eval_clips=eval_clips, out=work.child(t),
                       options=target_options(cfg, t)) for t in cfg.export.targets]
-    # The jobs as sent, so `vidopt bench export` can time each target alone against this stage.
-    work.store.write_text(work.child("jobs.json"), json.dumps([j.model_dump(mode="json") for j in jobs], indent=2))
+    # The jobs as sent, so `vidopt bench export` can time each target alone against this stage: the same for every
+    # target's task (the stage's key holds all they depend on), so written once.
+    if not work.store.has(work.child("jobs.json")):
+        work.store.write_text(work.child("jobs.json"), json.dumps([j.model_dump(mode="json") for j in jobs], indent=2))
     return jobs
 
 
