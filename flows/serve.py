@@ -21,6 +21,7 @@ from prefect.settings import get_current_settings
 
 from flows.pipeline import pipeline
 from vidopt.config import PipelineConfig, ServeConfig
+from vidopt.errors import VidoptError
 
 # Prefect refuses a Proactive trigger whose `within` is under 10 s (prefect/events/schemas/automations.py).
 PROACTIVE_MIN_WITHIN_S = 10.0
@@ -33,7 +34,7 @@ START_SERVER_HINT = ("start one with `prefect server start --host 127.0.0.1` and
                      "PREFECT_API_URL=http://127.0.0.1:4200/api")
 
 
-class ServeError(RuntimeError):
+class ServeError(VidoptError, RuntimeError):
     """`vidopt serve` cannot run as asked; the message says what to do."""
 
 

@@ -25,6 +25,7 @@ from tasks import ingest
 from tasks.common import CLASSES, TrainingReads, eval_clip_set, load_clip_set
 from vidopt.checkpoint import ARCH, load_model_dir
 from vidopt.config import PipelineConfig
+from vidopt.errors import VidoptError
 from vidopt.metrics import per_video
 from vidopt.onnx_utils import INT8_FILE, ort_predict, ort_session
 from vidopt.stages import open_store
@@ -37,7 +38,7 @@ log = logging.getLogger("vidopt.evaluate")
 PACKAGE_FILE = "student_int8.onnx"   # what the CPU target ships
 
 
-class EvaluateError(ValueError):
+class EvaluateError(VidoptError, ValueError):
     """A model or data set that cannot be evaluated; the message says what to change."""
 
 

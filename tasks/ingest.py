@@ -20,7 +20,7 @@ from prefect import task
 from tasks.retry import IO_RETRY_DELAYS, only_io_errors
 from vidopt.artifacts import DatasetArtifact
 from vidopt.config import PipelineConfig
-from vidopt.data import assign_splits, class_counts, data_version
+from vidopt.data import SPLITS, assign_splits, class_counts, data_version
 from vidopt.ingestion import (
     IngestError,
     ManifestError,
@@ -39,7 +39,6 @@ from vidopt.storage import (
     DownloadCache,
     RemoteObject,
     StorageError,
-    is_s3,
     list_objects,
     read_jsonl,
     sha256_file,
@@ -67,10 +66,11 @@ def run(cfg: PipelineConfig) -> DatasetArtifact:
         if not base.pop("ok"):
             quarantine.append(base)
         elif base["num_frames"] < data.min_frames:
-            quarantine.append({**base, "reason": f"too short: {base['num_frames']} frames < {data.min_frames} needed"})
+            quarantine.append({**base, "reason": _too_short(base, data.min_frames)})
         else:
             rows.append(base)
-    rows = _drop_duplicates(rows, quarantine)
+    store = open_store(cfg.run)
+    rows = _drop_duplicates(rows, quarantine, _previous_keys(store, data.source))
     assign_splits(rows, data.split_fractions, data.stratify, data.min_split_videos)
     for q in quarantine:
         log.warning("ingest: %s: %s (quarantined)", q["uri"], q["reason"])
@@ -78,15 +78,69 @@ def run(cfg: PipelineConfig) -> DatasetArtifact:
     if not rows:
         raise IngestError(f"ingest: no usable videos in {data.source} ({len(quarantine)} quarantined: "
                           + "; ".join(f"{q['key']}: {q['reason']}" for q in quarantine[:5]) + ")")
-    return _write_dataset(cfg, rows, quarantine, cache.downloaded, time.monotonic() - started)
+    check_classes(rows, data.source, data.split_fractions, data.stratify)
+    dataset = _write_dataset(cfg, rows, quarantine, cache.downloaded, time.monotonic() - started)
+    store.write_text(_latest_uri(store, data.source), json.dumps({"source": data.source, "uri": dataset.uri,
+                                                                 "manifest_sha256": dataset.manifest_sha256}))
+    return dataset
+
+
+def _too_short(probe: dict, min_frames: int) -> str:
+    frames = probe["num_frames"]
+    if frames <= 1 and probe.get("codec") in STILL_IMAGE_CODECS:
+        return f"a still image ({probe['codec']}, {frames} frame), not a video"
+    return f"too short: {frames} frames < {min_frames} needed (data.min_frames)"
+
+
+STILL_IMAGE_CODECS = {"png", "mjpeg", "bmp", "gif", "webp", "tiff", "jpeg2000", "jpegls", "apng", "qoi"}
+
+
+def check_classes(rows: list[dict], source: str, fractions, stratified: bool = True) -> None:
+    """A classifier needs two classes, and every class in every split the fractions ask for: a class missing from
+    test (or val) would be scored on nothing, or chosen on nothing, and the numbers would not say so."""
+    counts = class_counts(rows)
+    shown = ", ".join(f"{label!r}: " + "/".join(str(c[s]) for s in SPLITS) for label, c in counts.items())
+    if len(counts) < 2:
+        raise IngestError(f"ingest: {source} holds {len(counts)} class ({shown} train/val/test videos); a classifier "
+                          "needs at least two: add a folder of videos per class (<label>/<video>)")
+    wanted = [s for s, f in zip(SPLITS, fractions) if f > 0]
+    short = {label: [s for s in wanted if c[s] == 0] for label, c in counts.items()}
+    short = {label: splits for label, splits in short.items() if splits}
+    if short:
+        what = "; ".join(f"{label!r} has no {' or '.join(splits)} videos" for label, splits in short.items())
+        hint = "" if stratified else ", or set data.stratify=true (every class cut at the fractions)"
+        raise IngestError(f"ingest: {source}: {what} (train/val/test per class: {shown}); add videos of these "
+                          f"classes, or change data.split_fractions{hint}")
+
+
+def _latest_uri(store, source: str) -> str:
+    """Where the newest dataset of `source` is named: the keys it holds keep their place when duplicates arrive."""
+    return store.uri("datasets", "latest", hashlib.sha256(source.encode()).hexdigest()[:16] + ".json")
+
+
+def _previous_keys(store, source: str) -> set[str]:
+    """Keys of the newest dataset ingested from `source` (none when there is none, or it cannot be read)."""
+    from vidopt.store import FileRef, StoreError
+
+    try:
+        latest = json.loads(store.read_text(_latest_uri(store, source)))
+        path = store.get_file(FileRef(uri=f"{latest['uri']}/manifest.jsonl", sha256=latest["manifest_sha256"]))
+        return {row["key"] for row in read_jsonl(path)}
+    except (StoreError, ValueError, KeyError, TypeError) as err:
+        if not isinstance(err, StoreError) or "no such object" not in str(err):
+            log.warning("ingest: the previous dataset of %s cannot be read (%s); duplicates keep the first key", source,
+                        err)
+        return set()
 
 
 def _fill_with_samples_if_missing(cfg: PipelineConfig) -> None:
+    """Sample data goes only into the project's own bucket: a folder the user named that does not exist is a typo,
+    and an error (list_objects raises it), never a place to write videos into."""
     source = cfg.data.source
-    if cfg.data.sample_if_missing and not is_s3(source) and not Path(source).exists():
+    if cfg.data.sample_if_missing and cfg.is_project_bucket() and not Path(source).exists():
         spec = cfg.data.sample
-        log.info("ingest: %s does not exist; writing the sample dataset there (%d classes x %d videos)",
-                 source, len(spec.classes), spec.videos_per_class)
+        log.info("ingest: the project's bucket %s does not exist; writing the sample dataset there (%d classes x %d "
+                 "videos)", source, len(spec.classes), spec.videos_per_class)
         generate_dataset(Path(source), spec, progress=_progress("sample data: wrote", "videos"),
                          workers=cfg.data.probe_workers)   # one process per core, as the probes
 
@@ -119,8 +173,9 @@ def _inspect_all(cfg: PipelineConfig, cache: DownloadCache, objects: list[Remote
             quarantine.append({"key": obj.key, "uri": obj.uri, "reason": f"cannot fetch: {err}"})
             continue
         cached = probe_cache_path(probe_dir, sha, checks)
-        if cached.exists():
-            yield obj, {**read_jsonl(cached)[0], "sha256": sha, "size": size, "path": str(path)}
+        probe = _cached_probe(cached)
+        if probe is not None:
+            yield obj, {**probe, "sha256": sha, "size": size, "path": str(path)}
         else:
             pending.append((obj, path, sha, size, cached))
     for done, ((obj, path, sha, size, cached), result) in enumerate(_run_probes(pending, cfg.data.probe_workers, checks), 1):
@@ -128,6 +183,23 @@ def _inspect_all(cfg: PipelineConfig, cache: DownloadCache, objects: list[Remote
             write_jsonl(cached, [result])
         progress(done, len(pending))
         yield obj, {**result, "sha256": sha, "size": size, "path": str(path)}
+
+
+def _cached_probe(path: Path) -> dict | None:
+    """A probe cached by an earlier ingest, or None: an unreadable one (emptied, garbage) is set aside with a
+    warning and the file probed again."""
+    if not path.exists():
+        return None
+    try:
+        probe = read_jsonl(path)[0]
+        if isinstance(probe, dict) and isinstance(probe.get("ok"), bool) and {"reason", "num_frames"} & set(probe):
+            return probe
+        problem = "not a probe record"
+    except (ValueError, IndexError, OSError) as err:
+        problem = f"{type(err).__name__}: {err}"
+    log.warning("ingest: probe cache %s is unreadable (%s); probing the file again", path, problem)
+    path.replace(path.with_suffix(".bad"))
+    return None
 
 
 def _run_probes(pending: list[tuple], workers: int, checks: int):
@@ -153,11 +225,12 @@ def _probe_alone(path: str, checks: int) -> dict:
             return {"ok": False, "reason": "the decoder crashed on this file", "cacheable": False}
 
 
-def _drop_duplicates(rows: list[dict], quarantine: list[dict]) -> list[dict]:
-    """Same content twice would sit in one split under two keys (or two labels): keep the first key only."""
+def _drop_duplicates(rows: list[dict], quarantine: list[dict], previous: set[str]) -> list[dict]:
+    """Same content twice would sit in one split under two keys (or two labels): keep one key. A key the previous
+    dataset holds wins (a copy dropped into the bucket is the newcomer), then the first key in order."""
     first: dict[str, dict] = {}
     kept = []
-    for row in sorted(rows, key=lambda r: r["key"]):
+    for row in sorted(rows, key=lambda r: (r["key"] not in previous, r["key"])):
         if row["sha256"] in first:
             quarantine.append({**row, "reason": f"duplicate content of {first[row['sha256']]['key']}"})
         else:

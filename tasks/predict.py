@@ -22,6 +22,7 @@ from typing import Callable
 import numpy as np
 
 from vidopt.config import ClipConfig, PipelineConfig
+from vidopt.errors import VidoptError
 from vidopt.processes import spawn_pool
 from vidopt.storage import DownloadCache, StorageError, is_s3, list_objects
 
@@ -30,7 +31,7 @@ VIDEO_SUFFIXES = {".mp4", ".avi", ".mkv", ".mov", ".webm", ".m4v", ".mpg", ".mpe
 Predictor = Callable[[np.ndarray], np.ndarray]   # clips uint8 [B, T, H, W, 3] -> logits [B, classes]
 
 
-class PredictError(ValueError):
+class PredictError(VidoptError, ValueError):
     """A model or input that cannot be used; the message says what to change."""
 
 

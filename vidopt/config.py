@@ -9,10 +9,12 @@ import hashlib
 import json
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal
+from urllib.parse import urlsplit
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, field_validator, model_validator
 
+from vidopt.errors import VidoptError
 from vidopt.sample_data import SampleSpec
 
 PROFILE_DIR = Path(__file__).resolve().parent.parent / "flows" / "configs"
@@ -29,9 +31,11 @@ class DataConfig(Section):
     # Where the data lives and how ingestion checks it: the dataset's content hash already stands for what it found.
     runtime_only = frozenset({"source", "manifest", "sample_if_missing", "s3_endpoint_url", "s3_region",
                               "min_frames", "decoder_checks", "probe_workers", "sample"})
-    source: str = ".vidopt/bucket"       # local folder or s3://bucket/prefix; layout <label>/<file> or a manifest
+    source: str | None = None            # local folder or s3://bucket/prefix; layout <label>/<file> or a manifest.
+    #                                      None: the project's own bucket, <run.project_dir>/bucket
     manifest: str | None = None          # CSV/JSONL (path,label) relative to `source`; None: use <label>/<file>
-    sample_if_missing: bool = False      # a local `source` that does not exist is filled with the sample dataset
+    sample_if_missing: bool = False      # the project's own bucket, when missing, is filled with the sample dataset
+    #                                      (never a folder the user named: a mistyped path is an error)
     s3_endpoint_url: str | None = None   # e.g. MinIO; None: the usual AWS way (AWS_ENDPOINT_URL, profiles, ...)
     s3_region: str | None = None
     split_fractions: tuple[float, float, float] = (0.7, 0.15, 0.15)  # train / val / test, by content hash
@@ -310,6 +314,35 @@ class PipelineConfig(Section):
     listen: ListenConfig = Field(default_factory=ListenConfig)
 
     @model_validator(mode="after")
+    def _source_defaults_to_the_project_bucket(self) -> "PipelineConfig":
+        if self.data.source is None:
+            self.data.source = str(Path(self.run.project_dir) / "bucket")
+        return self
+
+    @model_validator(mode="after")
+    def _videos_hold_a_clip(self) -> "PipelineConfig":
+        if self.data.min_frames < self.clips.frames:
+            raise ValueError(f"data.min_frames ({self.data.min_frames}) must be at least clips.frames "
+                             f"({self.clips.frames}): a shorter video cannot fill one clip with distinct frames")
+        return self
+
+    @model_validator(mode="after")
+    def _no_credentials_in_urls(self) -> "PipelineConfig":
+        """Credentials in a URL would be written wherever the config is (model folders, MLflow, Prefect parameters):
+        they are refused here, and each service's own variables carry them instead."""
+        for key, where in URL_FIELDS.items():
+            section, name = key.split(".")
+            url = getattr(getattr(self, section), name)
+            if url and "://" in url and urlsplit(url).password is not None:
+                raise ValueError(f"{key}: a URL must not carry user:password@ ({redact(url)}); {where}")
+        return self
+
+    def is_project_bucket(self) -> bool:
+        """data.source is the project's own bucket (the only folder sample data is ever written into unasked)."""
+        source = self.data.source or ""
+        return "://" not in source and Path(source).resolve() == (Path(self.run.project_dir) / "bucket").resolve()
+
+    @model_validator(mode="after")
     def _student_fits_the_clips(self) -> "PipelineConfig":
         """The distill stage builds its student only after ingestion and the teacher: a student that cannot read these
         clips (a map smaller than its pooling grid, a stem kernel that does not fit its stride) is refused here."""
@@ -334,7 +367,18 @@ class PipelineConfig(Section):
         return _hash_json(self.model_dump(mode="json"))
 
 
-class ConfigError(ValueError):
+# Every URL-valued field, and where its credentials belong instead.
+URL_FIELDS = {
+    "data.source": "S3 credentials come from AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY or an AWS profile",
+    "data.s3_endpoint_url": "S3 credentials come from AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY or an AWS profile",
+    "run.artifact_root": "S3 credentials come from AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY or an AWS profile",
+    "run.store_endpoint_url": "S3 credentials come from AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY or an AWS profile",
+    "tracking.uri": "MLflow reads MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD (or MLFLOW_TRACKING_TOKEN)",
+    "listen.sqs_queue_url": "SQS credentials come from AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY or an AWS profile",
+}
+
+
+class ConfigError(VidoptError, ValueError):
     """A profile or override that does not fit PipelineConfig; the message names the key."""
 
 
@@ -355,13 +399,27 @@ def profile_path(profile: str) -> Path:
 
 def load_config(profile: str = "demo", overrides: list[str] | tuple[str, ...] = ()) -> PipelineConfig:
     """Profile YAML, then overrides like `clips.frames=8` (values parsed as YAML), validated as a whole."""
-    raw = yaml.safe_load(profile_path(profile).read_text()) or {}
+    path = profile_path(profile)
+    raw = _parse_yaml(path.read_text(), str(path)) or {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config: {path}: the profile must be a mapping of sections (run:, data:, ...), "
+                          f"not a {type(raw).__name__}")
     for item in overrides:
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise ConfigError(f"config: override {item!r} is not of the form key.sub=value")
-        _set_path(raw, key.strip(), yaml.safe_load(value))
+        _set_path(raw, key.strip(), _parse_yaml(value, f"override {key.strip()}"))
     return validate_config(raw)
+
+
+def _parse_yaml(text: str, where: str) -> Any:
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise ConfigError(f"config: {where}: invalid YAML{at}: {problem}") from None
 
 
 def validate_config(raw: dict[str, Any]) -> PipelineConfig:
@@ -372,9 +430,9 @@ def validate_config(raw: dict[str, Any]) -> PipelineConfig:
         problems = []
         for e in err.errors():
             key = ".".join(str(p) for p in e["loc"])
-            msg = "unknown key" if e["type"] == "extra_forbidden" else e["msg"]
+            msg = "unknown key" if e["type"] == "extra_forbidden" else e["msg"].removeprefix("Value error, ")
             if key and e["type"] != "extra_forbidden" and not isinstance(e.get("input"), dict):
-                msg = f"{msg}, got {e['input']!r}"   # the value as typed: what to change
+                msg = f"{msg}, got {redact(e['input'])!r}"   # the value as typed: what to change
             problems.append(f"config: {key}: {msg}" if key else f"config: {msg}")   # no key: a cross-section check
         raise ConfigError("\n".join(problems)) from None
 

@@ -9,16 +9,17 @@ import io
 import json
 from pathlib import Path
 
+from vidopt.errors import VidoptError
 from vidopt.storage import RemoteObject, StorageError, read_text_uri, safe_relative_key, sha256_file
 
 PROBE_FORMAT = 1  # bump when inspect_file's output changes, so cached probes are recomputed
 
 
-class IngestError(RuntimeError):
+class IngestError(VidoptError, RuntimeError):
     """Ingestion cannot produce a dataset (missing source, nothing usable); the message says what to do."""
 
 
-class ManifestError(ValueError):
+class ManifestError(VidoptError, ValueError):
     """A source manifest that cannot be read; the message names the file and line."""
 
 

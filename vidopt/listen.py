@@ -25,6 +25,7 @@ from typing import Any, Callable
 from urllib.parse import unquote_plus, urlsplit
 
 from vidopt.config import PipelineConfig
+from vidopt.errors import VidoptError
 from vidopt.storage import (RemoteObject, StorageError, atomic_write_text, is_hidden, is_s3, s3_client,
                             safe_relative_key, split_s3)
 
@@ -40,7 +41,7 @@ BATCH_ID_NAMESPACE = uuid.UUID("6f1b2a1e-5d0c-4b8e-9a51-3c7d2f0e9b44")  # never 
 STATE_VERSION = 1
 
 
-class ListenError(RuntimeError):
+class ListenError(VidoptError, RuntimeError):
     """A source or queue the listener cannot watch; the message names it and what to do."""
 
 

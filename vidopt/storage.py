@@ -15,10 +15,12 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Iterator
 
+from vidopt.errors import VidoptError
+
 HASH_CHUNK = 1 << 20  # bytes read at a time when hashing
 
 
-class StorageError(RuntimeError):
+class StorageError(VidoptError, RuntimeError):
     """A URI that cannot be read or a key that must not be written; the message names it."""
 
 
@@ -62,16 +64,36 @@ def sha256_file(path: Path) -> str:
 
 @contextmanager
 def atomic_path(dest: Path) -> Iterator[Path]:
-    """Yield a temp path next to `dest`; on success it replaces `dest` in one rename, on failure it is removed."""
+    """Yield a temp path next to `dest`; on success it replaces `dest` in one rename, on failure it is removed. The
+    temp file is fsynced before the rename and the folder after it, so a power loss leaves the old file or the new
+    one, whole."""
     dest.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".tmp")
     os.close(fd)
     try:
         yield Path(tmp)
+        _fsync(tmp)
         os.replace(tmp, dest)
+        _fsync_dir(dest.parent)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def _fsync(path: str | Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Make renames in `folder` durable; a no-op where folders cannot be opened or synced (Windows, some FUSE)."""
+    try:
+        _fsync(folder)
+    except OSError:
+        pass
 
 
 @contextmanager
@@ -119,7 +141,9 @@ def list_objects(source: str, endpoint_url: str | None = None, region: str | Non
         return _list_s3(source, endpoint_url, region)
     root = Path(source).resolve()  # manifests hold absolute paths: later stages may run from another directory
     if not root.is_dir():
-        raise StorageError(f"{source}: data source folder does not exist")
+        what = "is not a folder" if root.exists() else "does not exist"
+        raise StorageError(f"data.source {source} {what} (a folder or s3://bucket/prefix of <label>/<video> files; "
+                           "`vidopt data sample --out DIR` writes the sample dataset)")
     objects = []
     for path in sorted(root.rglob("*")):
         rel = path.relative_to(root).as_posix()
