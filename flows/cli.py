@@ -14,6 +14,7 @@
     vidopt evaluate --data DIR|s3://... [--model PATH]   top-1 with its interval, recall per class, confusion matrix
     vidopt predict PATH|DIR|s3://... [--model URI|PATH]  a label per video and per window, with clips/s
     vidopt config [--profile demo] [...]                 print the resolved config
+    vidopt --debug <command> ...                         an error's traceback as well as its message
     vidopt listen [--profile demo] [...] [--once]        emit vidopt.data.arrived for new clips in data.source
     vidopt serve [--profile demo] [...]                  Prefect deployments of the pipeline: cron + new-data events
 """
@@ -26,11 +27,13 @@ import os
 import signal
 import sys
 import threading
+import traceback
 from pathlib import Path
 
 from vidopt import __version__
 from vidopt.config import PROFILE_DIR, ConfigError, PipelineConfig, load_config
-from vidopt.ingestion import IngestError
+from vidopt.errors import VidoptError
+from vidopt.preflight import check_prefect_api, check_run, check_source
 from vidopt.progress import progress_bar
 
 
@@ -57,9 +60,11 @@ def prefect_env(cfg: PipelineConfig) -> None:
 def cmd_run(args: argparse.Namespace) -> int:
     cfg = load_config(args.profile, args.overrides)
     prefect_env(cfg)
+    check_run(cfg)   # data, store, MLflow, Prefect: a mistake found in seconds, not halfway through the run
     from flows.pipeline import pipeline  # after prefect_env: Prefect reads its settings at import
     from flows.summary import print_summary
 
+    hide_user_error_tracebacks()
     result = pipeline(cfg)
     print_summary(cfg, result)
     return 0
@@ -95,15 +100,12 @@ def run_bench(name: str, argv: list[str]) -> int:
 def cmd_listen(args: argparse.Namespace) -> int:
     cfg = load_config(args.profile, args.overrides)
     prefect_env(cfg)
+    check_source(cfg)
+    check_prefect_api()
     from flows.listen import listen  # after prefect_env: Prefect reads its settings at import
-    from vidopt.listen import ListenError
-    from vidopt.storage import StorageError
 
     try:
         listen(cfg, once=args.once)
-    except (ListenError, StorageError) as err:
-        print(err, file=sys.stderr)
-        return 1
     except KeyboardInterrupt:  # the way to stop it; batches not yet sent stay in the state file's outbox
         pass
     return 0
@@ -112,40 +114,28 @@ def cmd_listen(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     cfg = load_config(args.profile, args.overrides)
     prefect_env(cfg)
-    from flows.serve import ServeError, serve  # after prefect_env: Prefect reads its settings at import
+    check_prefect_api()
+    from flows.serve import serve  # after prefect_env: Prefect reads its settings at import
 
-    try:
-        serve(cfg)
-    except ServeError as err:
-        print(err, file=sys.stderr)
-        return 2
+    serve(cfg)
     return 0
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from tasks.evaluate import EvaluateError, format_report, run
+    from tasks.evaluate import format_report, run
 
     cfg = load_config(args.profile, args.overrides)
-    try:
-        report = run(cfg, args.data, args.model, args.out)
-    except EvaluateError as err:
-        print(err, file=sys.stderr)
-        return 2
+    report = run(cfg, args.data, args.model, args.out)
     print(format_report(report))
     return 0
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from tasks.evaluate import EvaluateError
-    from tasks.predict import PredictError, format_table, run
+    from tasks.predict import format_table, run
 
     cfg = load_config(args.profile, args.overrides)
-    try:
-        with progress_bar("predict", "videos") as progress:
-            report = run(cfg, args.source, args.model, args.stride, args.eval_windows, args.workers, progress)
-    except (PredictError, EvaluateError) as err:
-        print(err, file=sys.stderr)
-        return 2
+    with progress_bar("predict", "videos") as progress:
+        report = run(cfg, args.source, args.model, args.stride, args.eval_windows, args.workers, progress)
     print(json.dumps(report, indent=2) if args.json else format_table(report))
     return 1 if any(v["error"] for v in report["videos"]) else 0
 
@@ -158,6 +148,7 @@ def cmd_config(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vidopt", description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     parser.add_argument("--version", action="version", version=f"vidopt {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error (also VIDOPT_DEBUG=1)")
     sub = parser.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser("run", help="run the pipeline")
@@ -246,22 +237,47 @@ def _exit_on_sigterm(signum: int, frame) -> None:
     raise SystemExit(128 + signum)
 
 
+class HideUserErrorTracebacks(logging.Filter):
+    """Log records about a VidoptError keep their message and lose the traceback: Prefect logs a failed task's and
+    flow's exception with its traceback, but a mistake in the input is no bug, and the CLI's last line names it."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and isinstance(record.exc_info[1], VidoptError) and not debugging():
+            record.exc_info, record.exc_text = None, None
+        return True
+
+
+def hide_user_error_tracebacks() -> None:
+    """On every handler there is now (Prefect configures its own at import, so call this after importing it)."""
+    loggers = [logging.getLogger()] + [logging.getLogger(name) for name in list(logging.root.manager.loggerDict)]
+    for handler in {h for logger in loggers for h in getattr(logger, "handlers", [])}:
+        if not any(isinstance(f, HideUserErrorTracebacks) for f in handler.filters):
+            handler.addFilter(HideUserErrorTracebacks())
+
+
+def debugging() -> bool:
+    return os.environ.get("VIDOPT_DEBUG", "") not in ("", "0")
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--debug"]:
+        os.environ["VIDOPT_DEBUG"] = "1"
+        argv = argv[1:]
     if threading.current_thread() is threading.main_thread():  # only the main thread may set handlers
         signal.signal(signal.SIGTERM, _exit_on_sigterm)
     configure_logging()
-    if len(argv) >= 2 and argv[0] == "bench" and argv[1] in BENCHES:
-        return run_bench(argv[1], argv[2:])
-    args = build_parser().parse_args(argv)
     try:
+        if len(argv) >= 2 and argv[0] == "bench" and argv[1] in BENCHES:
+            return run_bench(argv[1], argv[2:])
+        args = build_parser().parse_args(argv)
         return args.func(args)
-    except ConfigError as err:
-        print(err, file=sys.stderr)
-        return 2
-    except IngestError as err:
-        print(err, file=sys.stderr)
-        return 1
+    except VidoptError as err:
+        # a mistake in the input or the environment: its message, one line per problem, and a non-zero exit
+        if debugging():
+            traceback.print_exc()
+        print(f"vidopt: error: {err}", file=sys.stderr)
+        return 2 if isinstance(err, ConfigError) else 1
 
 
 if __name__ == "__main__":

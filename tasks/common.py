@@ -26,7 +26,7 @@ from vidopt.models import StudentArch, TeacherArch
 from vidopt.stages import StageReads, StageWork, open_store, split_rows
 from vidopt.stats import confusion, pack_correct
 from vidopt.storage import sha256_file
-from vidopt.store import ArtifactStore, FileRef
+from vidopt.store import ArtifactStore, FileRef, StoreError
 from vidopt.train_jobs import LogitsJob, ModelSpec, Placement, Selection, store_weights
 from workers.train import run_logits
 
@@ -58,8 +58,13 @@ def finished_artifact(work: StageWork, kind: str, dataset: DatasetArtifact) -> M
     uri = work.child(MODEL_DIR)
     if not work.store.has(uri):
         return None
+    try:
+        model_dir = work.store.get_dir(uri)
+    except StoreError as err:   # damaged since it was published: made again, never used or left for a person
+        log.warning("%s: the finished model is damaged (%s); removing it and training again", work.stage, err)
+        work.store.delete(uri)
+        return None
     log.info("%s: %s already holds a finished model for these inputs; not training again", work.stage, uri)
-    model_dir = work.store.get_dir(uri)
     notes, outcome = model_dir / NOTES, model_dir / TEST_OUTCOME
     return ModelArtifact(uri=uri, kind=kind, arch=json.loads((model_dir / ARCH).read_text()),
                          weights_sha256=sha256_file(model_dir / WEIGHTS),

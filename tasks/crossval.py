@@ -18,7 +18,7 @@ import numpy as np
 from prefect import task
 
 from tasks import distill, train_teacher
-from tasks.caching import stage_cache
+from tasks.caching import sealed, stage_cache
 from tasks.common import TrainingReads
 from tasks.retry import IO_RETRY_DELAYS, only_io_errors
 from vidopt.artifacts import CrossValArtifact, DatasetArtifact, FoldScores
@@ -137,7 +137,7 @@ def crossval_task(cfg: PipelineConfig, dataset: DatasetArtifact, parent_run_id: 
     with stage_run(STAGE, parent_run_id) as stage:  # [MLflow] nested run; the folds' own stages log nothing
         result = run(cfg, dataset)
         log_crossval(stage, result)
-    return result
+    return sealed(work_dir(cfg, dataset), result)
 
 
 if __name__ == "__main__":

@@ -29,6 +29,7 @@ def run_stage_standalone(name: str, argv: list[str] | None = None) -> None:
 
     from vidopt.config import load_config
     from vidopt.dag import stage
+    from vidopt.errors import VidoptError
 
     parser = argparse.ArgumentParser(description=f"tasks.{name}: the stages up to {name}, as plain functions")
     parser.add_argument("--profile", default="tiny")
@@ -36,6 +37,9 @@ def run_stage_standalone(name: str, argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     # force: importing Prefect (the stage's @task) already put a WARNING-level handler on the root logger.
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", force=True)
-    result = run_until(load_config(args.profile, args.overrides), name)[stage(name).gives]
+    try:
+        result = run_until(load_config(args.profile, args.overrides), name)[stage(name).gives]
+    except VidoptError as err:   # a mistake in the input: its message, not a traceback
+        raise SystemExit(f"tasks.{name}: error: {err}") from None
     records = result if isinstance(result, list) else [result]
     print(json.dumps([r if isinstance(r, dict) else r.model_dump(mode="json") for r in records], indent=2))

@@ -15,7 +15,7 @@ import logging
 import torch
 from prefect import task
 
-from tasks.caching import stage_cache
+from tasks.caching import sealed, stage_cache
 from tasks.common import (
     TrainingReads,
     artifact_model_spec,
@@ -151,7 +151,7 @@ def distill_task(cfg: PipelineConfig, dataset: DatasetArtifact, teacher: ModelAr
     with stage_run(STAGE, parent_run_id) as stage:  # [MLflow] nested run; per-epoch metrics go through `fit`
         student = run(cfg, dataset, teacher, logger=stage)
         log_model_stage(stage, Reads.of(cfg), student, work_dir(cfg, dataset, teacher).store)
-    return student
+    return sealed(work_dir(cfg, dataset, teacher), student)
 
 
 if __name__ == "__main__":

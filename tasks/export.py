@@ -15,12 +15,13 @@ from pathlib import Path
 
 from prefect import task
 
+from tasks.caching import sealed, verified_incarnation
 from tasks.common import TrainingReads, eval_clip_set
 from tasks.retry import IO_RETRY_DELAYS, only_io_errors
 from vidopt.artifacts import (CpuOptions, DatasetArtifact, ExportJob, FpgaOptions, GpuOptions, ModelArtifact,
                               TargetResult, TpuOptions)
 from vidopt.config import BudgetConfig, ClipConfig, ExportConfig, PipelineConfig
-from vidopt.stages import StageWork, artifact_hash, forget_incarnation, split_rows, stage_incarnation, stage_work
+from vidopt.stages import StageWork, artifact_hash, forget_incarnation, split_rows, stage_work
 from workers.pools import run_jobs
 
 log = logging.getLogger("vidopt.export")
@@ -185,7 +186,7 @@ def log_pyfunc_model(archive_path: Path, clips: ClipConfig | None = None):
 def target_cache_key(context, parameters: dict) -> str:
     """[Prefect] an export task's key: the stage's inputs and place (tasks/caching.py), and its target."""
     work = work_dir(parameters["cfg"], parameters["dataset"], parameters["int8"])
-    return f"vidopt-export-{work.key}-{parameters['target']}-{stage_incarnation(work)}"
+    return f"vidopt-export-{work.key}-{parameters['target']}-{verified_incarnation(work, '-' + parameters['target'])}"
 
 
 # [Prefect] one task per target (the flow submits them together): each is seen, cached and retried on its own, while
@@ -196,8 +197,10 @@ def target_cache_key(context, parameters: dict) -> str:
 def export_task(cfg: PipelineConfig, dataset: DatasetArtifact, int8: ModelArtifact, target: str,
                 parent_run_id: str) -> TargetResult:
     result = run_target(cfg, dataset, int8, target)
+    work = work_dir(cfg, dataset, int8)
     # [MLflow] a nested run per target under the pipeline's run, holding its artifact
-    return log_target(result, parent_run_id, dataset.data_version, work_dir(cfg, dataset, int8).store, cfg.clips)
+    logged = log_target(result, parent_run_id, dataset.data_version, work.store, cfg.clips)
+    return sealed(work, logged, f"-{target}") if logged.status == "ok" else logged   # only a verified one is reused
 
 
 if __name__ == "__main__":

@@ -31,6 +31,7 @@ from vidopt.ingestion import (
     probe_cache_path,
     read_source_manifest,
 )
+from vidopt.metrics import metric_names
 from vidopt.processes import spawn_pool
 from vidopt.stages import open_store
 from vidopt.sample_data import generate_dataset
@@ -178,7 +179,8 @@ def _inspect_all(cfg: PipelineConfig, cache: DownloadCache, objects: list[Remote
             yield obj, {**probe, "sha256": sha, "size": size, "path": str(path)}
         else:
             pending.append((obj, path, sha, size, cached))
-    for done, ((obj, path, sha, size, cached), result) in enumerate(_run_probes(pending, cfg.data.probe_workers, checks), 1):
+    probes = _run_probes(pending, cfg.data.probe_workers, checks)
+    for done, ((obj, path, sha, size, cached), result) in enumerate(probes, 1):
         if result.pop("cacheable", True):
             write_jsonl(cached, [result])
         progress(done, len(pending))
@@ -285,9 +287,10 @@ def log_dataset(stage: MLflowLogger, dataset: DatasetArtifact, parent_run_id: st
     stage.log("videos", dataset.num_videos)
     stage.log("quarantined", dataset.num_quarantined)
     stage.log("downloaded", dataset.downloaded)
+    names = metric_names(list(dataset.class_counts))   # labels may hold characters metric names may not
     for label, counts in dataset.class_counts.items():
         for split, n in counts.items():
-            stage.log(f"count.{split}.{label}", n)
+            stage.log(f"count.{split}.{names[label]}", n)
     stage.log_dict(dataset.model_dump(), "dataset.json")
     folder = store.get_dir(dataset.uri)
     stage.log_artifact(folder / "manifest.jsonl", "dataset")
@@ -295,7 +298,8 @@ def log_dataset(stage: MLflowLogger, dataset: DatasetArtifact, parent_run_id: st
 
 
 # [Prefect] retries cover flaky object-store reads; `run` above is the plain function tests call.
-@task(name="ingest", retries=len(IO_RETRY_DELAYS), retry_delay_seconds=IO_RETRY_DELAYS, retry_condition_fn=only_io_errors)
+@task(name="ingest", retries=len(IO_RETRY_DELAYS), retry_delay_seconds=IO_RETRY_DELAYS,
+      retry_condition_fn=only_io_errors)
 def ingest_task(cfg: PipelineConfig, parent_run_id: str) -> DatasetArtifact:
     with stage_run("ingest", parent_run_id) as stage:
         dataset = run(cfg)

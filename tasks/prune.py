@@ -19,7 +19,7 @@ from torch import nn
 from safetensors.torch import load_file
 from torch.nn.utils import prune as torch_prune
 
-from tasks.caching import stage_cache
+from tasks.caching import sealed, stage_cache
 from tasks.common import (
     TrainingReads,
     artifact_model_spec,
@@ -302,7 +302,7 @@ def prune_task(cfg: PipelineConfig, dataset: DatasetArtifact, student: ModelArti
     with stage_run(STAGE, parent_run_id) as stage:  # [MLflow] nested run; per-epoch metrics go through `fit`
         pruned = run(cfg, dataset, student, teacher, logger=stage)
         log_model_stage(stage, Reads.of(cfg), pruned, work_dir(cfg, dataset, student, teacher).store)
-    return pruned
+    return sealed(work_dir(cfg, dataset, student, teacher), pruned)
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ from prefect import task
 from safetensors.torch import load_file
 from torch import nn
 
-from tasks.caching import stage_cache
+from tasks.caching import sealed, stage_cache
 from tasks.common import (
     Scores,
     TrainingReads,
@@ -260,7 +260,7 @@ def quantize_task(cfg: PipelineConfig, dataset: DatasetArtifact, pruned: ModelAr
         artifact = run(cfg, dataset, pruned, logger=stage)
         # params, metrics, the model dir (ONNX files, notes.json)
         log_model_stage(stage, Reads.of(cfg), artifact, work_dir(cfg, dataset, pruned).store)
-    return artifact
+    return sealed(work_dir(cfg, dataset, pruned), artifact)
 
 
 if __name__ == "__main__":

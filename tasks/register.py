@@ -13,7 +13,7 @@ import logging
 
 from prefect import task
 
-from tasks.caching import stage_cache
+from tasks.caching import sealed, stage_cache
 from tasks.retry import IO_RETRY_DELAYS, only_io_errors
 from vidopt.artifacts import DatasetArtifact, ModelArtifact, TargetResult
 from vidopt.config import BudgetConfig, PipelineConfig
@@ -150,5 +150,5 @@ def register_task(cfg: PipelineConfig, dataset: DatasetArtifact, teacher: ModelA
             if d["version"] is not None:
                 stage.log(f"{d['target']}.champion", float(d["champion"]))
         stage.log_dict({"decisions": decisions}, "decisions.json")
-    return decisions
+    return sealed(work_dir(cfg, dataset, teacher, targets), decisions)
 

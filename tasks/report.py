@@ -14,7 +14,7 @@ from datetime import datetime, timezone
 
 from prefect import task
 
-from tasks.caching import stage_cache
+from tasks.caching import sealed, stage_cache
 from tasks.retry import IO_RETRY_DELAYS, only_io_errors
 from vidopt.artifacts import CrossValArtifact, DatasetArtifact, ModelArtifact, ReportArtifact, TargetResult
 from vidopt.config import BudgetConfig, ExportConfig, PipelineConfig, ReportConfig
@@ -102,7 +102,7 @@ def report_task(cfg: PipelineConfig, dataset: DatasetArtifact, teacher: ModelArt
         log_report(stage, record, open_store(cfg.run))
     log_run_summary(parent_run_id, {"teacher": teacher, "student": student, "pruned": pruned, "int8": int8},
                     targets)
-    return record
+    return sealed(work_dir(cfg, dataset, teacher, student, pruned, int8, targets, registry, crossval), record)
 
 
 def run_summary(ladder: dict[str, ModelArtifact], targets: list[TargetResult]) -> dict[str, float]:

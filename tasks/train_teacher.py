@@ -15,7 +15,7 @@ import torch
 from prefect import task
 from torch import nn
 
-from tasks.caching import stage_cache
+from tasks.caching import sealed, stage_cache
 from tasks.common import (
     TrainingReads,
     finished_artifact,
@@ -163,7 +163,7 @@ def train_teacher_task(cfg: PipelineConfig, dataset: DatasetArtifact, parent_run
     with stage_run(STAGE, parent_run_id) as stage:  # [MLflow] nested run; per-epoch metrics go through `fit`
         teacher = run(cfg, dataset, logger=stage)
         log_model_stage(stage, Reads.of(cfg), teacher, work_dir(cfg, dataset).store)
-    return teacher
+    return sealed(work_dir(cfg, dataset), teacher)
 
 
 if __name__ == "__main__":

@@ -2,6 +2,8 @@
 per video."""
 from __future__ import annotations
 
+import hashlib
+import re
 from collections import defaultdict
 
 import numpy as np
@@ -63,3 +65,14 @@ def per_video(logits: np.ndarray, labels: np.ndarray, videos: np.ndarray) -> tup
 def top1_per_video(logits: np.ndarray, labels: np.ndarray, videos: np.ndarray) -> float:
     """Average the clip logits of each video, then top-1 over videos."""
     return top1(*per_video(logits, labels, videos))
+
+
+def metric_names(labels: list[str]) -> dict[str, str]:
+    """{label: a name MLflow takes in a metric or tag key}. Labels may be any text; one with characters beyond
+    letters, digits, '_', '-', '.' and ' ' gets them as '_' plus a hash of the label, so two labels never share a
+    name ('a+b' and 'a_b' stay apart). The label itself stays what reports show."""
+    names = {}
+    for label in labels:
+        safe = re.sub(r"[^A-Za-z0-9_\-. ]", "_", label).strip() or "_"
+        names[label] = safe if safe == label else f"{safe}-{hashlib.sha256(label.encode()).hexdigest()[:6]}"
+    return names

@@ -108,6 +108,70 @@ def forget_incarnation(work: StageWork) -> None:
         work.store.delete(uri)
 
 
+OUTPUTS = "_OUTPUTS{}.json"   # in a stage's place, written last: what its result points to, with sizes and hashes
+
+
+def seal_outputs(work: StageWork, record: Any, part: str = "") -> None:
+    """Record every file and folder of the stage's place that `record` (its result) names, as it is now. Written
+    last, in one atomic write: a result is only reused while what it names still matches (outputs_problem)."""
+    dumped = record.model_dump(mode="json") if isinstance(record, BaseModel) else record
+    prefix = work.uri + "/"
+    uris = sorted({u for u in _strings(dumped) if u.startswith(prefix)})
+    outputs = {uri[len(prefix):]: work.store.describe(uri) for uri in uris}
+    work.store.write_text(work.child(OUTPUTS.format(part)), json.dumps(outputs, indent=1, sort_keys=True))
+
+
+def outputs_problem(work: StageWork, part: str = "") -> str | None:
+    """None when the stage's sealed outputs are all there and hash as sealed; else the first thing wrong, or
+    'not sealed' for a stage that never finished."""
+    from vidopt.store import NoSuchObject
+
+    try:
+        outputs = json.loads(work.store.read_text(work.child(OUTPUTS.format(part))))
+    except NoSuchObject:
+        return NOT_SEALED
+    except ValueError as err:
+        return f"{work.child(OUTPUTS.format(part))}: unreadable ({err})"
+    if not isinstance(outputs, dict):
+        return f"{work.child(OUTPUTS.format(part))}: unreadable (not a mapping)"
+    for rel, expected in outputs.items():
+        if problem := work.store.problem(work.child(rel), expected):
+            return problem
+    return None
+
+
+NOT_SEALED = "not sealed"
+
+
+def unseal(work: StageWork, part: str = "") -> None:
+    """The stage's result is not to be reused: a fresh incarnation misses Prefect's cache, and a bad output named in
+    the seal is removed so the stage makes it again."""
+    from vidopt.store import StoreError
+
+    uri = work.child(OUTPUTS.format(part))
+    try:
+        outputs = json.loads(work.store.read_text(uri))
+    except (StoreError, ValueError):
+        outputs = {}
+    for rel, expected in (outputs.items() if isinstance(outputs, dict) else ()):
+        if work.store.problem(work.child(rel), expected):
+            work.store.delete(work.child(rel))
+    if work.store.has(uri):
+        work.store.delete(uri)
+    forget_incarnation(work)
+
+
+def _strings(value: Any):
+    if isinstance(value, str):
+        yield value
+    elif isinstance(value, dict):
+        for v in value.values():
+            yield from _strings(v)
+    elif isinstance(value, (list, tuple)):
+        for v in value:
+            yield from _strings(v)
+
+
 def artifact_hash(artifact: DatasetArtifact | ModelArtifact) -> str:
     return artifact.manifest_sha256 if isinstance(artifact, DatasetArtifact) else artifact.weights_sha256
 

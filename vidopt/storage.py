@@ -48,10 +48,61 @@ def split_s3(uri: str) -> tuple[str, str]:
     return bucket, prefix
 
 
+class TransientStorageError(StorageError):
+    """An S3 failure that may pass (endpoint unreachable, throttled, a 5xx): worth retrying, unlike a refusal."""
+
+
 def s3_client(endpoint_url: str | None = None, region: str | None = None):
     import boto3  # lazy: only S3 sources need it
+    from botocore.config import Config
 
-    return boto3.session.Session().client("s3", endpoint_url=endpoint_url, region_name=region)
+    # botocore retries transient errors itself (standard mode: throttling, 5xx, dropped connections, with backoff);
+    # short connect timeouts make an unreachable endpoint an error within seconds instead of minutes
+    config = Config(connect_timeout=3, read_timeout=60, retries={"mode": "standard", "max_attempts": 3})
+    return boto3.session.Session().client("s3", endpoint_url=endpoint_url, region_name=region, config=config)
+
+
+# S3 error codes that no retry changes, and what to check for each
+S3_REFUSALS = {
+    "NoSuchBucket": "no such bucket: create it, or fix the bucket name",
+    "InvalidAccessKeyId": "the access key id is not known to this endpoint: check AWS_ACCESS_KEY_ID or the profile",
+    "SignatureDoesNotMatch": "the secret key does not match the access key id: check AWS_SECRET_ACCESS_KEY",
+    "AccessDenied": "access denied: the credentials lack permission on this bucket",
+    "InvalidBucketName": "not a valid bucket name",
+    "AllAccessDisabled": "access to this bucket is disabled",
+    "ExpiredToken": "the session token has expired: refresh the credentials",
+    "InvalidToken": "the session token is invalid: refresh the credentials",
+}
+
+
+@contextmanager
+def s3_errors(uri: str, endpoint_url: str | None = None) -> Iterator[None]:
+    """botocore errors as one-line StorageErrors naming the URI, the endpoint and what to check: refusals (no
+    bucket, bad or missing credentials) as StorageError, failures worth retrying as TransientStorageError. Their
+    messages hold no secrets."""
+    from botocore.exceptions import (ClientError, ConnectTimeoutError, EndpointConnectionError,
+                                     NoCredentialsError, PartialCredentialsError, ReadTimeoutError)
+
+    endpoint = endpoint_url or os.environ.get("AWS_ENDPOINT_URL") or "AWS S3"
+    try:
+        yield
+    except ClientError as err:
+        error = err.response.get("Error", {})
+        code = str(error.get("Code"))
+        status = err.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0
+        if code in S3_REFUSALS or code in ("403", "404") or 400 <= status < 500 and code not in ("SlowDown",
+                                                                                                 "RequestTimeout"):
+            what = S3_REFUSALS.get(code) or error.get("Message") or code
+            raise StorageError(f"{uri}: S3 {code} at {endpoint}: {what}") from err
+        raise TransientStorageError(f"{uri}: S3 {code} at {endpoint} (retrying may help): "
+                                    f"{error.get('Message', err)}") from err
+    except (NoCredentialsError, PartialCredentialsError) as err:
+        raise StorageError(f"{uri}: no usable AWS credentials ({err}): set AWS_ACCESS_KEY_ID and "
+                           "AWS_SECRET_ACCESS_KEY, or AWS_PROFILE") from err
+    except (EndpointConnectionError, ConnectTimeoutError, ReadTimeoutError) as err:
+        raise TransientStorageError(f"{uri}: cannot reach the S3 endpoint {endpoint} ({err}): check the URL "
+                                    "(data.s3_endpoint_url, run.store_endpoint_url or AWS_ENDPOINT_URL) and that "
+                                    "it is up") from err
 
 
 def sha256_file(path: Path) -> str:
@@ -159,11 +210,13 @@ def _list_s3(source: str, endpoint_url: str | None, region: str | None) -> list[
         prefix += "/"
     client = s3_client(endpoint_url, region)
     objects = []
-    for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
-        for obj in page.get("Contents", []):
-            rel = obj["Key"][len(prefix):]
-            if rel and not rel.endswith("/") and not is_hidden(rel):
-                objects.append(RemoteObject(rel, f"s3://{bucket}/{obj['Key']}", obj["Size"], obj["ETag"].strip('"')))
+    with s3_errors(source, endpoint_url):
+        for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
+            for obj in page.get("Contents", []):
+                rel = obj["Key"][len(prefix):]
+                if rel and not rel.endswith("/") and not is_hidden(rel):
+                    objects.append(RemoteObject(rel, f"s3://{bucket}/{obj['Key']}", obj["Size"],
+                                                obj["ETag"].strip('"')))
     return sorted(objects, key=lambda o: o.key)
 
 
@@ -192,7 +245,7 @@ class DownloadCache:
         if self._client is None:
             self._client = s3_client(self.endpoint_url, self.region)
         bucket, key = split_s3(obj.uri)
-        with atomic_path(dest) as tmp:
+        with atomic_path(dest) as tmp, s3_errors(obj.uri, self.endpoint_url):
             self._client.download_file(bucket, key, str(tmp))
         atomic_write_text(stamp, json.dumps(want))
         self.downloaded += 1
@@ -202,6 +255,6 @@ class DownloadCache:
 def read_text_uri(uri: str, endpoint_url: str | None = None, region: str | None = None) -> str:
     if is_s3(uri):
         bucket, key = split_s3(uri)
-        body = s3_client(endpoint_url, region).get_object(Bucket=bucket, Key=key)["Body"]
-        return body.read().decode()
+        with s3_errors(uri, endpoint_url):
+            return s3_client(endpoint_url, region).get_object(Bucket=bucket, Key=key)["Body"].read().decode()
     return Path(uri).read_text()

@@ -18,8 +18,9 @@ from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from vidopt.storage import (HASH_CHUNK, StorageError, atomic_dir, atomic_path, atomic_write_text, is_hidden, is_s3,
-                            s3_client, safe_relative_key, sha256_file, split_s3)
+from vidopt.storage import (HASH_CHUNK, StorageError, TransientStorageError, atomic_dir, atomic_path,
+                            atomic_write_text, is_hidden, is_s3, s3_client, s3_errors, safe_relative_key, sha256_file,
+                            split_s3)
 
 MARKER = "_COMPLETE.json"  # written last into a published folder: {"digest", "files": {rel: {"sha256", "size"}}}
 SHA256_HEX = r"^[0-9a-f]{64}$"
@@ -30,6 +31,10 @@ NOT_FOUND = {"404", "NoSuchKey", "NotFound", "NoSuchBucket"}  # S3 error codes o
 
 class StoreError(StorageError):
     """An artifact URI that cannot be read or written; the message names the URI and what is wrong."""
+
+
+class TransientStoreError(StoreError, TransientStorageError):
+    """A store operation that failed in a way worth retrying (endpoint unreachable, throttled)."""
 
 
 class NoSuchObject(StoreError):
@@ -163,16 +168,24 @@ class ArtifactStore:
         from botocore.exceptions import BotoCoreError, ClientError
 
         try:
-            yield
-        except ClientError as err:
-            error = err.response.get("Error", {})
-            if str(error.get("Code")) not in NOT_FOUND:
-                raise StoreError(f"{uri}: S3 {error.get('Code')}: {error.get('Message', err)}") from err
-            bucket = split_s3(uri)[0]
-            if not self._bucket_exists(bucket):
-                raise StoreError(f"{uri}: no such bucket {bucket!r} (create it, or fix run.artifact_root)") from err
-            raise NoSuchObject(f"{uri}: no such object") from err
-        except (BotoCoreError, Boto3Error) as err:  # no credentials, endpoint unreachable, upload failed
+            with s3_errors(uri, self.spec.endpoint_url):
+                try:
+                    yield
+                except ClientError as err:
+                    if str(err.response.get("Error", {}).get("Code")) not in NOT_FOUND:
+                        raise
+                    bucket = split_s3(uri)[0]
+                    if not self._bucket_exists(bucket):
+                        raise StoreError(f"{uri}: no such bucket {bucket!r} (create it, or fix "
+                                         "run.artifact_root)") from err
+                    raise NoSuchObject(f"{uri}: no such object") from err
+        except TransientStorageError as err:
+            raise TransientStoreError(str(err)) from err.__cause__
+        except StorageError as err:
+            if isinstance(err, StoreError):
+                raise
+            raise StoreError(str(err)) from err.__cause__
+        except (BotoCoreError, Boto3Error) as err:  # an upload that failed
             raise StoreError(f"{uri}: {err}") from err
 
     def _bucket_exists(self, bucket: str) -> bool:
@@ -354,6 +367,29 @@ class ArtifactStore:
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
         return dest
+
+    # ---- what is there, checked ---------------------------------------------------------------------------------
+
+    def describe(self, uri: str) -> dict:
+        """What `uri` holds now: {"digest"} of a published folder, or {"sha256", "size"} of a file."""
+        try:
+            return {"digest": self._marker(uri)["digest"]}
+        except NoSuchObject:
+            path = self.get_file(uri)
+            return {"sha256": sha256_file(path), "size": path.stat().st_size}
+
+    def problem(self, uri: str, expected: dict) -> str | None:
+        """None when `uri` still holds what describe() said, else what is wrong ('<uri>/<file>: sha256 mismatch')."""
+        try:
+            if "digest" in expected:
+                if self._marker(uri)["digest"] != expected["digest"]:
+                    return f"{uri}: another folder was published there"
+                self.get_dir(uri)   # every file against the marker
+            else:
+                self.get_file(FileRef(uri=uri, sha256=expected["sha256"]))
+        except StoreError as err:
+            return str(err)
+        return None
 
     # ---- listing and deleting -----------------------------------------------------------------------------------
 
