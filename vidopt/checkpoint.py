@@ -2,11 +2,16 @@
 
 A model directory holds `weights.safetensors`, `arch.json` (rebuilds the module anywhere, pruned or not), `metrics.json`
 and `config.json` (the resolved config that made it). It is written to a temp dir and renamed, so it is whole or absent.
-Training checkpoints (`last.pt`) hold tensors and plain values only and load with `weights_only=True`.
+Training checkpoints (`last.pt`) hold tensors and plain values only and load with `weights_only=True`; each save
+keeps the one before it (`last.prev.pt`), and a load that finds one truncated or corrupted sets it aside
+(`last.pt.bad`) and falls back to the one before it, or to none (train from scratch).
 """
 from __future__ import annotations
 
 import json
+import logging
+import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -17,7 +22,9 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from vidopt.models import StudentArch, TeacherArch, arch_from_dict, build_model
-from vidopt.storage import atomic_dir, atomic_path, sha256_file
+from vidopt.storage import atomic_dir, atomic_path, atomic_write_text, sha256_file
+
+log = logging.getLogger("vidopt.checkpoint")
 
 WEIGHTS, ARCH, METRICS, CONFIG = "weights.safetensors", "arch.json", "metrics.json", "config.json"
 
@@ -90,11 +97,98 @@ def _load_state_dict_file(path: str) -> dict[str, torch.Tensor]:
     return state.get("model", state) if isinstance(state, dict) else state
 
 
+class CheckpointError(ValueError):
+    """A training checkpoint that cannot be used (truncated, corrupted, not a state dict); the message says why."""
+
+
+# Hashes kept on record: more than the files a crash can leave (the new, current and previous ones, the previous
+# one older after a save that found no current file); an older hash only admits a file that was once whole.
+KEPT_HASHES = 8
+
+
+def previous_path(path: Path) -> Path:
+    return path.with_name(f"{path.stem}.prev{path.suffix}")  # last.pt -> last.prev.pt
+
+
+def hashes_path(path: Path) -> Path:
+    return path.with_name(f"{path.name}.sha256")  # last.pt -> last.pt.sha256
+
+
 def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
-    """Atomically replace the training checkpoint (model/optimizer state dicts, epoch, history)."""
+    """Replace the training checkpoint (model/optimizer state dicts, epoch, history) so that a kill at any point leaves
+    one that loads: the state goes to a temp file, its sha256 joins `<name>.sha256`, the current file becomes
+    `<stem>.prev.pt`, and the temp file, fsynced, is renamed into place. A crash in between leaves the old file, no
+    file (the previous one serves), or the new one, each with its hash on record."""
+    path = Path(path)
     with atomic_path(path) as tmp:
         torch.save(state, tmp)
+        known = _known_hashes(path)
+        if not known and path.exists():  # written before hashes were kept, or the record was lost: vouch for it
+            known = [sha256_file(path)]
+        digest = sha256_file(tmp)
+        hashes = [digest, *(h for h in known if h != digest)][:KEPT_HASHES]
+        atomic_write_text(hashes_path(path), "".join(f"{h}\n" for h in hashes))
+        if path.exists():
+            os.replace(path, previous_path(path))
 
 
-def load_checkpoint(path: Path) -> dict[str, Any] | None:
-    return torch.load(path, map_location="cpu", weights_only=True) if path.exists() else None
+def load_checkpoint(path: Path, required: tuple[str, ...] = ()) -> dict[str, Any] | None:
+    """The newest usable training checkpoint at `path`, else the one saved before it, else None (train from
+    scratch). A file that fails verification (see verified_checkpoint) is renamed `<name>.bad`, replacing an older
+    one, with a warning; temp files left by a killed save are removed."""
+    path = Path(path)
+    for stale in path.parent.glob(".*.tmp"):  # nothing else writes this checkpoint while a run loads it
+        if stale.name.startswith(f".{path.name}."):
+            stale.unlink(missing_ok=True)
+    known = _known_hashes(path)
+    rejected = False
+    for candidate in (path, previous_path(path)):
+        if not candidate.exists():
+            continue
+        try:
+            state = verified_checkpoint(candidate, required, known)
+        except CheckpointError as err:
+            bad = candidate.with_name(f"{candidate.name}.bad")
+            os.replace(candidate, bad)
+            log.warning("checkpoint %s: %s; set aside as %s", candidate, err, bad.name)
+            rejected = True
+            continue
+        if candidate != path:
+            log.warning("checkpoint %s: resuming from the one saved before it, %s", path, candidate.name)
+        return state
+    if rejected:
+        log.warning("checkpoint %s: no usable checkpoint left; training starts from scratch", path)
+    return None
+
+
+def verified_checkpoint(path: Path, required: tuple[str, ...] = (), known: list[str] | None = None) -> dict[str, Any]:
+    """The state in `path` if its sha256 is one recorded by save_checkpoint (when any are recorded: `known`, default
+    read beside it), it loads with weights_only=True, and it is a dict holding `required`; else CheckpointError."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError("no such file")
+    if path.stat().st_size == 0:
+        raise CheckpointError("empty file")
+    known = _known_hashes(path) if known is None else known
+    if known and (digest := sha256_file(path)) not in known:
+        raise CheckpointError(f"sha256 {digest[:12]}... is none of those recorded in {hashes_path(path).name} "
+                              "(truncated or corrupted)")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # a cut zip, stray bytes: torch raises RuntimeError, EOFError, IndexError, ...
+        first_line = next(iter(str(err).splitlines()), "")[:200]
+        raise CheckpointError(f"torch.load failed: {type(err).__name__} {first_line}".rstrip()) from err
+    if not isinstance(state, dict):
+        raise CheckpointError(f"holds a {type(state).__name__}, not a dict of state")
+    if missing := [k for k in required if k not in state]:
+        raise CheckpointError(f"no {', '.join(missing)} in it")
+    return state
+
+
+def _known_hashes(path: Path) -> list[str]:
+    """The sha256 of the checkpoints last saved at `path`, newest first; [] when none are recorded or readable."""
+    try:
+        text = hashes_path(path).read_text()
+    except (OSError, UnicodeDecodeError):
+        return []
+    return [line for line in text.split() if re.fullmatch(r"[0-9a-f]{64}", line)]

@@ -14,10 +14,11 @@ from pathlib import Path
 
 import torch
 
+from vidopt.checkpoint import CheckpointError, save_checkpoint, verified_checkpoint
 from vidopt.config import RayConfig, TrainConfig
 from vidopt.store import ArtifactStore, FileRef, StoreSpec
 from vidopt.train_jobs import LogitsJob, TrainJob, TrainResult, result_uri, run_logits_job, run_train_job
-from vidopt.training import EpochLogger
+from vidopt.training import FIT_STATE_KEYS, EpochLogger
 
 log = logging.getLogger("vidopt.train")
 STATE_FILE = "state.pt"   # inside each Ray Train checkpoint folder
@@ -151,13 +152,25 @@ class RayCheckpoint:
         self.rank = rank
 
     def load(self) -> dict | None:
+        """The latest checkpoint's state; one that fails verification is skipped with a warning for the one Ray Train
+        kept before it, else None (train from scratch). Ray's folders are left as they are: it prunes them itself."""
         import ray.train
 
-        checkpoint = ray.train.get_checkpoint()
-        if checkpoint is None:
+        latest = ray.train.get_checkpoint()
+        if latest is None:
             return None
-        with checkpoint.as_directory() as folder:
-            return torch.load(Path(folder) / STATE_FILE, map_location="cpu", weights_only=True)
+        for checkpoint in _newest_first(latest):
+            try:
+                with checkpoint.as_directory() as folder:
+                    state = verified_checkpoint(Path(folder) / STATE_FILE, FIT_STATE_KEYS)
+            except CheckpointError as err:
+                log.warning("Ray Train checkpoint %s/%s: %s; skipped", checkpoint.path, STATE_FILE, err)
+                continue
+            if checkpoint is not latest:
+                log.warning("Ray Train checkpoint: resuming from the one before, %s", checkpoint.path)
+            return state
+        log.warning("Ray Train checkpoints beside %s: none usable; training starts from scratch", latest.path)
+        return None
 
     def save(self, state: dict, metrics: dict[str, float]) -> None:
         import ray.train
@@ -166,8 +179,27 @@ class RayCheckpoint:
             ray.train.report(metrics)
             return
         with tempfile.TemporaryDirectory(prefix="vidopt-ckpt-") as folder:
-            torch.save(state, Path(folder) / STATE_FILE)
+            save_checkpoint(Path(folder) / STATE_FILE, state)   # state.pt and its state.pt.sha256
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
+
+
+def _newest_first(latest) -> list:
+    """[Ray] `latest`, then the older checkpoint_<timestamp> folders Ray Train keeps beside it (CheckpointConfig's
+    num_to_keep), newest first; their names sort by time."""
+    import posixpath
+
+    import pyarrow.fs
+    import ray.train
+
+    parent, name = posixpath.split(latest.path.rstrip("/"))
+    try:
+        entries = latest.filesystem.get_file_info(pyarrow.fs.FileSelector(parent))
+    except OSError as err:
+        log.warning("Ray Train checkpoints: cannot list %s (%s); only the latest is tried", parent, err)
+        entries = []
+    older = sorted((e.path for e in entries if e.type == pyarrow.fs.FileType.Directory
+                    and e.base_name.startswith("checkpoint_") and e.base_name < name), reverse=True)
+    return [latest, *(ray.train.Checkpoint(path, filesystem=latest.filesystem) for path in older)]
 
 
 def _pool_has_cuda(ray_cfg: RayConfig) -> bool:
