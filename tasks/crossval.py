@@ -131,7 +131,7 @@ def log_crossval(stage, result: CrossValArtifact) -> None:
       retry_condition_fn=only_io_errors, **stage_cache(work_dir))
 def crossval_task(cfg: PipelineConfig, dataset: DatasetArtifact, parent_run_id: str) -> CrossValArtifact | None:
     if cfg.data.folds < 2:
-        return None
+        return sealed(work_dir(cfg, dataset), None)   # nothing to do, and a cached nothing next time
     from vidopt.tracking import stage_run
 
     with stage_run(STAGE, parent_run_id) as stage:  # [MLflow] nested run; the folds' own stages log nothing
