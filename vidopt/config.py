@@ -424,8 +424,10 @@ def _parse_yaml(text: str, where: str) -> Any:
 
 def validate_config(raw: dict[str, Any]) -> PipelineConfig:
     """Validate `raw` laid over the defaults, so a partial section (one field of a target profile) keeps the rest."""
+    defaults = PipelineConfig().model_dump(mode="json")
+    defaults["data"]["source"] = None   # unset: the project's bucket, wherever `raw` puts the project
     try:
-        return PipelineConfig.model_validate(_merged(PipelineConfig().model_dump(mode="json"), raw))
+        return PipelineConfig.model_validate(_merged(defaults, raw))
     except ValidationError as err:
         problems = []
         for e in err.errors():
