@@ -228,6 +228,7 @@ def configure_logging() -> None:
     handler.setFormatter(RunNameFormatter())
     logging.basicConfig(level=logging.INFO, handlers=[handler])
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per Prefect API call otherwise
+    logging.getLogger("botocore").setLevel(logging.WARNING)  # "Found credentials in ..." for every client
 
 
 def _exit_on_sigterm(signum: int, frame) -> None:

@@ -65,6 +65,8 @@ def s3_client(endpoint_url: str | None = None, region: str | None = None):
 # S3 error codes that no retry changes, and what to check for each
 S3_REFUSALS = {
     "NoSuchBucket": "no such bucket: create it, or fix the bucket name",
+    "404": "not found (no such bucket, or no such object): create it, or fix the name",
+    "403": "access denied (HTTP 403): check the credentials and their permissions on this bucket",
     "InvalidAccessKeyId": "the access key id is not known to this endpoint: check AWS_ACCESS_KEY_ID or the profile",
     "SignatureDoesNotMatch": "the secret key does not match the access key id: check AWS_SECRET_ACCESS_KEY",
     "AccessDenied": "access denied: the credentials lack permission on this bucket",
@@ -81,7 +83,7 @@ def s3_errors(uri: str, endpoint_url: str | None = None) -> Iterator[None]:
     bucket, bad or missing credentials) as StorageError, failures worth retrying as TransientStorageError. Their
     messages hold no secrets."""
     from botocore.exceptions import (ClientError, ConnectTimeoutError, EndpointConnectionError,
-                                     NoCredentialsError, PartialCredentialsError, ReadTimeoutError)
+                                     NoCredentialsError, PartialCredentialsError, ProfileNotFound, ReadTimeoutError)
 
     endpoint = endpoint_url or os.environ.get("AWS_ENDPOINT_URL") or "AWS S3"
     try:
@@ -103,6 +105,8 @@ def s3_errors(uri: str, endpoint_url: str | None = None) -> Iterator[None]:
         raise TransientStorageError(f"{uri}: cannot reach the S3 endpoint {endpoint} ({err}): check the URL "
                                     "(data.s3_endpoint_url, run.store_endpoint_url or AWS_ENDPOINT_URL) and that "
                                     "it is up") from err
+    except ProfileNotFound as err:
+        raise StorageError(f"{uri}: {err} (check AWS_PROFILE and ~/.aws/config)") from err
 
 
 def sha256_file(path: Path) -> str:
