@@ -8,17 +8,22 @@ resource). With `ray.address` set the run joins that cluster; otherwise it start
 report honestly which runtime really ran. Jobs are records of URIs, never live modules. A target whose resource no node
 offers is skipped at once; every job has a deadline; a crashed actor is replaced and its job retried. On a local node
 the pools share the cores, so all but the longest, single-threaded job (the FPGA emulation) run at a lower priority.
+A local Ray listens on 127.0.0.1 only, and its auth token file is readable by its owner alone.
 """
 from __future__ import annotations
 
 import importlib
 import logging
 import os
+import secrets
 import time
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import ray  # [Ray] the only module that imports Ray
+from ray._private import ray_constants  # [Ray] holds the switch that lets a local node keep a loopback address
 from ray.exceptions import RayActorError
 
 from vidopt.artifacts import ExportJob, TargetResult
@@ -58,16 +63,59 @@ def _connect(cfg: RayConfig) -> dict[str, float]:
             ray.init(address=cfg.address, log_to_driver=False)
         else:
             emulated = set(cfg.emulate)
-            ray.init(
-                address="local",   # a Ray of this run's own, even where another one runs on the machine
-                num_cpus=cfg.num_cpus,
-                num_gpus=local_gpus("gpu" in emulated),
-                resources={RESOURCE_NAMES[t]: 1 for t in ("tpu", "fpga") if t in emulated},
-                include_dashboard=False,
-                _node_ip_address="127.0.0.1",  # a local run listens on loopback only
-                log_to_driver=False,
-            )
+            private_auth_token()
+            with _loopback_node():
+                ray.init(
+                    address="local",   # a Ray of this run's own, even where another one runs on the machine
+                    num_cpus=cfg.num_cpus,
+                    num_gpus=local_gpus("gpu" in emulated),
+                    resources={RESOURCE_NAMES[t]: 1 for t in ("tpu", "fpga") if t in emulated},
+                    include_dashboard=False,
+                    _node_ip_address="127.0.0.1",  # a local run listens on loopback only (see _loopback_node)
+                    log_to_driver=False,
+                )
     return ray.cluster_resources()
+
+
+@contextmanager
+def _loopback_node():
+    """[Ray] let ray.init keep the local node's address 127.0.0.1.
+
+    On Linux ray.init swaps a loopback `_node_ip_address` for the machine's network address, and then the GCS, the
+    raylet, the driver, every worker, the runtime-env agent and the autoscaler monitor listen on all interfaces. Ray
+    keeps loopback in its single-machine mode (its default on macOS and Windows, set by
+    RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER, which Ray reads once at import), so that mode is on while this node starts.
+    """
+    cluster_mode = ray_constants.ENABLE_RAY_CLUSTER
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    try:
+        yield
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = cluster_mode
+
+
+AUTH_TOKEN_FILE = Path.home() / ".ray" / "auth_token"  # [Ray] where a local Ray reads (or writes) its token
+
+
+def private_auth_token(path: Path = AUTH_TOKEN_FILE) -> None:
+    """[Ray] the token a local Ray authenticates with, in a file only its owner can read (0600).
+
+    Ray turns token authentication on for a local ray.init (RAY_AUTH_MODE unset or "token") and, with no token
+    given, writes one to ~/.ray/auth_token with the process umask, readable by every local user. Written here first
+    (O_EXCL, 0600), Ray reads it instead; a token file already there is narrowed to 0600. A token passed in
+    RAY_AUTH_TOKEN or RAY_AUTH_TOKEN_PATH is the user's, and left alone.
+    """
+    mode = os.environ.get("RAY_AUTH_MODE", "token").lower()
+    if mode != "token" or os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH"):
+        return
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        os.chmod(path, 0o600)  # an earlier run's token; an empty file Ray fills in and keeps at this mode
+        return
+    with os.fdopen(fd, "w") as f:
+        f.write(secrets.token_hex(32))  # what Ray itself generates: 256 random bits as hex
 
 
 def local_gpus(emulate: bool) -> int | None:
