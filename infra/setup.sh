@@ -28,7 +28,8 @@ for arg in "$@"; do
     --prune) prune_all=1 ;;
     --prune-only) install=0 ;;
     --key) print_key=1 ;;
-    *) echo "usage: bash infra/setup.sh [--prune] [--prune-only] [--key]" >&2; exit 2 ;;
+    *) echo "usage: bash infra/setup.sh [--prune] [--prune-only] [--key]" >&2
+       exit 2 ;;
   esac
 done
 [[ $max_age_days =~ ^[0-9]+$ ]] || { echo "setup: VIDOPT_VENV_MAX_AGE_DAYS must be a whole number of days" >&2; exit 2; }
@@ -206,18 +207,14 @@ PY
   if [ -e "$root/.venv" ] || [ -L "$root/.venv" ]; then mv -T "$root/.venv" "$old"; fi
   mv -T "$build" "$root/.venv"
   rm -rf "$old"
-  # When the shared venv holds vidopt installed editable from this clone (as when ./.venv was a link to it), that
-  # install goes: this clone's .venv has its own, and every clone's .venv skips editable installs in the shared venv.
-  from=$("$venv/bin/python" - <<'PY'
-import importlib.metadata as md, json
-try:
-    print(json.loads(md.distribution("vidopt").read_text("direct_url.json") or "{}").get("url", ""))
-except md.PackageNotFoundError:
-    pass
-PY
-)
-  if [ "$from" = "file://$root" ]; then "$venv/bin/pip" uninstall -q -y vidopt; fi
   echo "setup: $root/.venv set up (vidopt from this clone, dependencies from $venv)"
 fi
+# When the shared venv holds vidopt installed editable from this clone (as when ./.venv was a link to it), that install
+# goes: this clone's .venv has its own, and every clone's .venv skips editable installs in the shared venv.
+for record in "$venv"/lib/python*/site-packages/vidopt-*.dist-info/direct_url.json; do
+  if [ -f "$record" ] && grep -qF "\"url\": \"file://$root\"" "$record"; then
+    (cd / && "$venv/bin/pip" uninstall -q -y vidopt)
+  fi
+done
 exec 9>&-
 prune
