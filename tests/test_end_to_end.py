@@ -27,7 +27,7 @@ import boto3
 import httpx
 import pytest
 
-from tests.conftest import log_tail, start_in_own_group, stop_group
+from tests.conftest import MARKER_SECRET, files_holding, log_tail, start_in_own_group, stop_group
 from tests.flows.test_serve import automations_of, cancel_runs, read_deployment, runs_of, wait_for
 from vidopt.config import PipelineConfig, load_config
 from vidopt.listen import state_path_for
@@ -234,6 +234,14 @@ def test_new_clips_in_the_bucket_start_a_run_that_registers_a_model_version(
         mlflow.set_tracking_uri(previous)
     shape = loaded.metadata.get_input_schema().inputs[0].shape                # (-1, T, H, W, 3)
     assert loaded.predict(np.zeros((2, *shape[1:]), np.uint8)).shape == (2, classes)
+
+    # 5. The S3 secret every process had in its environment is in no file any of them wrote: this test's folders
+    #    (project, Prefect homes, logs), the servers' (the session's temp root), Ray's, the node cache, the bucket.
+    roots = [Path(cfg.run.project_dir).parents[1], Path("/tmp/ray"), REPO / ".vidopt-tiny"]
+    assert files_holding(MARKER_SECRET, [r for r in roots if r.exists()]) == []
+    objects = s3.list_objects_v2(Bucket=bucket).get("Contents", [])
+    assert objects and not [o["Key"] for o in objects
+                            if MARKER_SECRET.encode() in s3.get_object(Bucket=bucket, Key=o["Key"])["Body"].read()]
 
 
 def assert_cpu_package_runs(package: bytes, classes: int) -> None:

@@ -5,6 +5,7 @@ import boto3
 import pytest
 from pydantic import ValidationError
 
+from tests.conftest import MARKER_SECRET
 from vidopt.store import MARKER, ArtifactStore, FileRef, NoSuchObject, StoreError, StoreSpec, store_for
 from vidopt.storage import sha256_file
 
@@ -258,7 +259,7 @@ def test_s3_missing_object_and_bucket_are_named(bucket, tmp_path):
                  lambda: gone.write_text(gone.uri("a.json"), "{}")):
         with pytest.raises(StoreError, match=f"s3://{missing}/p/a.*: no such bucket '{missing}'") as info:
             call()
-        assert info.value.__cause__ is not None and "testing-secret" not in str(info.value)
+        assert info.value.__cause__ is not None and MARKER_SECRET not in str(info.value)
     src = tmp_path / "x.bin"
     src.write_bytes(b"x")
     with pytest.raises(StoreError, match=f"s3://{missing}/p/x.bin: .*NoSuchBucket"):
