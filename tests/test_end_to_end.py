@@ -236,7 +236,7 @@ def test_new_clips_in_the_bucket_start_a_run_that_registers_a_model_version(
     assert loaded.predict(np.zeros((2, *shape[1:]), np.uint8)).shape == (2, classes)
 
     # 5. The S3 secret every process had in its environment is in no file any of them wrote: this test's folders
-    #    (project, Prefect homes, logs), the servers' (the session's temp root), Ray's, the node cache, the bucket.
+    #    (project, Prefect homes, logs), the servers' (pytest's temp root for this run), Ray's, the bucket.
     roots = [Path(cfg.run.project_dir).parents[1], Path("/tmp/ray"), REPO / ".vidopt-tiny"]
     assert files_holding(MARKER_SECRET, [r for r in roots if r.exists()]) == []
     objects = s3.list_objects_v2(Bucket=bucket).get("Contents", [])

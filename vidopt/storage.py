@@ -72,8 +72,8 @@ S3_REFUSALS = {
     "AccessDenied": "access denied: the credentials lack permission on this bucket",
     "InvalidBucketName": "not a valid bucket name",
     "AllAccessDisabled": "access to this bucket is disabled",
-    "ExpiredToken": "the session token has expired: refresh the credentials",
-    "InvalidToken": "the session token is invalid: refresh the credentials",
+    "ExpiredToken": "the temporary (STS) token has expired: refresh the credentials",
+    "InvalidToken": "the temporary (STS) token is invalid: refresh the credentials",
 }
 
 
