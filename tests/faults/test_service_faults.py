@@ -148,3 +148,44 @@ def test_a_data_error_inside_the_flow_is_one_line_and_leaves_no_run_running(tmp_
     client = MlflowClient(f"sqlite:///{tmp_path / 'project' / 'mlflow.db'}")
     runs = client.search_runs([client.get_experiment_by_name("vidopt").experiment_id])
     assert runs and {r.info.status for r in runs} == {"FAILED"}, [(r.info.run_name, r.info.status) for r in runs]
+
+
+@pytest.mark.parametrize("code, status, transient", [
+    ("NoSuchBucket", 404, False), ("InvalidAccessKeyId", 403, False), ("SignatureDoesNotMatch", 403, False),
+    ("AccessDenied", 403, False), ("SlowDown", 503, True), ("InternalError", 500, True),
+    ("RequestTimeout", 400, True),
+])
+def test_s3_refusals_are_not_retried_and_passing_failures_are(code, status, transient):
+    from botocore.exceptions import ClientError
+
+    from tasks.retry import only_io_errors
+    from vidopt.storage import StorageError, TransientStorageError, s3_errors
+
+    with pytest.raises(StorageError) as caught, s3_errors("s3://b/k", "http://127.0.0.1:1"):
+        raise ClientError({"Error": {"Code": code, "Message": "m"}, "ResponseMetadata": {"HTTPStatusCode": status}},
+                          "GetObject")
+    assert isinstance(caught.value, TransientStorageError) == transient
+    assert "s3://b/k" in str(caught.value) and code in str(caught.value)
+    assert only_io_errors(None, None, type("State", (), {"data": caught.value})()) == transient
+
+
+@pytest.mark.parametrize("error, retried", [
+    (ConnectionResetError("reset"), True), (TimeoutError("slow"), True), (FileNotFoundError("gone"), False),
+    (PermissionError("no"), False),
+])
+def test_os_errors_are_retried_only_when_they_may_pass(error, retried):
+    from tasks.retry import only_io_errors
+
+    assert only_io_errors(None, None, type("State", (), {"data": error})()) == retried
+
+
+def test_missing_credentials_are_not_retried():
+    from botocore.exceptions import NoCredentialsError
+
+    from tasks.retry import only_io_errors
+    from vidopt.storage import StorageError, s3_errors
+
+    with pytest.raises(StorageError, match="no usable AWS credentials") as caught, s3_errors("s3://b/k"):
+        raise NoCredentialsError()
+    assert not only_io_errors(None, None, type("State", (), {"data": caught.value})())
+    assert not only_io_errors(None, None, type("State", (), {"data": NoCredentialsError()})())
