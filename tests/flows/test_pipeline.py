@@ -66,6 +66,9 @@ def test_pipeline_runs_every_stage_and_tracks_it_in_mlflow(prefect_server, tiny_
             [parent.info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{run_id}'")}
 
     stage_runs = children(parent.info.run_id)
+    # Each names the other; every stage with a key of its own records it, for a later cached run to link.
+    assert parent.data.tags["vidopt.prefect_flow_run_id"] == str(flow_run)
+    assert all(run.data.tags.get("vidopt.stage_key") for name, run in stage_runs.items() if name != "ingest")
     # The model stages were finished by the tiny_ladder fixture, outside Prefect: the flow still ran their tasks
     # (nothing in Prefect's cache yet), which found the finished stage dirs.
     assert set(stage_runs) == {"ingest", "train_teacher", "distill", "prune", "quantize", "export-cpu", "register",
@@ -121,11 +124,27 @@ def test_reruns_come_from_prefects_cache_and_a_quantize_change_reruns_only_what_
     cfg = cfg.model_copy(update={"tracking": cfg.tracking.model_copy(update={"experiment": "rerun-test"}),
                                  "export": cfg.export.model_copy(update={"targets": ["cpu"]})})
     pipeline(cfg)  # fills Prefect's cache (the model stages themselves were finished by the fixture)
-    unchanged = task_states(pipeline(cfg, return_state=True))
+    unchanged_run = pipeline(cfg, return_state=True)
+    unchanged = task_states(unchanged_run)
     assert unchanged.pop("ingest") == "Completed"  # always lists the source: new clips may have arrived
     assert set(unchanged.values()) == {"Cached"}, unchanged
     assert set(unchanged) == {"train_teacher", "distill", "prune", "quantize", "export", "register", "crossval",
                               "report"}
+    # The cached stages are in the run's MLflow tree all the same: a child each, linking the run that produced the
+    # result (crossval, off, logs none).
+    client = MlflowClient(f"sqlite:///{Path(cfg.run.project_dir).resolve() / 'mlflow.db'}")
+    parent_id = unchanged_run.result()["mlflow_run_id"]
+    stage_runs = {run.info.run_name: run for run in client.search_runs(
+        [client.get_run(parent_id).info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent_id}'")}
+    assert set(stage_runs) == {"ingest", "train_teacher", "distill", "prune", "quantize", "export-cpu", "register",
+                               "report"}
+    assert "vidopt.cached_from_run_id" not in stage_runs.pop("ingest").data.tags
+    for name, link in stage_runs.items():
+        original = client.get_run(link.data.tags["vidopt.cached_from_run_id"])
+        assert original.info.status == "FINISHED" and original.info.run_name == name
+        assert original.data.tags["mlflow.parentRunId"] != parent_id
+        assert original.data.tags["vidopt.stage_key"] == link.data.tags["vidopt.cached_stage_key"]
+        assert link.info.status == "FINISHED" and link.data.metrics == original.data.metrics, name
 
     # per-tensor weight scales: a quantize change whose int8 file surely differs. (Downstream stages key on that
     # file's hash, so a change giving the same bytes rightly leaves them cached: with float logits, 8 calibration
