@@ -56,8 +56,10 @@ def test_a_class_missing_from_a_split_is_an_error_naming_it(sample_dir, tmp_path
         ingest.run(tiny_cfg(f"data.source={source}"))
 
 
-def test_labels_of_any_text_reach_mlflow_under_safe_unique_names(sample_dir, tmp_path, tiny_cfg):
+def test_labels_of_any_text_reach_mlflow_under_safe_unique_names(sample_dir, tmp_path, tiny_cfg, monkeypatch):
     import mlflow
+
+    monkeypatch.chdir(tmp_path)   # a fresh sqlite store makes ./mlruns for its default experiment
 
     from vidopt.tracking import MLflowLogger
 
@@ -66,10 +68,15 @@ def test_labels_of_any_text_reach_mlflow_under_safe_unique_names(sample_dir, tmp
     cfg = tiny_cfg(f"data.source={source}")
     dataset = ingest.run(cfg)
     assert dataset.classes == sorted(labels.values())   # the labels themselves, for display
+    previous = mlflow.get_tracking_uri()
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
-    with mlflow.start_run() as parent, mlflow.start_run(nested=True) as child:
-        ingest.log_dataset(MLflowLogger(child), dataset, parent.info.run_id, ingest.open_store(cfg.run))
-    metrics = mlflow.get_run(child.info.run_id).data.metrics
+    try:   # artifacts in tmp_path too, not ./mlruns
+        experiment = mlflow.create_experiment("labels", artifact_location=(tmp_path / "artifacts").as_uri())
+        with mlflow.start_run(experiment_id=experiment) as parent, mlflow.start_run(nested=True) as child:
+            ingest.log_dataset(MLflowLogger(child), dataset, parent.info.run_id, ingest.open_store(cfg.run))
+        metrics = mlflow.get_run(child.info.run_id).data.metrics
+    finally:
+        mlflow.set_tracking_uri(previous)
     counts = {k: v for k, v in metrics.items() if k.startswith("count.total.")}
     assert len(counts) == 3 and sum(counts.values()) == dataset.num_videos   # three labels, three names
     assert "count.total.a_b__1_" in counts   # a label that is already safe keeps its name
