@@ -14,6 +14,7 @@
     vidopt evaluate --data DIR|s3://... [--model PATH]   top-1 with its interval, recall per class, confusion matrix
     vidopt predict PATH|DIR|s3://... [--model URI|PATH]  a label per video and per window, with clips/s
     vidopt config [--profile demo] [...]                 print the resolved config
+    vidopt runs clean [--profile demo] [--older-than 2h] end the MLflow / Prefect runs of vidopt processes that died
     vidopt --debug <command> ...                         an error's traceback as well as its message
     vidopt listen [--profile demo] [...] [--once]        emit vidopt.data.arrived for new clips in data.source
     vidopt serve [--profile demo] [...]                  Prefect deployments of the pipeline: cron + new-data events
@@ -204,6 +205,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(predict)
     predict.set_defaults(func=cmd_predict)
 
+    sub.add_parser("runs", help="`vidopt runs clean`: end the runs of vidopt processes that died (see --help)",
+                   add_help=False)
     show = sub.add_parser("config", help="print the resolved config")
     _add_config_args(show)
     show.set_defaults(func=cmd_config)
@@ -271,6 +274,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if len(argv) >= 2 and argv[0] == "bench" and argv[1] in BENCHES:
             return run_bench(argv[1], argv[2:])
+        if argv[:1] == ["runs"]:   # `vidopt runs clean ...` parses its own arguments (flows/runs.py)
+            from flows.runs import main as runs_main
+
+            return runs_main(argv[1:])
         args = build_parser().parse_args(argv)
         return args.func(args)
     except VidoptError as err:

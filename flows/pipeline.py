@@ -16,6 +16,7 @@ from flows.runs import cancel_if_interrupted, clean_at_start, tag_flow_run
 from flows.summary import publish_run_artifact
 from vidopt.config import PipelineConfig, load_config
 from vidopt.dag import LADDER, STAGES, Stage
+from vidopt.preflight import check_run
 from vidopt.tracking import find_stage_run, link_cached_stage, pipeline_run, tag_stage_runs
 
 log = logging.getLogger("vidopt.pipeline")
@@ -57,6 +58,7 @@ def pipeline_from_profile(profile: str = "demo", overrides: list[str] | None = N
 def run_pipeline(config: PipelineConfig) -> dict:
     """Every stage in the order of vidopt/dag.py, inside one parent MLflow run."""
     route_vidopt_logs()
+    check_run(config)   # a deployment's run fails in seconds too, on a missing bucket or an unreachable MLflow
     flow_run_id = tag_flow_run()   # [Prefect] this process owns the flow run: `vidopt runs clean` checks it
     clean_at_start(config)
     with pipeline_run(config) as parent:  # [MLflow] parent run; each stage opens a nested run under it
