@@ -58,7 +58,7 @@ def test_credentials_in_a_url_are_refused_and_never_echoed(key, tmp_path, capsys
 
 
 def test_debug_shows_the_traceback_as_well(capsys, monkeypatch):
-    monkeypatch.delenv("VIDOPT_DEBUG", raising=False)
+    monkeypatch.setenv("VIDOPT_DEBUG", "0")   # so the "1" main() sets is undone after the test
     assert main(["--debug", "config", "--profile", "tiny", "clips.batch_size=0"]) == 2
     err = capsys.readouterr().err
     assert "Traceback" in err and err.strip().splitlines()[-1].startswith("vidopt: error: config: clips.batch_size")
