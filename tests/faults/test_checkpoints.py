@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tests.vidopt.test_training import scores_then_crash
 from vidopt.checkpoint import hashes_path, load_checkpoint, previous_path, save_checkpoint, verified_checkpoint
 from vidopt.training import FIT_STATE_KEYS, FileCheckpoint, FitSpec, fit
 
@@ -156,16 +157,8 @@ def test_fit_resumes_from_the_checkpoint_before_a_truncated_one(tmp_path, caplog
     model = nn.Sequential(nn.Flatten(), nn.Linear(12, 3))
     x, y = torch.randn(6, 3, 4), torch.randint(0, 3, (6,))
     train = lambda m, b: F.cross_entropy(m(b[0]), b[1])  # noqa: E731
-    scores = iter([0.2, 0.3])
-
-    def crash_after_two_epochs(m):
-        score = next(scores, None)
-        if score is None:
-            raise KeyboardInterrupt("killed")
-        return score
-
     with pytest.raises(KeyboardInterrupt):
-        fit(model, train, [(x, y)], crash_after_two_epochs, FitSpec(epochs=4, lr=1e-2), tmp_path / "last.pt")
+        fit(model, train, [(x, y)], scores_then_crash([0.2, 0.3]), FitSpec(epochs=4, lr=1e-2), tmp_path / "last.pt")
     _truncate(tmp_path / "last.pt")                                     # the kill cut the epoch-2 file short
     with caplog.at_level("INFO", logger="vidopt"):
         result = fit(model, train, [(x, y)], lambda m: 0.5, FitSpec(epochs=4, lr=1e-2), tmp_path / "last.pt")

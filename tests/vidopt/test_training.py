@@ -116,19 +116,25 @@ def test_a_checkpoint_scored_another_way_resumes_without_comparing_scores(tmp_pa
     model = nn.Sequential(nn.Flatten(), nn.Linear(12, 3))
     x, y = torch.randn(6, 3, 4), torch.randint(0, 3, (6,))
     train = lambda m, b: F.cross_entropy(m(b[0]), b[1])  # noqa: E731
-    top1 = iter([0.1, 0.1])  # read as losses, 0.1 would beat every real one below
-
-    def crash_after_two_epochs(m):
-        score = next(top1, None)
-        if score is None:
-            raise KeyboardInterrupt("crash")
-        return score
-
+    # read as losses, 0.1 would beat every real one below
     with pytest.raises(KeyboardInterrupt):
-        fit(model, train, [(x, y)], crash_after_two_epochs, FitSpec(epochs=4, lr=1e-2), tmp_path / "last.pt")
+        fit(model, train, [(x, y)], scores_then_crash([0.1, 0.1]), FitSpec(epochs=4, lr=1e-2), tmp_path / "last.pt")
     losses = iter([0.5, 0.7])
     with caplog.at_level("WARNING", logger="vidopt"):
         result = fit(model, train, [(x, y)], lambda m: next(losses),
                      FitSpec(epochs=4, lr=1e-2, score_name="val_kd_loss", maximize=False), tmp_path / "last.pt")
     assert result["resumed_from"] == 2 and result["best_epoch"] == 2 and result["best_score"] == 0.5
     assert "the checkpoint chose epochs by val_top1, this run by val_kd_loss" in caplog.text
+
+
+def scores_then_crash(scores: list[float]):
+    """A score_fn for `fit` that returns `scores` one epoch at a time, then dies as a killed process would."""
+    remaining = iter(scores)
+
+    def score(model):
+        value = next(remaining, None)
+        if value is None:
+            raise KeyboardInterrupt("killed")
+        return value
+
+    return score
