@@ -107,19 +107,35 @@ if [ "$install" = 0 ]; then prune; exit 0; fi
 exec 9>"$venvs/.$key.lock"
 flock 9
 if [ ! -f "$venv/.complete" ]; then
-  echo "setup: creating $venv (first install of these pins)"
   rm -rf "$venv"
-  "$py" -m venv "$venv"
-  "$venv/bin/pip" install -q --upgrade pip
+  # A new set of pins starts from a copy of the newest complete venv of this Python, when there is one: pip then
+  # fetches only the pins that changed (a few MB instead of torch's ~4 GB). Packages no longer pinned stay installed.
+  seed=$(ls -td "$venvs"/*/.complete 2>/dev/null | while read -r done_; do
+           v=${done_%/.complete}
+           [[ ${v##*/} =~ ^[0-9a-f]{12}$ ]] && [ -d "$v/lib/python$("$py" -c 'import sys; print(f"{sys.version_info[0]}.{sys.version_info[1]}")')" ] \
+             && { echo "$v"; break; }
+         done)
+  if [ -n "$seed" ]; then
+    echo "setup: creating $venv from a copy of $seed (pins changed)"
+    cp -a --reflink=auto "$seed" "$venv"
+    rm -rf "$venv/.complete" "$venv/.clones" "$venv/.last-used" "$venv/.build-requires"
+    # its scripts' shebangs and activate files name the venv they were made in
+    { grep -lsIF "$seed" "$venv"/bin/* || true; } | xargs -r sed -i "s|$seed|$venv|g"
+  else
+    echo "setup: creating $venv (first install of these pins)"
+    "$py" -m venv "$venv"
+  fi
+  # `python -m pip`: a copied venv's own bin/pip still names the python of the venv it was copied from
+  "$venv/bin/python" -m pip install -q --upgrade pip
   { pins requirements; pins build-requires; } > "$venv/requirements.txt"
-  "$venv/bin/pip" install --progress-bar off -r "$venv/requirements.txt"
+  "$venv/bin/python" -m pip install --progress-bar off -r "$venv/requirements.txt"
   pins build-requires > "$venv/.build-requires"
   touch "$venv/.complete"
 fi
 build_requires=$(pins build-requires)
 if [ "$(cat "$venv/.build-requires" 2>/dev/null)" != "$build_requires" ]; then
   # A shared venv that has the pins but not yet the build requirements a clone's editable install needs.
-  printf '%s\n' "$build_requires" | "$venv/bin/pip" install -q -r /dev/stdin
+  printf '%s\n' "$build_requires" | "$venv/bin/python" -m pip install -q -r /dev/stdin
   printf '%s\n' "$build_requires" > "$venv/.build-requires"
 fi
 touch "$venv/.last-used"
@@ -213,7 +229,7 @@ fi
 # goes: this clone's .venv has its own, and every clone's .venv skips editable installs in the shared venv.
 for record in "$venv"/lib/python*/site-packages/vidopt-*.dist-info/direct_url.json; do
   if [ -f "$record" ] && grep -qF "\"url\": \"file://$root\"" "$record"; then
-    (cd / && "$venv/bin/pip" uninstall -q -y vidopt)
+    (cd / && "$venv/bin/python" -m pip uninstall -q -y vidopt)
   fi
 done
 exec 9>&-
