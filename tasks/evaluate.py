@@ -27,7 +27,8 @@ from vidopt.checkpoint import ARCH, load_model_dir
 from vidopt.config import PipelineConfig
 from vidopt.errors import VidoptError
 from vidopt.metrics import per_video
-from vidopt.onnx_utils import INT8_FILE, ort_predict, ort_session
+from vidopt.onnx_utils import INT8_FILE
+from vidopt.runtimes import Session, version
 from vidopt.stages import open_store
 from vidopt.stats import confusion, format_top1, per_class_recall, wilson_interval
 from vidopt.storage import atomic_write_text
@@ -35,7 +36,6 @@ from vidopt.train_jobs import clip_logits
 from vidopt.verdicts import confusion_png
 
 log = logging.getLogger("vidopt.evaluate")
-PACKAGE_FILE = "student_int8.onnx"   # what the CPU target ships
 
 
 class EvaluateError(VidoptError, ValueError):
@@ -55,7 +55,8 @@ def newest_int8_model(cfg: PipelineConfig) -> Path:
 
 
 def open_model(path: Path, scratch: Path) -> tuple[str, Path, list[str], tuple[int, int, int]]:
-    """(kind: "torch" | "onnx", file or folder, class names, clip (T, H, W)) of a model folder or CPU package."""
+    """(kind: "torch", or the CPU runtime that runs its ONNX file (vidopt/runtimes.py), file or folder, class names,
+    clip (T, H, W)) of a model folder or CPU package: a package runs on the runtime it was verified on."""
     if path.is_file() and path.name.endswith(".tar.gz"):
         with tarfile.open(path) as tar:
             tar.extractall(scratch, filter="data")
@@ -66,14 +67,14 @@ def open_model(path: Path, scratch: Path) -> tuple[str, Path, list[str], tuple[i
             raise EvaluateError(f"evaluate: {path}/runtime.json names no classes (a package exported before it "
                                 "did); evaluate the quantize stage's model folder instead")
         _, t, h, w = runtime["input"]["shape"]
-        return "onnx", path / PACKAGE_FILE, runtime["classes"], (t, h, w)
+        return runtime.get("runtime", "onnxruntime"), path / runtime["file"], runtime["classes"], (t, h, w)
     if not (path / ARCH).exists() or not (path / CLASSES).exists():
         raise EvaluateError(f"evaluate: {path} is not a model folder (arch.json and classes.json) nor a CPU package "
                             "(runtime.json)")
     arch = json.loads((path / ARCH).read_text())
     classes = json.loads((path / CLASSES).read_text())
-    kind = "onnx" if (path / INT8_FILE).exists() else "torch"
-    return kind, path / INT8_FILE if kind == "onnx" else path, classes, (arch["frames"], arch["height"], arch["width"])
+    kind = "onnxruntime" if (path / INT8_FILE).exists() else "torch"
+    return kind, path / INT8_FILE if kind != "torch" else path, classes, (arch["frames"], arch["height"], arch["width"])
 
 
 def run(cfg: PipelineConfig, data: str, model: Path | None = None, out: Path | None = None) -> dict:
@@ -93,9 +94,9 @@ def run(cfg: PipelineConfig, data: str, model: Path | None = None, out: Path | N
         ref = eval_clip_set(TrainingReads.of(cfg), dataset, "test")
         test = load_clip_set(store, ref)
         batch = cfg.clips.batch_size
-        if kind == "onnx":
-            logits = ort_predict(ort_session(source), [test.clips[i:i + batch] for i in range(0, len(test.labels),
-                                                                                             batch)])
+        if kind != "torch":
+            logits = Session(kind, source).predict([test.clips[i:i + batch] for i in range(0, len(test.labels),
+                                                                                           batch)])
         else:
             module, _ = load_model_dir(source)
             logits = clip_logits(module, test.clips, batch, torch.device("cpu")).numpy()
@@ -106,7 +107,8 @@ def run(cfg: PipelineConfig, data: str, model: Path | None = None, out: Path | N
     predicted = video_logits.argmax(1)
     right = int((predicted == video_labels).sum())
     matrix = confusion(video_labels, predicted, len(classes))
-    report = {"model": str(model), "runtime": "onnxruntime int8" if kind == "onnx" else "PyTorch fp32",
+    ran_on = "PyTorch fp32" if kind == "torch" else f"{version(kind)} {'int8' if 'int8' in source.name else 'fp32'}"
+    report = {"model": str(model), "runtime": ran_on,
               "data": data, "data_version": dataset.data_version, "videos": dataset.num_videos,
               "quarantined": dataset.num_quarantined, "clips": len(labels),
               "top1": right / max(len(video_labels), 1), "top1_ci": wilson_interval(right, len(video_labels)),

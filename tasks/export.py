@@ -36,7 +36,8 @@ class Reads(TrainingReads):
 
 def target_options(cfg: Reads, target: str) -> CpuOptions | GpuOptions | TpuOptions | FpgaOptions:
     e = cfg.export
-    return {"cpu": lambda: CpuOptions(threads=e.cpu_threads, min_argmax_agreement=cfg.budgets.min_argmax_agreement),
+    return {"cpu": lambda: CpuOptions(threads=e.cpu_threads, min_argmax_agreement=cfg.budgets.min_argmax_agreement,
+                                      runtimes=e.cpu_runtimes),
             "gpu": lambda: GpuOptions(threads=e.cpu_threads),
             "tpu": lambda: TpuOptions(bf16=e.tpu_bf16),
             "fpga": lambda: FpgaOptions(fixed_width=e.fpga_fixed_width,

@@ -135,11 +135,11 @@ def load_model(spec: str | None, cfg: PipelineConfig, scratch: Path) -> Model:
         return Model(lambda x: np.asarray(model.predict(x)), list(model.metadata.metadata["classes"]), clips, uri)
     kind, source, classes, (t, h, w) = open_model(Path(spec), scratch)
     clips = cfg.clips.model_copy(update={"frames": t, "height": h, "width": w})
-    if kind == "onnx":
-        from vidopt.onnx_utils import ort_predict, ort_session
+    if kind != "torch":   # on the runtime the package was verified on
+        from vidopt.runtimes import Session
 
-        session = ort_session(source)
-        return Model(lambda x: ort_predict(session, [x]), classes, clips, spec)
+        session = Session(kind, source)
+        return Model(lambda x: session.predict([x]), classes, clips, spec)
     import torch
 
     from vidopt.checkpoint import load_model_dir

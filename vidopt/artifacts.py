@@ -41,8 +41,10 @@ class ModelArtifact(Artifact):
 class CpuOptions(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
     target: Literal["cpu"] = "cpu"
-    threads: int = 1                       # onnxruntime intra-op threads shipped (export.cpu_threads)
-    min_argmax_agreement: float = 0.0      # int8 forms below it are not shipped (budgets.min_argmax_agreement)
+    threads: int = 1                       # intra-op threads shipped (export.cpu_threads)
+    min_argmax_agreement: float = 0.0      # int8 forms and runtimes below it are not shipped (budgets.*)
+    runtimes: list[str] | None = None      # the runtimes to choose among (vidopt/runtimes.py); None: all available
+    precisions: list[Literal["int8", "fp32"]] = ["int8", "fp32"]   # which of the model's files compete
 
 
 class GpuOptions(BaseModel):

@@ -190,7 +190,10 @@ Target = Literal["cpu", "gpu", "tpu", "fpga"]
 
 class ExportConfig(Section):
     targets: list[Target] = Field(default_factory=lambda: ["cpu", "gpu", "tpu", "fpga"], min_length=1)
-    cpu_threads: int = Field(1, ge=1)        # onnxruntime intra-op threads the CPU artifact is tuned and shipped with
+    cpu_threads: int = Field(1, ge=1)        # intra-op threads the CPU artifact is tuned and shipped with
+    cpu_runtimes: list[Literal["onnxruntime", "openvino", "openvino-bf16"]] | None = Field(None, min_length=1)
+    #   ^ the CPU runtimes the target times and ships the fastest of (vidopt/runtimes.py); None: every one this
+    #     machine runs (OpenVINO's bf16 hint only where the CPU has AMX or AVX-512 BF16)
     tpu_bf16: bool = True                    # also export and verify a bf16 StableHLO variant
     fpga_fixed_width: int = Field(16, ge=8)  # total bits of each ap_fixed<W, I>; I comes from calibration ranges
     fpga_calibration_clips: int = Field(32, ge=1)

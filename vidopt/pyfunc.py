@@ -1,6 +1,6 @@
 """A target's package as an MLflow model: `mlflow.pyfunc.load_model("models:/vidopt-cpu@champion")` and `mlflow models
-serve` run it as the target was verified. ONNX packages (CPU, GPU) run on onnxruntime (vidopt/mlflow_onnx_model.py:
-numpy and onnxruntime, not vidopt); the TPU's StableHLO program on torch-xla (vidopt/mlflow_stablehlo_model.py); the
+serve` run it as the target was verified. ONNX packages (CPU, GPU) run on the runtime their runtime.json names,
+onnxruntime or OpenVINO (vidopt/mlflow_onnx_model.py: numpy and that runtime, not vidopt); the TPU's StableHLO program on torch-xla (vidopt/mlflow_stablehlo_model.py); the
 FPGA's HLS project in hls4ml's C++ emulation (vidopt/mlflow_hls_model.py). All are logged as code."""
 from __future__ import annotations
 
@@ -45,12 +45,15 @@ def log_onnx_model(package: Path, clip_shape: tuple[int, int, int], classes: lis
     """[MLflow] log the package folder (runtime.json and its ONNX file) as a pyfunc model in the active run -> its
     ModelInfo. clip_shape: (T, H, W); sampling: how its clips were cut from videos (clips.stride, seconds, resize),
     kept as metadata for whoever decodes videos for it (`vidopt predict`)."""
-    import mlflow
-    import onnxruntime
+    import json
+    from importlib.metadata import version
 
+    import mlflow
+
+    runtime = json.loads((package / "runtime.json").read_text()).get("runtime", "onnxruntime")
+    needs = "openvino" if runtime.startswith("openvino") else "onnxruntime"   # the runtime the package ships on
     return _log(name, MODEL_CODE, {"package": str(package)}, clip_shape, classes, sampling,
-                [f"mlflow=={mlflow.__version__}", f"onnxruntime=={onnxruntime.__version__}",
-                 f"numpy=={np.__version__}"])
+                [f"mlflow=={mlflow.__version__}", f"{needs}=={version(needs)}", f"numpy=={np.__version__}"])
 
 
 def _log(name: str, code: Path, artifacts: dict, clip_shape: tuple[int, int, int], classes: list[str],

@@ -12,7 +12,7 @@ from tasks import evaluate
 def test_evaluate_int8_and_pytorch_models_on_a_labeled_folder(tiny_ladder, sample_dir, tmp_path, capsys):
     cfg, stages = tiny_ladder
     int8 = evaluate.run(cfg, str(sample_dir), Path(stages["int8"].uri), tmp_path / "int8")
-    assert int8["runtime"] == "onnxruntime int8" and int8["clips"] == int8["videos"] == 64
+    assert int8["runtime"].startswith("onnxruntime ") and int8["runtime"].endswith(" int8") and int8["clips"] == int8["videos"] == 64
     matrix = int8["confusion"]
     assert sum(map(sum, matrix)) == 64 and sum(matrix[i][i] for i in range(len(matrix))) == round(64 * int8["top1"])
     low, high = int8["top1_ci"]
