@@ -16,17 +16,6 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("PJRT_DEVICE", "CPU")
 
 
-# Modules that run OpenVINO in the pytest process. After OpenVINO has run, a fork of that process (a DataLoader's
-# workers) can crash it with SIGSEGV (its thread pool's fork handlers), so these run after every other test.
-# vidopt itself runs OpenVINO only in processes that do not fork afterwards (a Ray actor, a CLI command).
-OPENVINO_IN_PROCESS = ("tests/vidopt/test_runtimes.py", "tests/vidopt/test_bench_ladder.py",
-                       "tests/workers/test_cpu.py", "tests/tasks/test_mlflow_model.py", "tests/test_end_to_end.py")
-
-
-def pytest_collection_modifyitems(config, items):
-    items.sort(key=lambda item: item.nodeid.split("::")[0] in OPENVINO_IN_PROCESS)   # stable: order kept otherwise
-
-
 # The moto server's secret key: tests check that no file a run writes holds it (files_holding)
 MARKER_SECRET = "vidopt-marker-secret-5be1c"
 
@@ -236,19 +225,3 @@ def mlflow_server(moto_server, tmp_path_factory) -> MlflowServer:
     wait_healthy(proc, f"{server.url}/health", "mlflow server", server.log_path)
     yield server
     stop_group(proc, signal.SIGTERM)
-
-
-@pytest.hookimpl(trylast=True)
-def pytest_unconfigure(config):
-    """End the process once pytest has reported: OpenVINO's thread pool (tests that run it in-process run last) can
-    crash the interpreter's own teardown with SIGSEGV after every test has passed."""
-    import sys
-
-    if any(m.startswith("openvino") for m in sys.modules):
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(getattr(config, "_vidopt_exitstatus", 0))
-
-
-def pytest_sessionfinish(session, exitstatus):
-    session.config._vidopt_exitstatus = int(exitstatus)

@@ -6,6 +6,7 @@ the ONNX file, the runtime it was verified on (`runtime`: onnxruntime, openvino 
 absent) with its execution providers and thread settings, and what its input is: uint8 pixels [B, 3, T, H, W], or
 float clips normalised with the given mean and std.
 """
+import functools
 import json
 from pathlib import Path
 
@@ -14,6 +15,14 @@ from mlflow.models import set_model
 from mlflow.pyfunc import PythonModel
 
 BATCH = 8
+
+
+@functools.cache
+def _openvino_core():
+    """The process's one OpenVINO Core, never destroyed (why: vidopt/runtimes.py openvino_core)."""
+    import openvino as ov
+
+    return ov.Core()
 
 
 class OnnxClipClassifier(PythonModel):
@@ -39,9 +48,7 @@ class OnnxClipClassifier(PythonModel):
     def _load_openvino(self, package: Path) -> None:
         """OpenVINO's CPU plugin as the target verified it: its precision hint and threads, one stream, compiled
         per input shape (a static shape runs faster than a dynamic batch)."""
-        import openvino as ov
-
-        self.core, self.compiled = ov.Core(), {}
+        self.core, self.compiled = _openvino_core(), {}
         self.model = self.core.read_model(str(package / self.runtime["file"]))
         self.config = {"INFERENCE_NUM_THREADS": self.runtime.get("intra_op_num_threads", 1), "NUM_STREAMS": 1,
                        "PERFORMANCE_HINT": "LATENCY",

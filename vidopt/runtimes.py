@@ -14,6 +14,7 @@ A session reads clips as ort_predict does (vidopt/onnx_utils.py model_input) and
 """
 from __future__ import annotations
 
+import functools
 import time
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -58,6 +59,16 @@ def version(runtime: str) -> str:
     return f"openvino {openvino.get_version().split('-')[0]}" + (" (bf16 hint)" if runtime.endswith("bf16") else "")
 
 
+@functools.cache
+def openvino_core():
+    """The process's one OpenVINO Core, never destroyed. Its CPU plugin installs a signal stack on its thread and puts
+    back the one it found when destroyed; plugins destroyed out of order would leave a freed one installed, and the
+    next signal (a DataLoader worker's SIGCHLD) would kill the process with SIGSEGV."""
+    import openvino as ov
+
+    return ov.Core()
+
+
 class Session:
     """One ONNX file on one runtime, `threads` threads, batch after batch (the latency a serving process sees)."""
 
@@ -82,7 +93,7 @@ class Session:
     def _compile(self, shape: tuple[int, ...]):
         import openvino as ov
 
-        core = ov.Core()
+        core = openvino_core()
         model = core.read_model(str(self.path))
         model.reshape({model.inputs[0].any_name: ov.PartialShape(list(shape))})
         config = {"INFERENCE_NUM_THREADS": self.threads, "NUM_STREAMS": 1, "PERFORMANCE_HINT": "LATENCY",

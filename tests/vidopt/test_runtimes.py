@@ -54,3 +54,48 @@ def test_compare_times_every_candidate_by_its_quietest_round(fp32_file):
 def test_an_unknown_runtime_is_refused(fp32_file):
     with pytest.raises(ValueError, match="unknown runtime 'tensorrt'"):
         runtimes.Session("tensorrt", fp32_file)
+
+
+
+CHILD = """
+import ctypes, gc, sys
+import numpy as np
+from torch.utils.data import DataLoader
+from vidopt import runtimes
+
+
+class stack_t(ctypes.Structure):
+    _fields_ = [("ss_sp", ctypes.c_void_p), ("ss_flags", ctypes.c_int), ("ss_size", ctypes.c_size_t)]
+
+
+def signal_stack():
+    current = stack_t()
+    ctypes.CDLL(None).sigaltstack(None, ctypes.byref(current))
+    return current.ss_sp or 0
+
+
+stacks, sessions = [], [runtimes.Session(sys.argv[2], sys.argv[1]) for _ in range(2)]
+for session in sessions:
+    session.run(np.zeros((1, 3, 8, 32, 32), np.float32))
+    stacks.append(signal_stack())
+while sessions:
+    del sessions[0]   # destroyed in the order they were made, not the reverse
+    gc.collect()
+    stacks.append(signal_stack())
+print(len(set(stacks)), sum(len(b) for b in DataLoader(list(range(8)), batch_size=2, num_workers=2)))
+"""
+
+
+def test_openvino_sessions_leave_one_signal_stack_and_the_process_able_to_fork(fp32_file):
+    """OpenVINO's CPU plugin installs a signal stack on its thread (for AMX's larger signal frames) and, destroyed,
+    puts back the one it found: with a plugin per session, sessions destroyed out of order left a freed stack installed
+    and the next signal (a DataLoader worker's SIGCHLD) was a SIGSEGV. One Core per process: one stack, kept."""
+    import subprocess
+    import sys
+
+    if "openvino" not in runtimes.available():
+        pytest.skip("openvino is not installed")
+    done = subprocess.run([sys.executable, "-c", CHILD, str(fp32_file), "openvino"], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split()[-2:] == ["1", "8"]   # one signal stack throughout; all 8 items back from the workers
