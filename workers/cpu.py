@@ -3,12 +3,14 @@ settings it was measured with.
 
     python -m workers.cpu JOB.json      # run one export job (see vidopt.artifacts.LocalExportJob) and print its result
 
-Every variant this machine can run competes (vidopt/runtimes.py): the int8 file (the fastest int8 form on
-onnxruntime, the quantize stage kept them all) and the fp32 file, each on onnxruntime, OpenVINO f32 and OpenVINO's
-bf16 hint where the CPU has bf16. A variant ships only if its argmax agreement with the fp32 PyTorch reference on the
-eval clips is within `min_argmax_agreement` (the registry's gate); of those, the fastest at batch 1 and the shipped
-thread count, by each one's quietest round. Verified on the runtime it ships on: agreement and max |logit| difference
-with the reference, top-1 on the test clips, batch-1 latency.
+Every variant this machine can run competes (vidopt/runtimes.py): each int8 form the quantize stage kept (the same
+function, laid out for different kernels: vidopt/onnx_utils.py int8_forms) and the fp32 file, each on onnxruntime,
+OpenVINO f32 and OpenVINO's bf16 hint where the CPU has bf16. The fastest form differs by runtime (OpenVINO pays
+layout reorders that onnxruntime does not), so forms and runtimes are ranked together. A variant ships only if its
+argmax agreement with the fp32 PyTorch reference on the eval clips is within `min_argmax_agreement` (the registry's
+gate; forms round differently in int8, by a clip or two); of those, the fastest at batch 1 and the shipped thread
+count, by each one's quietest round. Verified on the runtime it ships on: agreement and max |logit| difference with
+the reference, top-1 on the test clips, batch-1 latency.
 """
 from __future__ import annotations
 
@@ -22,8 +24,7 @@ import numpy as np
 from vidopt import runtimes
 from vidopt.artifacts import LocalExportJob, TargetResult
 from vidopt.data import normalise_clips
-from vidopt.onnx_utils import (FORMS_INDEX, FP32_FILE, INT8_FILE, INT8_FORMS_DIR, faithful_int8_forms,
-                               int8_form_files, rank_int8_forms)
+from vidopt.onnx_utils import FORMS_INDEX, FP32_FILE, INT8_FILE, INT8_FORMS_DIR, int8_form_files
 from workers.common import (VERIFIED_LOGITS, archive, batches, correct, load_stored_clips, model_classes,
                             onnx_runtime_json, parity, reference_logits, top1)
 
@@ -42,15 +43,12 @@ def run_target(job: LocalExportJob) -> TargetResult:
     x = normalise_clips(stored)                   # [N, C, T, H, W] float, for the PyTorch reference
     reference = reference_logits(job, x)
     shape = tuple(x.shape[1:])
-    form, int8_file, form_times, form_agreement = int8_to_ship(Path(job.int8_dir), shape, threads, stored, reference,
-                                                               min_agreement)
-    files = {"int8": int8_file, "fp32": Path(job.int8_dir) / FP32_FILE}
-    files = {precision: path for precision, path in files.items()
-             if precision in job.options.precisions and path.exists()}
-    choice = choose_runtime(files, job.options.runtimes, shape, threads, stored, reference, min_agreement)
-    runtime, precision = choice["chosen"]
+    choice = choose_variant(candidate_files(Path(job.int8_dir), job.options.precisions), job.options.runtimes,
+                            shape, threads, stored, reference, min_agreement)
+    runtime, precision, form = choice["chosen"]
+    form = form if precision == "int8" else None   # an fp32 file is the one form there is
     file = f"student_{precision}.onnx"
-    shutil.copy2(files[precision], package / file)
+    shutil.copy2(choice["file"], package / file)
     session = runtimes.Session(runtime, package / file, threads)
     runtime_json = onnx_runtime_json(file, ["CPUExecutionProvider"] if runtime == "onnxruntime" else [], threads,
                                      list(shape), session.pixels, model_classes(job), runtime=runtime,
@@ -68,50 +66,62 @@ def run_target(job: LocalExportJob) -> TargetResult:
         latency_ms=latency["p50_ms"], seconds=time.monotonic() - started,
         extra={"latency": latency, "threads": threads, "int8_form": form, "runtime": runtime, "precision": precision,
                "runtimes_best_p50_ms": choice["best_p50_ms"], "runtimes_argmax_agreement": choice["agreement"],
-               "int8_forms_best_p50_ms": form_times, "int8_forms_argmax_agreement": form_agreement,
-               "min_argmax_agreement": min_agreement},
+               **forms_on(runtime, choice), "min_argmax_agreement": min_agreement},
     )
 
 
-def choose_runtime(files: dict[str, Path], allowed: list[str] | None, shape: tuple[int, ...], threads: int,
-                   stored, reference: np.ndarray, min_agreement: float) -> dict:
-    """Every (runtime, precision) variant this machine runs -> {"chosen": (runtime, precision), "best_p50_ms":
-    {"runtime precision": ms}, "agreement": {...}}. Variants whose argmax agreement with `reference` is below
-    `min_agreement` are scored and not timed; where none is within it, the most faithful ships (the registry's gate
-    then says why it is not promoted)."""
+def candidate_files(int8_dir: Path, precisions: list[str]) -> dict[tuple[str, str], Path]:
+    """{(precision, form): file} the target may ship: every int8 form the quantize stage kept (a model dir without
+    forms: its model_int8.onnx, as form INT8_FILE) and the fp32 file (form FP32_FILE), of the precisions asked for."""
+    files: dict[tuple[str, str], Path] = {}
+    if "int8" in precisions:
+        if (int8_dir / INT8_FORMS_DIR / FORMS_INDEX).exists():
+            files.update({("int8", form): path for form, path in int8_form_files(int8_dir / INT8_FORMS_DIR).items()})
+        else:
+            files[("int8", INT8_FILE)] = int8_dir / INT8_FILE
+    if "fp32" in precisions and (int8_dir / FP32_FILE).exists():
+        files[("fp32", FP32_FILE)] = int8_dir / FP32_FILE
+    return files
+
+
+def variant_name(runtime: str, precision: str, form: str) -> str:
+    """"openvino int8 frames_per_stem=4, ..." / "onnxruntime fp32": how results and the report name a variant."""
+    return f"{runtime} {precision}" + (f" {form}" if precision == "int8" else "")
+
+
+def choose_variant(files: dict[tuple[str, str], Path], allowed: list[str] | None, shape: tuple[int, ...],
+                   threads: int, stored, reference: np.ndarray, min_agreement: float) -> dict:
+    """Every (runtime, file) variant this machine runs -> {"chosen": (runtime, precision, form), "file": its file,
+    "best_p50_ms": {variant_name: ms}, "agreement": {variant_name: argmax agreement}}. Variants whose agreement with
+    `reference` logits [N, classes] on `stored` clips is below `min_agreement` are scored and not timed; where none
+    is within it, the most faithful ships (the registry's gate then says why it is not promoted); where one is, it
+    ships untimed."""
     names = [r for r in runtimes.available() if allowed is None or r in allowed] or ["onnxruntime"]
-    variants = {f"{runtime} {precision}": (runtime, precision) for precision in files for runtime in names}
+    variants = {variant_name(runtime, precision, form): (runtime, precision, form)
+                for (precision, form) in files for runtime in names}
     agreement = {}
-    for name, (runtime, precision) in variants.items():
-        logits = runtimes.Session(runtime, files[precision], threads).predict(batches(stored))
+    for name, (runtime, precision, form) in variants.items():
+        logits = runtimes.Session(runtime, files[(precision, form)], threads).predict(batches(stored))
         agreement[name] = float((logits.argmax(1) == reference.argmax(1)).mean())
     within = [name for name in variants if agreement[name] >= min_agreement]
-    if not within:
-        best = max(agreement, key=agreement.get)
-        return {"chosen": variants[best], "best_p50_ms": {}, "agreement": agreement}
-    timed = runtimes.compare({name: (variants[name][0], files[variants[name][1]]) for name in within}, shape,
+    if len(within) <= 1:   # nothing to rank
+        best = within[0] if within else max(agreement, key=agreement.get)
+        return {"chosen": variants[best], "file": files[variants[best][1:]], "best_p50_ms": {}, "agreement": agreement}
+    timed = runtimes.compare({name: (variants[name][0], files[variants[name][1:]]) for name in within}, shape,
                              batch=1, threads=threads, rounds=CHOICE_ROUNDS, warmup=3, iters=5,
                              min_seconds=CHOICE_MIN_SECONDS)
     best = {name: stats["best_p50_ms"] for name, stats in timed.items()}
-    return {"chosen": variants[min(best, key=best.get)], "best_p50_ms": best, "agreement": agreement}
+    chosen = variants[min(best, key=best.get)]
+    return {"chosen": chosen, "file": files[chosen[1:]], "best_p50_ms": best, "agreement": agreement}
 
 
-def int8_to_ship(int8_dir: Path, input_shape: tuple[int, ...], threads: int, stored, reference,
-                 min_agreement: float) -> tuple[str, Path, dict[str, float], dict[str, float]]:
-    """The int8 form to ship -> (its name, its file, {form ranked: best round's p50 ms}, {form: argmax agreement}).
-
-    The quantize stage kept every form (INT8_FORMS_DIR) and ranked them on its own machine at 1 thread; this is the
-    target, so they are ranked again here at the thread count shipped, but only those whose argmax agreement with
-    the reference on the eval clips (`stored` uint8 [N, T, H, W, C]; `reference` logits [N, classes]) is within
-    `min_agreement` (faithful_int8_forms: forms round differently, by a clip or two); where none is, the most
-    faithful ships, and the registry's gate says why it is not promoted. A model dir without forms ships its
-    model_int8.onnx as it is."""
-    if not (int8_dir / INT8_FORMS_DIR / FORMS_INDEX).exists():
-        return INT8_FILE, int8_dir / INT8_FILE, {}, {}
-    forms = int8_form_files(int8_dir / INT8_FORMS_DIR)
-    eligible, agreement = faithful_int8_forms(forms, batches(stored), reference, min_agreement)
-    chosen, times = rank_int8_forms({name: forms[name] for name in eligible}, input_shape, threads)
-    return chosen, forms[chosen], times, agreement
+def forms_on(runtime: str, choice: dict) -> dict:
+    """The int8 forms' times and agreements on the runtime that ships ({form: value}), for the report's note."""
+    prefix = f"{runtime} int8 "
+    return {"int8_forms_best_p50_ms": {name[len(prefix):]: ms for name, ms in choice["best_p50_ms"].items()
+                                       if name.startswith(prefix)},
+            "int8_forms_argmax_agreement": {name[len(prefix):]: value for name, value in choice["agreement"].items()
+                                            if name.startswith(prefix)}}
 
 
 if __name__ == "__main__":

@@ -1,5 +1,5 @@
-"""CPU target: the int8 form fastest on its own machine, and the runtime and precision fastest there among those
-that agree with the reference, verified on the runtime it ships on."""
+"""CPU target: of every int8 form and the fp32 file on every runtime of its own machine, the fastest among those
+that agree with the reference ships, verified on the runtime it ships on."""
 import json
 import shutil
 import tarfile
@@ -41,7 +41,11 @@ def test_ships_the_target_ranking_not_the_quantize_stage_choice(demo_job, tmp_pa
     forms = int8_form_files(forms_dir)
     at_quantize = json.loads((forms_dir / FORMS_INDEX).read_text())["chosen"]
     other = next(name for name in forms if name != at_quantize)
-    monkeypatch.setattr(cpu, "rank_int8_forms", lambda files, shape, threads: (other, {n: 1.0 for n in files}))
+
+    def other_fastest(candidates, *args, **kwargs):
+        return {name: {"best_p50_ms": 1.0 if name.endswith(other) else 2.0} for name in candidates}
+
+    monkeypatch.setattr(cpu.runtimes, "compare", other_fastest)
     result = cpu.run_target(for_target(demo_job, "cpu", ORT_INT8, out_dir=str(tmp_path)))
     assert result.status == "ok" and result.extra["int8_form"] == other
     assert _shipped(result) == forms[other].read_bytes() != (Path(demo_job.int8_dir) / cpu.INT8_FILE).read_bytes()
@@ -83,9 +87,9 @@ def test_no_int8_model_fails_with_the_path(demo_job, tmp_path):
     assert result.status == "failed" and str(tmp_path / "nothing" / cpu.INT8_FILE) in result.reason
 
 
-def test_ships_the_fastest_runtime_and_precision_that_agree(demo_job, tmp_path):
-    """Every runtime this machine runs, on the int8 and the fp32 file: the fastest within the agreement budget ships,
-    named with its version in runtime.json, and the package's MLflow model runs it to the verified logits."""
+def test_ships_the_fastest_runtime_form_and_precision_that_agree(demo_job, tmp_path):
+    """Every runtime this machine runs, on every int8 form and the fp32 file: the fastest within the agreement budget
+    ships, named with its version in runtime.json, and the package's MLflow model runs it to the verified logits."""
     import mlflow
     import numpy as np
 
@@ -95,10 +99,14 @@ def test_ships_the_fastest_runtime_and_precision_that_agree(demo_job, tmp_path):
     result = cpu.run_target(for_target(demo_job, "cpu", {"min_argmax_agreement": 0.9}, out_dir=str(tmp_path)))
     assert result.status == "ok", result.reason
     times, agreement = result.extra["runtimes_best_p50_ms"], result.extra["runtimes_argmax_agreement"]
-    assert set(agreement) == {f"{r} {p}" for r in runtimes.available() for p in ("int8", "fp32")}
+    forms = int8_form_files(Path(demo_job.int8_dir) / INT8_FORMS_DIR)
+    assert set(agreement) == {cpu.variant_name(r, p, f) for r in runtimes.available()
+                              for p, f in [("fp32", cpu.FP32_FILE), *[("int8", form) for form in forms]]}
     assert set(times) == {name for name, value in agreement.items() if value >= 0.9}
-    runtime, precision = result.extra["runtime"], result.extra["precision"]
-    assert f"{runtime} {precision}" == min(times, key=times.get)
+    runtime, precision, form = result.extra["runtime"], result.extra["precision"], result.extra["int8_form"]
+    assert cpu.variant_name(runtime, precision, form) == min(times, key=times.get)
+    on_runtime = {name: ms for name, ms in times.items() if name.startswith(f"{runtime} int8 ")}
+    assert len(result.extra["int8_forms_best_p50_ms"]) == len(on_runtime)   # the report's note: forms where it ships
     package = tmp_path / "cpu_int8"
     described = json.loads((package / "runtime.json").read_text())
     assert (described["runtime"], described["precision"], described["file"]) == (runtime, precision,
@@ -128,4 +136,5 @@ def test_ships_the_fastest_runtime_and_precision_that_agree(demo_job, tmp_path):
 def test_only_the_runtimes_asked_for_compete(demo_job, tmp_path):
     result = cpu.run_target(for_target(demo_job, "cpu", {"runtimes": ["onnxruntime"]}, out_dir=str(tmp_path)))
     assert result.extra["runtime"] == "onnxruntime"
-    assert set(result.extra["runtimes_argmax_agreement"]) == {"onnxruntime int8", "onnxruntime fp32"}
+    assert {name.split()[0] for name in result.extra["runtimes_argmax_agreement"]} == {"onnxruntime"}
+    assert {name.split()[1] for name in result.extra["runtimes_argmax_agreement"]} == {"int8", "fp32"}
