@@ -69,13 +69,23 @@ def openvino_core():
     return ov.Core()
 
 
+def openvino_config(runtime: str, threads: int, profile: bool = False) -> dict:
+    """OpenVINO CPU plugin settings of a serving session: `threads` threads, one stream, the runtime's precision
+    hint; `profile` adds per-layer timings (PERF_COUNT, read from an infer request's profiling_info)."""
+    return {"INFERENCE_NUM_THREADS": threads, "NUM_STREAMS": 1, "PERFORMANCE_HINT": "LATENCY",
+            "INFERENCE_PRECISION_HINT": "bf16" if runtime == "openvino-bf16" else "f32",
+            **({"PERF_COUNT": True} if profile else {})}
+
+
 class Session:
     """One ONNX file on one runtime, `threads` threads, batch after batch (the latency a serving process sees)."""
 
-    def __init__(self, runtime: str, path: str | Path, threads: int = 1):
+    def __init__(self, runtime: str, path: str | Path, threads: int = 1, profile: bool = False):
         if runtime not in RUNTIMES:
             raise ValueError(f"unknown runtime {runtime!r}; one of {RUNTIMES}")
-        self.runtime, self.path, self.threads = runtime, Path(path), threads
+        if profile and runtime == "onnxruntime":
+            raise ValueError("Session: layer profiles are OpenVINO's (onnxruntime's: vidopt bench ops)")
+        self.runtime, self.path, self.threads, self.profile = runtime, Path(path), threads, profile
         self._ort = ort_session(path, threads) if runtime == "onnxruntime" else None
         self.pixels = takes_pixels(self._ort) if self._ort is not None else _onnx_takes_pixels(self.path)
         self._compiled: dict[tuple[int, ...], object] = {}
@@ -88,7 +98,15 @@ class Session:
         if request is None:
             request = self._compiled[x.shape] = self._compile(x.shape)
         request.infer({0: x})
+        self._last = request
         return request.get_output_tensor(0).data.copy()
+
+    def layer_times(self) -> list[dict]:
+        """OpenVINO's per-layer timing of the last run of a profiling session: [{"node", "op", "kernel", "us"}] for
+        the layers that ran (the compiled graph's: fused, with the layout Reorders it added)."""
+        return [{"node": info.node_name, "op": info.node_type, "kernel": info.exec_type,
+                 "us": info.real_time.total_seconds() * 1e6}
+                for info in self._last.profiling_info if str(info.status).endswith("EXECUTED")]
 
     def _compile(self, shape: tuple[int, ...]):
         import openvino as ov
@@ -96,9 +114,8 @@ class Session:
         core = openvino_core()
         model = core.read_model(str(self.path))
         model.reshape({model.inputs[0].any_name: ov.PartialShape(list(shape))})
-        config = {"INFERENCE_NUM_THREADS": self.threads, "NUM_STREAMS": 1, "PERFORMANCE_HINT": "LATENCY",
-                  "INFERENCE_PRECISION_HINT": "bf16" if self.runtime == "openvino-bf16" else "f32"}
-        return core.compile_model(model, "CPU", config).create_infer_request()
+        return core.compile_model(model, "CPU", openvino_config(self.runtime, self.threads,
+                                                                  self.profile)).create_infer_request()
 
     def predict(self, batches: Iterable) -> np.ndarray:
         """Logits [N, classes] over batches of clips, as ort_predict takes them (stored uint8 or normalised float)."""

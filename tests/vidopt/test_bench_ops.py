@@ -69,3 +69,22 @@ def test_missing_file_or_nothing_to_profile_is_refused(tmp_path, capsys):
     assert "name ONNX files to profile" in capsys.readouterr().err
     with pytest.raises(SystemExit, match="no quantize model dir"):
         ops.main(["--project-dir", str(tmp_path / "empty"), "--out", str(tmp_path)])
+
+
+def test_openvino_profiles_name_each_layers_kernel(tmp_path):
+    from vidopt import runtimes
+
+    if "openvino" not in runtimes.available():
+        pytest.skip("openvino is not installed")
+    _, int8 = _conv_files(tmp_path)
+    out = tmp_path / "report"
+    report = ops.main([str(int8), "--runtime", "openvino", "--calls", "20", "--warmup", "5", "--out", str(out)])
+
+    profile = report["models"][str(int8)]
+    times = [row["us"] for row in profile["nodes"]]
+    assert times == sorted(times, reverse=True) and all(t >= 0 for t in times)
+    assert profile["model_run_us"] >= max(times) and report["setup"]["runtime"] == "openvino"
+    # the QDQ convs run as OpenVINO's int8 convolutions: the kernel's name says so
+    convs = [row for row in profile["nodes"] if row["op"] == "Convolution"]
+    assert len(convs) == 2 and all(row["kernel"].endswith(("I8", "u8", "i8")) for row in convs), convs
+    assert "| node | op | kernel | us |" in (out / "ops.md").read_text()
