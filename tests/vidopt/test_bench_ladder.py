@@ -64,11 +64,13 @@ def test_ladder_reports_full_size_and_trained_rows(tmp_path, project):
     out = tmp_path / "report"
     report = ladder.main(["--arch", str(tmp_path / "arch.json"), "--teacher-width", "0.125",
                           "--shape", *map(str, SHAPE[1:]), "--project-dir", str(project), "--out", str(out),
-                          "--threads", "1", "--rounds", "1", "--iters", "2"])
+                          "--threads", "1", "--rounds", "1", "--iters", "2", "--keep", str(tmp_path / "files")])
 
     assert json.loads((out / "ladder.json").read_text()) == report
     table = (out / "ladder.md").read_text()
     full = report["full_size"]
+    kept = {path.name for path in (tmp_path / "files").glob("*.onnx")}   # (a)'s files, there to profile
+    assert kept == {"full_teacher_fp32.onnx", "full_student_fp32.onnx", "full_student_int8.onnx"}
     assert "random weights" in full["note"] and "random weights" in table
     assert set(full["rows"]) == {"teacher fp32", "student fp32", "student int8"}
     assert full["input"] == list(SHAPE) and full["teacher"]["arch"] == "r2plus1d_18"

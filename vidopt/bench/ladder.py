@@ -431,6 +431,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds; medians over rounds")
     parser.add_argument("--iters", type=int, default=3, help="timed runs per model per round")
     parser.add_argument("--no-full-size", action="store_true", help="skip (a)")
+    parser.add_argument("--keep", type=Path, help="keep (a)'s ONNX files in this folder (to profile them: vidopt "
+                        "bench ops FILE --runtime openvino)")
     # Smoke-test knobs: (a) only means something at the defaults (width 1.0, 16x112x112).
     parser.add_argument("--teacher-width", type=float, default=1.0)
     parser.add_argument("--shape", type=int, nargs=3, metavar=("T", "H", "W"), help="override the student's T H W")
@@ -440,13 +442,16 @@ def main(argv: list[str] | None = None) -> dict:
     report: dict = {"machine": machine, "runtimes": {runtime: version(runtime) for runtime in available()}}
     with tempfile.TemporaryDirectory(prefix="vidopt-ladder-") as tmp:
         work = Path(tmp)
+        if args.keep:
+            args.keep.mkdir(parents=True, exist_ok=True)
         if not args.no_full_size:
             student = full_size_student(args.arch, args.project_dir)
             # A trained arch.json keeps its widths; input and classes become Kinetics-400's, like the teacher's.
             size = dict(zip(("frames", "height", "width"), args.shape or FULL_SIZE_INPUT))
             student = student.model_copy(update={**size, "num_classes": FULL_SIZE_CLASSES})
             teacher = TeacherArch(arch="r2plus1d_18", width=args.teacher_width, num_classes=student.num_classes)
-            report["full_size"] = full_size_ladder(student, teacher, work, machine, args.rounds, args.iters)
+            report["full_size"] = full_size_ladder(student, teacher, args.keep or work, machine, args.rounds,
+                                                   args.iters)
         if args.project_dir:
             report["trained"] = trained_ladder(args.project_dir.resolve(), work, args.threads, args.rounds,
                                                max(args.iters, 5), machine)
