@@ -34,7 +34,7 @@ from vidopt.checkpoint import load_model_dir
 from vidopt.config import DistillConfig
 from vidopt.metrics import CONV_TYPES, count_macs, count_params
 from vidopt.models import StudentArch, TeacherArch, arch_from_dict, build_model
-from vidopt.onnx_utils import INT8_FILE, export_onnx, file_mb, quantize_model_int8
+from vidopt.onnx_utils import INT8_FILE, export_onnx, file_mb, int8_form_files, quantize_model_int8
 from vidopt.runtimes import available, compare, version
 from vidopt.storage import atomic_path
 
@@ -150,22 +150,30 @@ def precision_verdict(rows: dict, fp32: str, int8: str, teacher: str, suffix: st
 def full_size_ladder(student: StudentArch, teacher: TeacherArch, work: Path, machine: dict, rounds: int = 3,
                      iters: int = 3) -> dict:
     """(a): teacher fp32, student fp32 and student int8 at the student's input size, batch 1, 1 thread, each on every
-    runtime; the headline and the bars set the student int8's fastest runtime against the teacher's fastest."""
+    runtime (the int8 student: every int8 form, each runtime's cell its fastest, as the CPU target ranks them); the
+    headline and the bars set the student int8's fastest runtime against the teacher's fastest."""
     shape = (3, student.frames, student.height, student.width)  # [C, T, H, W]
     torch.manual_seed(0)
     models = {"teacher fp32": build_model(teacher), "student fp32": build_model(student)}
     log.info("ladder (a): exporting and quantizing at %s", "x".join(map(str, shape[1:])))
     paths = {name: export_onnx(m, shape, work / f"full_{name.replace(' ', '_')}.onnx") for name, m in models.items()}
+    forms_dir = work / "full_student_int8_forms"
     paths["student int8"] = quantize_model_int8(models["student fp32"], shape, work / "full_student_int8.onnx",
-                                                _random_clips(shape, batches=2))
+                                                _random_clips(shape, batches=2), forms_dir=forms_dir)
+    # As the CPU target ships: every int8 form on every runtime, each runtime's cell its fastest form
+    forms = {f"student int8 [{name}]": path for name, path in int8_form_files(forms_dir).items()}
     runtimes = available()
-    log.info("ladder (a): timing %d models on %s, %d rounds", len(paths), ", ".join(runtimes), rounds)
-    timed = time_everywhere(paths, runtimes, shape, batch=1, threads=1, rounds=rounds, warmup=1, iters=iters,
-                            min_seconds=MIN_SECONDS)
+    log.info("ladder (a): timing %d files on %s, %d rounds", len(paths) - 1 + len(forms), ", ".join(runtimes), rounds)
+    timed = time_everywhere({**{n: p for n, p in paths.items() if n != "student int8"}, **forms}, runtimes, shape,
+                            batch=1, threads=1, rounds=rounds, warmup=1, iters=iters, min_seconds=MIN_SECONDS)
+    int8_forms = {runtime: min(forms, key=lambda form: timed[form][runtime]["best_p50_ms"]) for runtime in runtimes}
+    timed["student int8"] = {runtime: timed[form][runtime] for runtime, form in int8_forms.items()}
     rows = {}
     for name, path in paths.items():
         rows[name] = model_row(models[name.replace("int8", "fp32")], shape, path, quantized=name.endswith("int8"))
         add_timings(rows[name], timed[name], threads=1, machine=machine)
+    for runtime, form in int8_forms.items():
+        rows["student int8"]["runtimes"][runtime]["int8_form"] = form[len("student int8 ["):-1]
     head = headline(rows, "teacher fp32", "student int8")
     size_ratio = rows["teacher fp32"]["size_mb"] / rows["student int8"]["size_mb"]
     return {"note": FULL_SIZE_NOTE, "input": list(shape), "batch": 1, "threads": 1,
@@ -330,6 +338,9 @@ def markdown(report: dict) -> str:
                   f"{r['p50_ms']:.2f} | {r['p95_ms']:.2f} |" for name, r in full["rows"].items()]
         lines += ["", "Per runtime (p50, achieved GMAC/s, share of the peak of the precision it computes in):", ""]
         lines += runtime_table(full["rows"], runtimes, [("", "")]) + [""]
+        forms = {runtime: cell.get("int8_form") for runtime, cell in full["rows"]["student int8"]["runtimes"].items()}
+        lines += ["student int8, the fastest int8 form on each runtime: "
+                  + "; ".join(f"{runtime}: {form}" for runtime, form in forms.items() if form), ""]
         lines += headline_lines(full["headline"], BARS["speedup"], (full["size_ratio"], BARS["size_ratio"]))
         lines += precision_lines(full["precision"])
     trained = report.get("trained")
