@@ -195,7 +195,8 @@ class DeployedStudent(nn.Module):
     the int8 form, whose clip then needs no quantizing at run time."""
 
     def __init__(self, student: Student, channel_multiple: int = 1, frames_per_stem: int = 1,
-                 pool_as_conv: bool = False, pixel_input: bool = False, packed_body: int = 0):
+                 pool_as_conv: bool = False, pixel_input: bool = False, packed_body: int = 0,
+                 grouped_body: bool = False):
         super().__init__()
         student = copy.deepcopy(student).eval()
         conv, bn = student.encoder.convs[0][0], student.encoder.convs[0][1]
@@ -206,6 +207,9 @@ class DeployedStudent(nn.Module):
         if packed_body and (g == 1 or packed_body > len(body)):
             raise ValueError(f"DeployedStudent: packed_body={packed_body} needs frames packed into the stem "
                              f"(frames_per_stem={g}) and at most the {len(body)} convs after it")
+        if grouped_body and (g == 1 or packed_body):
+            raise ValueError(f"DeployedStudent: grouped_body needs frames packed into the stem (frames_per_stem={g}) "
+                             f"and no packed_body ({packed_body})")
         scale = (bn.weight / torch.sqrt(bn.running_var + bn.eps)).detach()   # eval-mode BN: y = scale * conv + shift
         weight = conv.weight.detach() * scale[:, None, None, None]           # [O, C', k, k], C' = 6 (or 3)
         # Per frame: the weights on its own 3 planes and (with frame differences) on its next frame's 3 planes.
@@ -236,7 +240,9 @@ class DeployedStudent(nn.Module):
         self.register_buffer("planes", torch.tensor(planes), persistent=False)
         self.frames_per_stem, self.per_conv = g, per_conv
         self.pixel_input = pixel_input
-        self.packed = nn.Sequential(*[self._block_diagonal(block, g) for block in body[:packed_body]])
+        packed_body = len(body) if grouped_body else packed_body
+        self.packed = nn.Sequential(*[self._grouped(block, g) if grouped_body else self._block_diagonal(block, g)
+                                      for block in body[:packed_body]])
         self.body, self.pool, self.flatten = body[packed_body:], student.encoder.pool, student.encoder.flatten
         self.head = student.head
         if pool_as_conv and has_pool(student):   # on packed channels too, where the whole body is packed: a
@@ -257,6 +263,17 @@ class DeployedStudent(nn.Module):
         packed.weight.data = torch.block_diag(*[weight.flatten(1)] * g).reshape(g * out, g * cin, *weight.shape[2:])
         packed.bias.data = conv.bias.detach().repeat(g)
         return nn.Sequential(packed, nn.ReLU())
+
+    @staticmethod
+    def _grouped(block: nn.Sequential, g: int) -> nn.Sequential:
+        """A body conv_bn_relu_2d block (BN folded) for G frames packed frame-major in the channels, as one grouped
+        conv (groups=G): the block's conv on each frame's channels, no zero blocks to multiply."""
+        conv = fuse_conv_bn_eval(block[0], block[1])
+        grouped = nn.Conv2d(g * conv.in_channels, g * conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
+                            groups=g, bias=True)
+        grouped.weight.data = conv.weight.detach().repeat(g, 1, 1, 1)         # [G*O, C, k, k]: block j = frame j
+        grouped.bias.data = conv.bias.detach().repeat(g)
+        return nn.Sequential(grouped, nn.ReLU())
 
     @staticmethod
     def _weights_for_pixels(packed: torch.Tensor, frame_planes: int) -> torch.Tensor:

@@ -82,17 +82,17 @@ for _name in ("onnx_ir", "onnxscript"):
 
 def export_onnx(model: nn.Module, input_shape: Sequence[int], path: str | Path, dynamic_batch: bool = True,
                 channel_multiple: int = 1, frames_per_stem: int = 1, pool_as_conv: bool = False,
-                pixel_input: bool = False, packed_body: int = 0) -> Path:
+                pixel_input: bool = False, packed_body: int = 0, grouped_body: bool = False) -> Path:
     """Export `model` in eval mode for input [B, C, T, H, W] (`input_shape` = [C, T, H, W]) to one self-contained
     .onnx file (no external weights file), checked with onnx.checker. Written atomically. A student is exported in
     its inference form (DeployedStudent: the same function, less data movement; `channel_multiple` pads its stem,
-    `frames_per_stem` packs frames into one stem conv, `packed_body` the convs after it, `pool_as_conv` pools with a
-    depthwise conv)."""
+    `frames_per_stem` packs frames into one stem conv, `packed_body` the convs after it, `grouped_body` every conv
+    after it as grouped convs, `pool_as_conv` pools with a depthwise conv)."""
     path = Path(path)
     was_training = model.training
     model.eval()
-    exported = (DeployedStudent(model, channel_multiple, frames_per_stem, pool_as_conv, pixel_input, packed_body)
-                if isinstance(model, Student) else model)
+    exported = (DeployedStudent(model, channel_multiple, frames_per_stem, pool_as_conv, pixel_input, packed_body,
+                                grouped_body) if isinstance(model, Student) else model)
     # Batch 2, not 1: torch.export specialises a dimension whose example size is 1 into a constant.
     shape, generator = (2 if dynamic_batch else 1, *input_shape), torch.Generator().manual_seed(0)
     example = (torch.randint(0, PIXEL_MAX + 1, shape, generator=generator, dtype=torch.uint8) if pixel_input
@@ -203,7 +203,10 @@ def int8_forms(model: nn.Module) -> list[dict]:
     """The inference forms quantize_model_int8 tries, as DeployedStudent options, the unpacked one first: every stem
     packing of int8_stem_packings, with the feature pooling as an average pool and as a depthwise conv (where the
     student pools at all: has_pool), each reading uint8 pixels; and for a packed stem, each packed body of
-    int8_body_packings (pooled by a depthwise conv). One plain form for other models."""
+    int8_body_packings and the whole body grouped (each pooled by a depthwise conv). The grouped body never unpacks
+    the frames until the features: OpenVINO runs a Reshape on planar maps, so unpacking the stem's output cost two
+    layout reorders there (14% of the pruned student's time), while onnxruntime unpacks cheaply and its grouped
+    int8 conv is slow. One plain form for other models."""
     if not isinstance(model, Student):
         return [{}]
     poolings = (False, True) if has_pool(model) else (False,)   # no pool: nothing to pool as a conv
@@ -212,7 +215,9 @@ def int8_forms(model: nn.Module) -> list[dict]:
     return forms + [{"frames_per_stem": packing, "pool_as_conv": poolings[-1], "pixel_input": True,
                      "packed_body": layers}
                     for packing in int8_stem_packings(model) if packing > 1
-                    for layers in int8_body_packings(model, packing)]
+                    for layers in int8_body_packings(model, packing)] + [
+        {"frames_per_stem": packing, "pool_as_conv": poolings[-1], "pixel_input": True, "grouped_body": True}
+        for packing in int8_stem_packings(model) if packing > 1 and len(model.encoder.convs) > 1]
 
 
 def fewest_macs_int8_form(forms_dir: str | Path) -> Path:

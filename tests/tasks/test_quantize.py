@@ -85,7 +85,8 @@ def test_ptq_writes_a_verified_int8_model(trained):
     forms = int8_form_files(out / INT8_FORMS_DIR)
     index = json.loads((out / INT8_FORMS_DIR / FORMS_INDEX).read_text())
     chosen = index["chosen"]
-    assert len(forms) == 4 and sha256_file(forms[chosen]) == art.weights_sha256
+    assert len(forms) == 5 and sha256_file(forms[chosen]) == art.weights_sha256   # G = 1, 4 x 2 poolings; grouped
+    assert sum("grouped_body=True" in name for name in forms) == 1
     # each form scored on the test clips against the student; the kept one within the registry's budget if any is
     agreement = {form["name"]: form["argmax_agreement"] for form in index["forms"]}
     budget = cfg.budgets.min_argmax_agreement

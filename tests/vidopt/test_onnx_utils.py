@@ -179,16 +179,36 @@ def test_packed_body_is_the_same_function(student, frames_per_stem, packed_body,
         assert (got - student(normalise_clips(stored))).abs().max() < 1e-5
 
 
+@pytest.mark.parametrize("frames_per_stem", [2, 4])
+@pytest.mark.parametrize("pool_as_conv", [False, True])
+def test_grouped_body_is_the_same_function(student, frames_per_stem, pool_as_conv):
+    """Every body conv after a packed stem runs on the packed frames as one grouped conv (a frame per group), and
+    the frames are unpacked only in the features."""
+    deployed = DeployedStudent(student, 4, frames_per_stem, pool_as_conv, True, grouped_body=True).eval()
+    assert len(deployed.packed) == 2 and len(deployed.body) == 0
+    for i, block in enumerate(deployed.packed):
+        conv, original = block[0], student.encoder.convs[i + 1][0]
+        assert conv.groups == frames_per_stem and conv.out_channels == frames_per_stem * original.out_channels
+    stored = _stored_clips(3)
+    with torch.no_grad():
+        got = deployed(stored.movedim(-1, 1).contiguous())
+        assert (got - student(normalise_clips(stored))).abs().max() < 1e-5
+    with pytest.raises(ValueError, match="grouped_body needs frames packed into the stem"):
+        DeployedStudent(student, 4, frames_per_stem=1, grouped_body=True)
+
+
 @pytest.mark.parametrize("stem_kernel, padding", [(4, 0), (5, 2)])
-@pytest.mark.parametrize("frames_per_stem, packed_body", [(1, 0), (4, 0), (4, 1)])
-def test_a_stride_4_stem_deploys_as_the_same_function(stem_kernel, padding, frames_per_stem, packed_body):
+@pytest.mark.parametrize("frames_per_stem, packed_body, grouped_body", [(1, 0, False), (4, 0, False), (4, 1, False),
+                                                                         (4, 0, True)])
+def test_a_stride_4_stem_deploys_as_the_same_function(stem_kernel, padding, frames_per_stem, packed_body,
+                                                      grouped_body):
     """4x4 patches unpadded, or 5x5 windows padded by 2: the constant plane that carries the pixels' normalisation
     must count exactly the taps inside the frame either way."""
     torch.manual_seed(0)
     arch = StudentArch(frames=4, height=32, width=32, conv_widths=[8, 16, 16], conv_strides=[4, 1, 2],
                        stem_kernel=stem_kernel, temporal_widths=[16], num_classes=6)
     student = _with_bn_statistics(build_model(arch))
-    deployed = DeployedStudent(student, 4, frames_per_stem, True, True, packed_body).eval()
+    deployed = DeployedStudent(student, 4, frames_per_stem, True, True, packed_body, grouped_body).eval()
     assert deployed.stem.kernel_size == (stem_kernel,) * 2 and deployed.stem.padding == (padding,) * 2
     stored = _stored_clips(3)
     with torch.no_grad():
@@ -211,9 +231,12 @@ def test_int8_stem_packings_fill_one_pass_of_the_int8_conv(stem_width, frames, e
     arch = StudentArch(frames=frames, height=16, width=16, conv_widths=[stem_width, 16], conv_strides=[2, 2],
                        temporal_widths=[8], num_classes=3)
     assert int8_stem_packings(build_model(arch)) == expected
-    # each packing with both poolings, then a packed stem with its one body conv packed too (16 x G <= 64)
-    assert [(form["frames_per_stem"], form.get("packed_body", 0)) for form in int8_forms(build_model(arch))] == \
-        [(g, 0) for g in expected for _ in "ab"] + [(g, 1) for g in expected if g > 1]
+    # each packing with both poolings, then a packed stem with its one body conv packed too (16 x G <= 64), then
+    # with its whole body grouped
+    assert [(form["frames_per_stem"], form.get("packed_body", 0), form.get("grouped_body", False))
+            for form in int8_forms(build_model(arch))] == \
+        [(g, 0, False) for g in expected for _ in "ab"] + [(g, 1, False) for g in expected if g > 1] + \
+        [(g, 0, True) for g in expected if g > 1]
     teacher = build_model(TeacherArch(arch="r3d_18", width=0.125, num_classes=3))
     assert int8_stem_packings(teacher) == [1] and int8_forms(teacher) == [{}]
 
@@ -224,7 +247,7 @@ def test_a_student_without_a_pool_gets_no_pooling_forms():
                        temporal_widths=[8], pool_grid=2, num_classes=3)
     model = build_model(arch)
     assert isinstance(model.encoder.pool, torch.nn.Identity)
-    assert [form["pool_as_conv"] for form in int8_forms(model)] == [False, False, False]   # G = 1, 4; 4 + body
+    assert [form["pool_as_conv"] for form in int8_forms(model)] == [False] * 4   # G = 1, 4; 4 + body; 4 grouped
     deployed = DeployedStudent(model, 4, 4, pool_as_conv=True, pixel_input=True).eval()
     assert isinstance(deployed.pool, torch.nn.Identity)
 
