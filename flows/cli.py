@@ -9,7 +9,7 @@
     vidopt bench rerun [--profile tiny]                  cold run vs unchanged re-run vs a quantize-only change
     vidopt bench seeds [--profile demo] [--seeds 0 1 2]  each rung's test top-1 per seed, its mean and spread
     vidopt bench int8-widths [...]                       int8 vs fp32 speed of 3x3 conv stacks at each layer width
-    vidopt bench ops [FILE ...] [--project-dir .vidopt]  onnxruntime's time per node: fp32 and every int8 form
+    vidopt bench ops [FILE ...] [--project-dir .vidopt]  time per node (onnxruntime or --runtime openvino)
     vidopt bench train [--profile tiny] [--workers 1 2]  teacher training clips/s: vidopt vs a plain PyTorch loop
     vidopt evaluate --data DIR|s3://... [--model PATH]   top-1 with its interval, recall per class, confusion matrix
     vidopt predict PATH|DIR|s3://... [--model URI|PATH]  a label per video and per window, with clips/s
@@ -170,7 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
                        ("rerun", "cold run vs unchanged re-run vs quantize-only change (Prefect's cache)"),
                        ("seeds", "each rung's test top-1 per seed, mean and spread"),
                        ("int8-widths", "int8 vs fp32 speed of conv stacks by layer width"),
-                       ("ops", "onnxruntime's time per node of ONNX files, side by side"),
+                       ("ops", "time per node of ONNX files on onnxruntime or OpenVINO, side by side"),
                        ("train", "teacher training clips/s: vidopt in-process / Ray Train vs a plain PyTorch loop")):
         one = bench.add_parser(name, help=what, add_help=False)
         one.add_argument("rest", nargs=argparse.REMAINDER)
