@@ -6,12 +6,12 @@ TorchScript exporter leaves Shape/Gather/Concat chains computing the same reshap
 """
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
 import shutil
 import tempfile
-import time
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
@@ -27,6 +27,7 @@ from torch import nn
 from vidopt.data import normalise_clips
 from vidopt.models import PIXEL_MAX, DeployedStudent, Student, has_pool
 from vidopt.storage import atomic_dir, atomic_path
+from vidopt.timing import interleaved, time_calls
 
 log = logging.getLogger("vidopt.onnx_utils")
 
@@ -570,41 +571,19 @@ def op_counts(path: str | Path) -> dict[str, int]:
 
 def measure_latency(path: str | Path, input_shape: Sequence[int], batch: int = 1, threads: int = 1,
                     warmup: int = 3, iters: int = 20, seed: int = 0, min_seconds: float = 0.0) -> dict[str, float]:
-    """Wall time of at least `iters` runs, and of as many more as fill `min_seconds`, on a fresh session after `warmup`
-    runs: p50/p95 per call in ms, and clips per second at the median (batch / p50; the median resists the noisy
-    neighbours a shared machine has). A sub-millisecond model needs the time floor: 5 calls gave its p50 +-20%."""
+    """One model on a fresh onnxruntime session, by the shared protocol (vidopt/timing.py time_calls)."""
     session = ort_session(path, threads)
     feed = {INPUT_NAME: random_input(session, (batch, *input_shape), seed)}
-    for _ in range(warmup):
-        session.run([OUTPUT_NAME], feed)
-    times: list[float] = []
-    while len(times) < iters or sum(times) < min_seconds:
-        started = time.perf_counter()
-        session.run([OUTPUT_NAME], feed)
-        times.append(time.perf_counter() - started)
-    p50, p95 = np.percentile(times, [50, 95]) * 1000.0
-    return {"p50_ms": float(p50), "p95_ms": float(p95), "throughput_clips_s": float(batch * 1000.0 / p50)}
+    return time_calls(lambda: session.run([OUTPUT_NAME], feed), batch, warmup, iters, min_seconds)
 
 
 def compare_latency(paths: dict[str, str | Path], input_shape: Sequence[int], batch: int, threads: int,
                     rounds: int = 5, warmup: int = 3, iters: int = 10,
                     min_seconds: float = 0.0) -> dict[str, dict[str, float]]:
-    """measure_latency for several models, interleaved: round r measures every model once, so a slow spell on the
-    machine hits all of them alike; each statistic is the median over rounds, and best_p50_ms the lowest round's p50.
-    -> {name: {p50_ms, p95_ms, throughput_clips_s, best_p50_ms}}.
-
-    best_p50_ms is what to rank models by: a neighbour on a shared machine only ever adds time, and it does not add
-    it evenly (on this 2-vCPU VM int8 slowed more than fp32 under load: one ladder pass gave int8 1.65x its fp32 in
-    the median rounds and 1.95x between each model's quietest). The median is what a user of that machine would
-    typically see."""
-    per_round: dict[str, list[dict[str, float]]] = {name: [] for name in paths}
-    for _ in range(rounds):
-        for name, path in paths.items():
-            per_round[name].append(measure_latency(path, input_shape, batch, threads, warmup, iters,
-                                                   min_seconds=min_seconds))
-    return {name: {**{key: float(np.median([r[key] for r in results])) for key in results[0]},
-                   "best_p50_ms": float(min(r["p50_ms"] for r in results))}
-            for name, results in per_round.items()}
+    """measure_latency for several models, interleaved (vidopt/timing.py interleaved: rank by best_p50_ms)
+    -> {name: {p50_ms, p95_ms, throughput_clips_s, best_p50_ms}}."""
+    return interleaved({name: functools.partial(measure_latency, path, input_shape, batch, threads, warmup, iters,
+                                                min_seconds=min_seconds) for name, path in paths.items()}, rounds)
 
 
 def file_mb(path: str | Path) -> float:

@@ -1,7 +1,8 @@
 """A target's package as an MLflow model: `mlflow.pyfunc.load_model("models:/vidopt-cpu@champion")` and `mlflow models
 serve` run it as the target was verified. ONNX packages (CPU, GPU) run on the runtime their runtime.json names,
-onnxruntime or OpenVINO (vidopt/mlflow_onnx_model.py: numpy and that runtime, not vidopt); the TPU's StableHLO program on torch-xla (vidopt/mlflow_stablehlo_model.py); the
-FPGA's HLS project in hls4ml's C++ emulation (vidopt/mlflow_hls_model.py). All are logged as code."""
+onnxruntime or OpenVINO (vidopt/mlflow_onnx_model.py: numpy and that runtime, not vidopt); the TPU's StableHLO
+program on torch-xla (vidopt/mlflow_stablehlo_model.py); the FPGA's HLS project in hls4ml's C++ emulation
+(vidopt/mlflow_hls_model.py). All are logged as code."""
 from __future__ import annotations
 
 from pathlib import Path

@@ -15,25 +15,17 @@ A session reads clips as ort_predict does (vidopt/onnx_utils.py model_input) and
 from __future__ import annotations
 
 import functools
-import time
 from pathlib import Path
 from typing import Iterable, Sequence
 
 import numpy as np
 
+from vidopt import hardware
 from vidopt.onnx_utils import OUTPUT_NAME, model_input, ort_session, takes_pixels
+from vidopt.timing import interleaved, time_calls
 
 RUNTIMES = ("onnxruntime", "openvino", "openvino-bf16")
 BF16_FLAGS = ("amx_bf16", "avx512_bf16")   # /proc/cpuinfo flags of CPUs with native bf16 math
-
-
-def cpu_flags() -> set[str]:
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return set()
-    line = next((ln for ln in text.splitlines() if ln.startswith("flags")), "")
-    return set(line.partition(":")[2].split())
 
 
 def available() -> list[str]:
@@ -44,7 +36,11 @@ def available() -> list[str]:
     except ImportError:
         return names
     names.append("openvino")
-    if cpu_flags() & set(BF16_FLAGS):
+    try:
+        flags = hardware.cpu_flags(hardware.CPUINFO.read_text())
+    except OSError:
+        flags = set()
+    if flags & set(BF16_FLAGS):
         names.append("openvino-bf16")
     return names
 
@@ -89,6 +85,7 @@ class Session:
         self._ort = ort_session(path, threads) if runtime == "onnxruntime" else None
         self.pixels = takes_pixels(self._ort) if self._ort is not None else _onnx_takes_pixels(self.path)
         self._compiled: dict[tuple[int, ...], object] = {}
+        self._last = None   # the infer request of the last OpenVINO run, for layer_times
 
     def run(self, x: np.ndarray) -> np.ndarray:
         """Logits [B, classes] of one model input ([B, C, T, H, W], uint8 pixels or normalised float)."""
@@ -104,6 +101,8 @@ class Session:
     def layer_times(self) -> list[dict]:
         """OpenVINO's per-layer timing of the last run of a profiling session: [{"node", "op", "kernel", "us"}] for
         the layers that ran (the compiled graph's: fused, with the layout Reorders it added)."""
+        if not self.profile or self._last is None:
+            raise ValueError("Session.layer_times: needs a session made with profile=True and one run")
         return [{"node": info.node_name, "op": info.node_type, "kernel": info.exec_type,
                  "us": info.real_time.total_seconds() * 1e6}
                 for info in self._last.profiling_info if str(info.status).endswith("EXECUTED")]
@@ -131,36 +130,22 @@ def _onnx_takes_pixels(path: Path) -> bool:
 
 def measure(session: Session, input_shape: Sequence[int], batch: int = 1, warmup: int = 3, iters: int = 10,
             min_seconds: float = 0.0, seed: int = 0) -> dict[str, float]:
-    """p50/p95 ms per call and clips/s at the median, after `warmup` calls, over at least `iters` calls and
-    `min_seconds` (onnx_utils.measure_latency's protocol, on any runtime)."""
+    """p50/p95 ms per call and clips/s at the median, by the shared protocol (vidopt/timing.py time_calls)."""
     random = np.random.default_rng(seed)
     shape = (batch, *input_shape)
     x = (random.integers(0, 256, shape, dtype=np.uint8) if session.pixels
          else random.standard_normal(shape, dtype=np.float32))
-    for _ in range(warmup):
-        session.run(x)
-    times: list[float] = []
-    while len(times) < iters or sum(times) < min_seconds:
-        started = time.perf_counter()
-        session.run(x)
-        times.append(time.perf_counter() - started)
-    p50, p95 = np.percentile(times, [50, 95]) * 1000.0
-    return {"p50_ms": float(p50), "p95_ms": float(p95), "throughput_clips_s": float(batch * 1000.0 / p50)}
+    return time_calls(lambda: session.run(x), batch, warmup, iters, min_seconds)
 
 
 def compare(candidates: dict[str, tuple[str, str | Path]], input_shape: Sequence[int], batch: int = 1,
             threads: int = 1, rounds: int = 5, warmup: int = 3, iters: int = 10,
             min_seconds: float = 0.0) -> dict[str, dict[str, float]]:
-    """{name: (runtime, file)} timed interleaved, round by round (a slow spell of a shared machine hits all alike):
-    the median over rounds of each statistic, and best_p50_ms, the quietest round's p50, to rank by."""
+    """{name: (runtime, file)} timed interleaved (vidopt/timing.py interleaved): the median over rounds of each
+    statistic, and best_p50_ms, the quietest round's p50, to rank by."""
     sessions = {name: Session(runtime, path, threads) for name, (runtime, path) in candidates.items()}
-    per_round: dict[str, list[dict[str, float]]] = {name: [] for name in sessions}
-    for _ in range(rounds):
-        for name, session in sessions.items():
-            per_round[name].append(measure(session, input_shape, batch, warmup, iters, min_seconds))
-    return {name: {**{key: float(np.median([r[key] for r in results])) for key in results[0]},
-                   "best_p50_ms": float(min(r["p50_ms"] for r in results))}
-            for name, results in per_round.items()}
+    return interleaved({name: functools.partial(measure, session, input_shape, batch, warmup, iters, min_seconds)
+                        for name, session in sessions.items()}, rounds)
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -92,7 +92,8 @@ def variant_name(runtime: str, precision: str, form: str) -> str:
 def choose_variant(files: dict[tuple[str, str], Path], allowed: list[str] | None, shape: tuple[int, ...],
                    threads: int, stored, reference: np.ndarray, min_agreement: float) -> dict:
     """Every (runtime, file) variant this machine runs -> {"chosen": (runtime, precision, form), "file": its file,
-    "best_p50_ms": {variant_name: ms}, "agreement": {variant_name: argmax agreement}}. Variants whose agreement with
+    "best_p50_ms": {variant_name: ms}, "agreement": {variant_name: argmax agreement}, "variants": {variant_name:
+    (runtime, precision, form)}}. Variants whose agreement with
     `reference` logits [N, classes] on `stored` clips is below `min_agreement` are scored and not timed; where none
     is within it, the most faithful ships (the registry's gate then says why it is not promoted); where one is, it
     ships untimed."""
@@ -106,22 +107,23 @@ def choose_variant(files: dict[tuple[str, str], Path], allowed: list[str] | None
     within = [name for name in variants if agreement[name] >= min_agreement]
     if len(within) <= 1:   # nothing to rank
         best = within[0] if within else max(agreement, key=agreement.get)
-        return {"chosen": variants[best], "file": files[variants[best][1:]], "best_p50_ms": {}, "agreement": agreement}
+        return {"chosen": variants[best], "file": files[variants[best][1:]], "best_p50_ms": {}, "agreement": agreement,
+                "variants": variants}
     timed = runtimes.compare({name: (variants[name][0], files[variants[name][1:]]) for name in within}, shape,
                              batch=1, threads=threads, rounds=CHOICE_ROUNDS, warmup=3, iters=5,
                              min_seconds=CHOICE_MIN_SECONDS)
     best = {name: stats["best_p50_ms"] for name, stats in timed.items()}
     chosen = variants[min(best, key=best.get)]
-    return {"chosen": chosen, "file": files[chosen[1:]], "best_p50_ms": best, "agreement": agreement}
+    return {"chosen": chosen, "file": files[chosen[1:]], "best_p50_ms": best, "agreement": agreement,
+            "variants": variants}
 
 
 def forms_on(runtime: str, choice: dict) -> dict:
     """The int8 forms' times and agreements on the runtime that ships ({form: value}), for the report's note."""
-    prefix = f"{runtime} int8 "
-    return {"int8_forms_best_p50_ms": {name[len(prefix):]: ms for name, ms in choice["best_p50_ms"].items()
-                                       if name.startswith(prefix)},
-            "int8_forms_argmax_agreement": {name[len(prefix):]: value for name, value in choice["agreement"].items()
-                                            if name.startswith(prefix)}}
+    forms = {name: form for name, (on, precision, form) in choice["variants"].items()
+             if on == runtime and precision == "int8"}
+    return {"int8_forms_best_p50_ms": {forms[n]: ms for n, ms in choice["best_p50_ms"].items() if n in forms},
+            "int8_forms_argmax_agreement": {forms[n]: value for n, value in choice["agreement"].items() if n in forms}}
 
 
 if __name__ == "__main__":

@@ -161,7 +161,9 @@ def full_size_ladder(student: StudentArch, teacher: TeacherArch, work: Path, mac
     paths["student int8"] = quantize_model_int8(models["student fp32"], shape, work / "full_student_int8.onnx",
                                                 _random_clips(shape, batches=2), forms_dir=forms_dir)
     # As the CPU target ships: every int8 form on every runtime, each runtime's cell its fastest form
-    forms = {f"student int8 [{name}]": path for name, path in int8_form_files(forms_dir).items()}
+    kept = int8_form_files(forms_dir)
+    form_of = {f"student int8 [{name}]": name for name in kept}   # a row name per form -> the form's name
+    forms = {key: kept[name] for key, name in form_of.items()}
     runtimes = available()
     log.info("ladder (a): timing %d files on %s, %d rounds", len(paths) - 1 + len(forms), ", ".join(runtimes), rounds)
     timed = time_everywhere({**{n: p for n, p in paths.items() if n != "student int8"}, **forms}, runtimes, shape,
@@ -173,7 +175,7 @@ def full_size_ladder(student: StudentArch, teacher: TeacherArch, work: Path, mac
         rows[name] = model_row(models[name.replace("int8", "fp32")], shape, path, quantized=name.endswith("int8"))
         add_timings(rows[name], timed[name], threads=1, machine=machine)
     for runtime, form in int8_forms.items():
-        rows["student int8"]["runtimes"][runtime]["int8_form"] = form[len("student int8 ["):-1]
+        rows["student int8"]["runtimes"][runtime]["int8_form"] = form_of[form]
     head = headline(rows, "teacher fp32", "student int8")
     size_ratio = rows["teacher fp32"]["size_mb"] / rows["student int8"]["size_mb"]
     return {"note": FULL_SIZE_NOTE, "input": list(shape), "batch": 1, "threads": 1,
