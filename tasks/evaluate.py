@@ -55,13 +55,14 @@ def newest_int8_model(cfg: PipelineConfig) -> Path:
 
 
 def open_model(path: Path, scratch: Path) -> tuple[str, Path, list[str], tuple[int, int, int]]:
-    """(kind: "torch", or the CPU runtime that runs its ONNX file (vidopt/runtimes.py), file or folder, class names,
-    clip (T, H, W)) of a model folder or CPU package: a package runs on the runtime it was verified on."""
+    """(kind: "torch", the CPU runtime that runs its ONNX file (vidopt/runtimes.py) or "aotinductor", file or folder,
+    class names, clip (T, H, W)) of a model folder or a CPU or GPU package: a package runs on the runtime it was
+    verified on."""
     if path.is_file() and path.name.endswith(".tar.gz"):
         with tarfile.open(path) as tar:
             tar.extractall(scratch, filter="data")
         path = next(scratch.rglob("runtime.json")).parent
-    if (path / "runtime.json").exists():   # the CPU target's package
+    if (path / "runtime.json").exists():   # a CPU or GPU target's package
         runtime = json.loads((path / "runtime.json").read_text())
         if not runtime.get("classes"):
             raise EvaluateError(f"evaluate: {path}/runtime.json names no classes (a package exported before it "
@@ -75,6 +76,18 @@ def open_model(path: Path, scratch: Path) -> tuple[str, Path, list[str], tuple[i
     classes = json.loads((path / CLASSES).read_text())
     kind = "onnxruntime" if (path / INT8_FILE).exists() else "torch"
     return kind, path / INT8_FILE if kind != "torch" else path, classes, (arch["frames"], arch["height"], arch["width"])
+
+
+def package_predictor(kind: str, file: Path):
+    """Logits [N, classes] over batches of stored uint8 clips [B, T, H, W, 3], from a package's file on its runtime:
+    an ONNX runtime (vidopt/runtimes.py) or the GPU package's AOTInductor program (its MLflow model's loader)."""
+    if kind != "aotinductor":
+        return Session(kind, file).predict
+    from vidopt.mlflow_aoti_model import AotiClipClassifier
+
+    program = AotiClipClassifier()
+    program.load_package(file.parent)
+    return lambda batches: np.concatenate([program.predict(None, np.asarray(b)) for b in batches])
 
 
 def run(cfg: PipelineConfig, data: str, model: Path | None = None, out: Path | None = None) -> dict:
@@ -95,8 +108,8 @@ def run(cfg: PipelineConfig, data: str, model: Path | None = None, out: Path | N
         test = load_clip_set(store, ref)
         batch = cfg.clips.batch_size
         if kind != "torch":
-            logits = Session(kind, source).predict([test.clips[i:i + batch] for i in range(0, len(test.labels),
-                                                                                           batch)])
+            logits = package_predictor(kind, source)([test.clips[i:i + batch] for i in range(0, len(test.labels),
+                                                                                             batch)])
         else:
             module, _ = load_model_dir(source)
             logits = clip_logits(module, test.clips, batch, torch.device("cpu")).numpy()
@@ -107,7 +120,8 @@ def run(cfg: PipelineConfig, data: str, model: Path | None = None, out: Path | N
     predicted = video_logits.argmax(1)
     right = int((predicted == video_labels).sum())
     matrix = confusion(video_labels, predicted, len(classes))
-    ran_on = "PyTorch fp32" if kind == "torch" else f"{version(kind)} {'int8' if 'int8' in source.name else 'fp32'}"
+    ran_on = ("PyTorch fp32" if kind == "torch" else f"torch {torch.__version__} AOTInductor" if kind == "aotinductor"
+              else f"{version(kind)} {'int8' if 'int8' in source.name else 'fp32'}")
     report = {"model": str(model), "runtime": ran_on,
               "data": data, "data_version": dataset.data_version, "videos": dataset.num_videos,
               "quarantined": dataset.num_quarantined, "clips": len(labels),

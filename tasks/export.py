@@ -38,7 +38,7 @@ def target_options(cfg: Reads, target: str) -> CpuOptions | GpuOptions | TpuOpti
     e = cfg.export
     return {"cpu": lambda: CpuOptions(threads=e.cpu_threads, min_argmax_agreement=cfg.budgets.min_argmax_agreement,
                                       runtimes=e.cpu_runtimes),
-            "gpu": lambda: GpuOptions(threads=e.cpu_threads),
+            "gpu": lambda: GpuOptions(threads=e.cpu_threads, min_argmax_agreement=cfg.budgets.min_argmax_agreement),
             "tpu": lambda: TpuOptions(bf16=e.tpu_bf16),
             "fpga": lambda: FpgaOptions(fixed_width=e.fpga_fixed_width,
                                         calibration_clips=e.fpga_calibration_clips)}[target]()
@@ -150,13 +150,13 @@ def log_target(result: TargetResult, parent_run_id: str, data_version: str, stor
 
 
 def log_pyfunc_model(archive_path: Path, clips: ClipConfig | None = None):
-    """[MLflow] the target's package as an MLflow model wherever this machine can run it: an ONNX file that
-    onnxruntime's CPU provider runs too (the CPU and GPU packages' runtime.json), or the TPU's StableHLO program
+    """[MLflow] the target's package as an MLflow model: an ONNX file that onnxruntime's CPU provider runs too (the
+    CPU and GPU packages' runtime.json), the GPU package's AOTInductor program (torch), the TPU's StableHLO program
     (torch-xla), or the FPGA's HLS project (hls4ml's C++ emulation) -> its ModelInfo, or None."""
     import tarfile
     import tempfile
 
-    from vidopt.pyfunc import log_hls_model, log_onnx_model, log_stablehlo_model
+    from vidopt.pyfunc import log_aoti_model, log_hls_model, log_onnx_model, log_stablehlo_model
 
     if not tarfile.is_tarfile(archive_path):
         return None
@@ -170,10 +170,12 @@ def log_pyfunc_model(archive_path: Path, clips: ClipConfig | None = None):
             if "ips" in runtime:   # the FPGA's HLS project: its emulation compiles with g++ where it loads
                 clip = (runtime["frames"], runtime["height"], runtime["width"])
                 return log_hls_model(runtimes[0].parent, clip, runtime.get("classes") or [], sampling)
+            _, t, h, w = runtime["input"]["shape"]          # [C, T, H, W]
+            if runtime.get("runtime") == "aotinductor":
+                return log_aoti_model(runtimes[0].parent, (t, h, w), runtime.get("classes") or [], sampling)
             if not str(runtime.get("file", "")).endswith(".onnx") or "CPUExecutionProvider" not in runtime.get(
                     "providers", []):
                 return None
-            _, t, h, w = runtime["input"]["shape"]          # [C, T, H, W]
             return log_onnx_model(runtimes[0].parent, (t, h, w), runtime.get("classes") or [], sampling)
         if len(signatures) == 1:
             signature = json.loads(signatures[0].read_text())

@@ -112,8 +112,9 @@ def list_videos(source: str, cfg: PipelineConfig) -> list[tuple[str, str]]:
 
 
 def load_model(spec: str | None, cfg: PipelineConfig, scratch: Path) -> Model:
-    """A registered MLflow model, a CPU package or a model folder (tasks/evaluate.py open_model), as a Predictor."""
-    from tasks.evaluate import newest_int8_model, open_model
+    """A registered MLflow model, a CPU or GPU package or a model folder (tasks/evaluate.py open_model), as a
+    Predictor."""
+    from tasks.evaluate import newest_int8_model, open_model, package_predictor
 
     if spec is None or spec.startswith("models:/"):
         import mlflow
@@ -136,10 +137,8 @@ def load_model(spec: str | None, cfg: PipelineConfig, scratch: Path) -> Model:
     kind, source, classes, (t, h, w) = open_model(Path(spec), scratch)
     clips = cfg.clips.model_copy(update={"frames": t, "height": h, "width": w})
     if kind != "torch":   # on the runtime the package was verified on
-        from vidopt.runtimes import Session
-
-        session = Session(kind, source)
-        return Model(lambda x: session.predict([x]), classes, clips, spec)
+        predict = package_predictor(kind, source)
+        return Model(lambda x: predict([x]), classes, clips, spec)
     import torch
 
     from vidopt.checkpoint import load_model_dir

@@ -51,6 +51,7 @@ class GpuOptions(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
     target: Literal["gpu"] = "gpu"
     threads: int = 1                       # onnxruntime threads where a variant runs on the host CPU
+    min_argmax_agreement: float = 0.0      # variants below it are not served (budgets.*)
 
 
 class TpuOptions(BaseModel):

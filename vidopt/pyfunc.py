@@ -1,6 +1,7 @@
 """A target's package as an MLflow model: `mlflow.pyfunc.load_model("models:/vidopt-cpu@champion")` and `mlflow models
 serve` run it as the target was verified. ONNX packages (CPU, GPU) run on the runtime their runtime.json names,
-onnxruntime or OpenVINO (vidopt/mlflow_onnx_model.py: numpy and that runtime, not vidopt); the TPU's StableHLO
+onnxruntime or OpenVINO (vidopt/mlflow_onnx_model.py: numpy and that runtime, not vidopt); a GPU package that serves
+its AOTInductor program on torch (vidopt/mlflow_aoti_model.py); the TPU's StableHLO
 program on torch-xla (vidopt/mlflow_stablehlo_model.py); the FPGA's HLS project in hls4ml's C++ emulation
 (vidopt/mlflow_hls_model.py). All are logged as code."""
 from __future__ import annotations
@@ -12,6 +13,7 @@ import numpy as np
 MODEL_CODE = Path(__file__).with_name("mlflow_onnx_model.py")
 STABLEHLO_CODE = Path(__file__).with_name("mlflow_stablehlo_model.py")
 HLS_CODE = Path(__file__).with_name("mlflow_hls_model.py")
+AOTI_CODE = Path(__file__).with_name("mlflow_aoti_model.py")
 
 
 def log_stablehlo_model(program: Path, clip_shape: tuple[int, int, int], classes: list[str],
@@ -55,6 +57,19 @@ def log_onnx_model(package: Path, clip_shape: tuple[int, int, int], classes: lis
     needs = "openvino" if runtime.startswith("openvino") else "onnxruntime"   # the runtime the package ships on
     return _log(name, MODEL_CODE, {"package": str(package)}, clip_shape, classes, sampling,
                 [f"mlflow=={mlflow.__version__}", f"{needs}=={version(needs)}", f"numpy=={np.__version__}"])
+
+
+def log_aoti_model(package: Path, clip_shape: tuple[int, int, int], classes: list[str], sampling: dict | None = None,
+                   name: str = "model"):
+    """[MLflow] a GPU package whose runtime.json names its AOTInductor program as a pyfunc model -> its ModelInfo.
+    No input example: a program compiled for CUDA loads only on a GPU host, and this one may have none."""
+    from importlib.metadata import version
+
+    import mlflow
+
+    return _log(name, AOTI_CODE, {"package": str(package)}, clip_shape, classes, sampling,
+                [f"mlflow=={mlflow.__version__}", f"torch=={version('torch').split('+')[0]}",
+                 f"numpy=={np.__version__}"], example=False)
 
 
 def _log(name: str, code: Path, artifacts: dict, clip_shape: tuple[int, int, int], classes: list[str],

@@ -144,11 +144,28 @@ def target_points(result: TargetResult) -> list[Point]:
         if size is None and v.get("artifact") and Path(v["artifact"]).is_file():
             size = Path(v["artifact"]).stat().st_size
         runtime = str(v.get("runtime", ""))
-        headline = (runtime, v.get("latency_ms"), v.get("top1")) == (result.runtime, result.latency_ms, result.top1)
+        headline = (name == result.extra["shipped"] if "shipped" in result.extra else
+                    (runtime, v.get("latency_ms"), v.get("top1")) == (result.runtime, result.latency_ms, result.top1))
         points.append(Point(target=result.target, variant=name, runtime=runtime, top1=v.get("top1"),
                             latency_ms=v.get("latency_ms"), artifact_bytes=size, headline=headline,
-                            on_device=on_target_device(result.target, runtime)))
+                            on_device=on_target_device(result.target, runtime),
+                            note=shipped_note(result) if headline and "shipped" in result.extra else ""))
     return points
+
+
+def shipped_note(result: TargetResult) -> str:
+    """Why a target with several servable variants (workers/gpu.py choose_shipped) serves the one it does."""
+    extra, variants = result.extra, result.extra["variants"]
+    shipped, faithful = extra["shipped"], extra.get("faithful") or []
+    if shipped not in faithful:
+        return (f"served: the most faithful; no servable variant agrees with the reference within "
+                f"{extra.get('min_argmax_agreement')}")
+    note = f"served: the fastest of {len(faithful)} faithful servable variant(s)"
+    fastest = extra.get("fastest")
+    if fastest and fastest != shipped:
+        note += (f"; {fastest} ran faster ({variants[fastest]['latency_ms']:.3f} ms) but is not served "
+                 "(an engine is tied to one GPU model and TensorRT version)")
+    return note
 
 
 def form_note(result: TargetResult) -> str:

@@ -1,13 +1,19 @@
-"""GPU target: fp16 and int8 ONNX for TensorRT, and an AOTInductor package, each verified on what really runs here.
+"""GPU target: fp16 and int8 ONNX for onnxruntime (CUDA) and TensorRT, and an AOTInductor package, each verified on
+what really runs here; the package serves the fastest that is faithful.
 
     python -m workers.gpu JOB.json        # run one export job (see vidopt.artifacts.LocalExportJob), print its result
     python -m workers.gpu --demo DIR      # build a tiny trained student + clips + int8 ONNX in DIR and run on them
     python -m workers.gpu --run-aoti PACKAGE CLIPS LOGITS_OUT THREADS   # (child) load a .pt2 fresh, run, time it
 
 TensorRT engines are built and timed only where `tensorrt` imports and CUDA works; otherwise the ONNX files are run
-with onnxruntime (CUDA provider if present, else CPU) and the runtime string names the provider that ran. Heavy or
-optional libraries (onnxruntime, onnx, tensorrt) are imported inside the functions that need them, so this module
-imports on a GPU host that has torch and vidopt's light dependencies (pydantic, numpy, safetensors, pyyaml) only.
+with onnxruntime (CUDA provider if present, else CPU) and the runtime string names the provider that ran. Of the
+variants the package's MLflow model can serve (SERVED: the ONNX files on onnxruntime, the AOTInductor package), those
+that ran on the GPU (on the host CPU only where none did) and agree with the fp32 reference within
+`min_argmax_agreement` compete, and the fastest at batch 1 ships: runtime.json names it (choose_shipped). TensorRT
+engines are timed beside them and the result names the fastest of all, but an engine is tied to one GPU model and
+TensorRT version, so none is served. Heavy or optional libraries (onnxruntime, onnx, tensorrt) are imported inside
+the functions that need them, so this module imports on a GPU host that has torch and vidopt's light dependencies
+(pydantic, numpy, safetensors, pyyaml) only.
 """
 from __future__ import annotations
 
@@ -36,10 +42,8 @@ FP16_REL_TOL = 1e-2       # fp16 keeps 11 mantissa bits; max |diff| against max 
 MAX_BATCH = 64            # dynamic batch range of the AOTInductor package and the TensorRT profile
 LATENCY_WARMUP, LATENCY_ITERS = 5, 30
 AOTI_CHILD_TIMEOUT_S = 600    # load + run every eval clip + time batch 1; seconds on a CPU, far less on a GPU
-# The headline numbers come from the first successful variant that ran on the GPU, in this order (int8 is what a GPU
-# serves, TensorRT when it ran); only where none ran on a GPU, from the first that ran at all. On the lent H200 (no
-# TensorRT, onnxruntime's CPU build) that is AOTInductor fp16, not onnxruntime int8 on the host's CPU.
-PRIMARY_ORDER = ("tensorrt_int8", "ort_int8", "tensorrt_fp16", "ort_fp16", "aoti")
+# What the package's MLflow model runs (vidopt/mlflow_onnx_model.py, vidopt/mlflow_aoti_model.py), by variant name
+SERVED = ("ort_int8", "ort_fp16", "ort_int8_symmetric", "aoti")
 
 
 def run_target(job: LocalExportJob) -> TargetResult:
@@ -47,7 +51,9 @@ def run_target(job: LocalExportJob) -> TargetResult:
     package = Path(job.out_dir) / "package"     # everything deployable; archived as a whole
     package.mkdir(parents=True, exist_ok=True)
     stored, truth = load_stored_clips(job)      # [N, T, H, W, C] uint8: ONNX files are fed through ort_predict
-    x = normalise_clips(stored)                  # [N, C, T, H, W] float, for PyTorch and AOTInductor
+    # [N, C, T, H, W] float, for PyTorch and AOTInductor; contiguous, as a server's clips are: AOTInductor compiles
+    # for the example's strides and gave wrong logits on other ones (normalise_clips keeps [N, T, H, W, C] strides)
+    x = normalise_clips(stored).contiguous()
     reference = reference_logits(job, x)
     model, _ = load_model_dir(job.model_dir)
     threads = job.options.threads
@@ -68,28 +74,69 @@ def run_target(job: LocalExportJob) -> TargetResult:
                 variants[f"tensorrt_{precision}"] = _guarded(
                     lambda: _tensorrt_variant(source, stored, truth, reference, precision))
     variants["aoti"] = _guarded(lambda: _aoti_variant(model, x, truth, reference, package, cuda, threads))
-    if "fp16" in onnx_files:   # the package's portable form: the fp16 ONNX file on onnxruntime, CUDA where it is
-        runtime = onnx_runtime_json(onnx_files["fp16"].name, ["CUDAExecutionProvider", "CPUExecutionProvider"],
-                                    threads, list(x.shape[1:]), False, model_classes(job))
-        (package / "runtime.json").write_text(json.dumps(runtime, indent=2))
-
     problems = [f"{k}: {v['error']}" if "error" in v else f"{k}: parity {v['parity']} outside {v['tolerance']}"
                 for k, v in variants.items() if "error" in v or (v.get("gated") and not v["within_tolerance"])]
-    primary = headline_variant(variants)
+    choice = choose_shipped(variants, job.options.min_argmax_agreement)
+    if choice is not None:
+        shipped = variants[choice["shipped"]]
+        (package / "runtime.json").write_text(json.dumps(
+            shipped_runtime_json(choice["shipped"], shipped, package, threads, list(x.shape[1:]), model_classes(job)),
+            indent=2))
     artifact = archive(package, Path(job.out_dir) / "gpu_package.tar.gz")
     common = dict(target="gpu", artifact_uri=str(artifact), artifact_bytes=artifact.stat().st_size,
-                  seconds=time.monotonic() - started, extra={"variants": variants, "cuda": cuda})
-    if primary is None:
+                  seconds=time.monotonic() - started,
+                  extra={"variants": variants, "cuda": cuda, **(choice or {}),
+                         "min_argmax_agreement": job.options.min_argmax_agreement})
+    if choice is None:
         return TargetResult(status="failed", reason="; ".join(problems) or "no variant ran", **common)
     return TargetResult(status="failed" if problems else "ok", reason="; ".join(problems)[:2000],
-                        runtime=primary["runtime"], parity=primary["parity"], top1=primary["top1"],
-                        correct=primary.get("correct", ""), latency_ms=primary["latency_ms"], **common)
+                        runtime=shipped["runtime"], parity=shipped["parity"], top1=shipped["top1"],
+                        correct=shipped.get("correct", ""), latency_ms=shipped["latency_ms"], **common)
 
 
-def headline_variant(variants: dict[str, dict]) -> dict | None:
-    """The variant whose numbers the target reports: see PRIMARY_ORDER. None when no variant ran."""
-    ran = [variants[k] for k in PRIMARY_ORDER if k in variants and "error" not in variants[k]]
-    return min(ran, key=lambda v: not v["on_gpu"], default=None)   # min keeps PRIMARY_ORDER among equals
+def choose_shipped(variants: dict[str, dict], min_agreement: float) -> dict | None:
+    """The variant the package serves -> {"shipped": name, "fastest": name, "faithful": [names]}, or None when no
+    servable variant ran. Those that ran on the GPU compete (on the host CPU only where none did): of the SERVED ones
+    whose argmax agreement with the fp32 reference is within `min_agreement` (and, where gated, whose parity is), the
+    fastest at batch 1; where none is faithful, the most faithful (the registry's gate then says why it is not
+    promoted). "fastest" is the fastest faithful variant of all, TensorRT engines included."""
+    ran = {name: v for name, v in variants.items() if "error" not in v}
+    pool = {name: v for name, v in ran.items() if v["on_gpu"]} or ran
+    servable = ({name: v for name, v in pool.items() if name in SERVED}
+                or {name: v for name, v in ran.items() if name in SERVED})
+    if not servable:
+        return None
+
+    def faithful(v: dict) -> bool:
+        return v["parity"]["argmax_agreement"] >= min_agreement and (not v.get("gated") or v["within_tolerance"])
+
+    def latency(name: str) -> float:
+        return ran[name]["latency_ms"]
+
+    ok = [name for name, v in servable.items() if faithful(v)]
+    shipped = (min(ok, key=latency) if ok
+               else max(servable, key=lambda name: servable[name]["parity"]["argmax_agreement"]))
+    fastest = min([name for name, v in {**pool, **servable}.items() if faithful(v)], key=latency, default=shipped)
+    return {"shipped": shipped, "fastest": fastest, "faithful": ok}
+
+
+def shipped_runtime_json(name: str, record: dict, package: Path, threads: int, shape: list[int],
+                         classes: list[str] | None) -> dict:
+    """runtime.json of the package's served variant: an ONNX file on onnxruntime (CUDA where the serving host has it,
+    else its CPU), or the AOTInductor package on the device and dtype it was compiled for."""
+    if name == "aoti":
+        device, dtype = ("cuda", "float16") if record["on_gpu"] else ("cpu", "float32")
+        return onnx_runtime_json(record["file"], [], threads, shape, False, classes, runtime="aotinductor",
+                                 runtime_version=f"torch {torch.__version__}", device=device, dtype=dtype,
+                                 precision=record["precision"])
+    import onnx
+
+    from vidopt.onnx_utils import takes_pixels
+
+    pixels = takes_pixels(onnx.load(str(package / record["file"]), load_external_data=False))
+    return onnx_runtime_json(record["file"], ["CUDAExecutionProvider", "CPUExecutionProvider"], threads, shape, pixels,
+                             classes, runtime="onnxruntime", runtime_version=record["runtime"],
+                             precision=record["precision"])
 
 
 def _guarded(make: Callable[[], dict]) -> dict:
@@ -178,7 +225,8 @@ def _ort_variant(path: Path, stored, truth, reference, threads: int, precision: 
         latency = _p50_ms(lambda: session.run(None, {INPUT_NAME: first}))
         runtime = f"onnxruntime {ort.__version__} {providers[0]}"
     result = {"runtime": runtime, "providers": providers, "on_gpu": providers[0] != "CPUExecutionProvider",
-              "latency_ms": latency, "file": path.name, "bytes": path.stat().st_size}
+              "latency_ms": latency, "file": path.name, "bytes": path.stat().st_size,
+              "precision": precision}
     if precision == "fp16" and providers[0] == "CPUExecutionProvider":
         result["note"] = ("onnxruntime's CPU provider has no x86 fp16 kernels for these ops and inserts Casts so they "
                           "run in fp32: this checks fp16 rounding of the weights, not fp16 arithmetic or speed")
@@ -242,6 +290,7 @@ def _tensorrt_variant(onnx_path: Path, stored, truth, reference, precision: str)
     first = stored[:1]
     return {"runtime": f"TensorRT {trt.__version__} {precision} on {torch.cuda.get_device_name()}", "on_gpu": True,
             "latency_ms": _p50_ms(lambda: infer(first), torch.cuda.synchronize), "build_s": build_s,
+            "precision": precision,
             "file": engine_path.name, "bytes": engine_path.stat().st_size} | _score(logits, reference, truth,
                                                                                      precision)
 
@@ -282,7 +331,8 @@ def _aoti_variant(model, x, truth, reference, package: Path, cuda: bool, threads
     where = torch.cuda.get_device_name() if cuda else f"CPU ({threads} thread(s))"
     return {"runtime": f"torch {torch.__version__} AOTInductor {str(dtype).removeprefix('torch.')} on {where}",
             "on_gpu": cuda, "latency_ms": latency, "export_s": export_s, "compile_s": compile_s,
-            "verified_in": "a fresh process", "file": path.name, "bytes": path.stat().st_size} \
+            "verified_in": "a fresh process", "file": path.name, "bytes": path.stat().st_size,
+            "precision": "fp16" if cuda else "fp32"} \
         | _score(logits, reference, truth, "fp16" if cuda else "fp32")
 
 
@@ -302,8 +352,8 @@ def run_aoti_package(package: str, clips_file: str, logits_out: str, threads: in
     runner = torch._inductor.aoti_load_package(package)
     x = torch.load(clips_file, weights_only=True)
     with torch.no_grad():
-        logits = np.concatenate([runner(b.to(device, dtype)).float().cpu().numpy() for b in batches(x)])
-        first = x[:1].to(device, dtype)
+        logits = np.concatenate([runner(b.to(device, dtype).contiguous()).float().cpu().numpy() for b in batches(x)])
+        first = x[:1].to(device, dtype).contiguous()
         latency = _p50_ms(lambda: runner(first), torch.cuda.synchronize if cuda else lambda: None)
     np.save(logits_out, logits.astype(np.float32))
     return {"latency_ms": latency}
