@@ -58,6 +58,7 @@ run)
 import json, sys
 r = json.load(open(sys.argv[1]))
 print(r["status"], r["runtime"], r["top1"], r["latency_ms"], r["reason"][:800])
+print("served:", r["extra"].get("shipped"), "fastest faithful:", r["extra"].get("fastest"))
 for name, v in r["extra"]["variants"].items():
     print(name, v.get("runtime"), v.get("latency_ms"), v.get("parity"), v.get("error", "")[:400])
 PY
