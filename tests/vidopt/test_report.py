@@ -175,3 +175,20 @@ def test_plot_without_any_timed_point_is_still_an_image():
     report = build_report(teacher_only, [], BudgetConfig(), TargetProfiles())
     assert imread(io.BytesIO(pareto_png(report))).ndim == 3
     assert "<img" in render_html(report, pareto_png(report))
+
+
+def test_a_target_that_chose_among_variants_heads_with_the_one_it_serves_and_says_why():
+    from vidopt.report import target_points
+
+    variants = {"tensorrt_int8": {"runtime": "TensorRT 10 int8 on L4", "top1": 0.76, "latency_ms": 0.08},
+                "ort_int8": {"runtime": "onnxruntime CUDAExecutionProvider", "top1": 0.76, "latency_ms": 0.21},
+                "aoti": {"runtime": "torch AOTInductor float16 on L4", "top1": 0.76, "latency_ms": 0.21}}
+    result = TargetResult(target="gpu", status="ok", runtime=variants["aoti"]["runtime"], top1=0.76, latency_ms=0.21,
+                          extra={"variants": variants, "shipped": "aoti", "fastest": "tensorrt_int8",
+                                 "faithful": ["ort_int8", "aoti"], "min_argmax_agreement": 0.99})
+    points = {p.variant: p for p in target_points(result)}
+    assert [name for name, p in points.items() if p.headline] == ["aoti"]   # not ort_int8, tied in latency and top-1
+    assert "the fastest of 2 faithful servable" in points["aoti"].note
+    assert "tensorrt_int8 ran faster (0.080 ms) but is not served" in points["aoti"].note
+    result.extra.update(faithful=[], fastest="aoti")
+    assert "no servable variant agrees with the reference within 0.99" in target_points(result)[2].note
