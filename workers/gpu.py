@@ -34,6 +34,7 @@ import torch
 from vidopt.artifacts import LocalExportJob, TargetResult, default_options
 from vidopt.checkpoint import load_model_dir
 from vidopt.data import normalise_clips
+from vidopt.timing import time_calls
 from workers.common import (Truth, archive, batches, correct, load_stored_clips, model_classes, onnx_runtime_json,
                             parity, reference_logits, run_module, top1)
 
@@ -165,16 +166,9 @@ def _score(logits: np.ndarray, reference: np.ndarray, truth: Truth, precision: s
 
 
 def _p50_ms(call: Callable[[], object], sync: Callable[[], None] = lambda: None) -> float:
-    for _ in range(LATENCY_WARMUP):
-        call()
-    sync()
-    times = []
-    for _ in range(LATENCY_ITERS):
-        started = time.perf_counter()
-        call()
-        sync()   # CUDA launches are asynchronous: time until the result exists
-        times.append(time.perf_counter() - started)
-    return float(np.median(times) * 1e3)
+    """Batch-1 p50 by the shared protocol (vidopt/timing.py), each call timed until its result exists (`sync`: CUDA
+    launches are asynchronous)."""
+    return time_calls(lambda: (call(), sync()), 1, LATENCY_WARMUP, LATENCY_ITERS)["p50_ms"]
 
 
 # ---- (a) ONNX: fp16 and int8 for TensorRT, verified with onnxruntime -----------------------------------------------
