@@ -197,10 +197,16 @@ def test_aoti_package_that_crashes_in_a_fresh_process_is_an_error(demo_job, tmp_
         crash = "import os, signal; os.kill(os.getpid(), signal.SIGSEGV)"
         return subprocess.run([sys.executable, "-c", crash], capture_output=True, text=True)
 
+    def no_compile(program, package_path):   # the compile is not under test here (~10 s of g++)
+        Path(package_path).write_bytes(b"a package that will not load")
+        return package_path
+
     monkeypatch.setattr(gpu, "_run_aoti_child", crashing_child)
+    monkeypatch.setattr(torch._inductor, "aoti_compile_and_package", no_compile)
     x, labels = load_eval_clips(demo_job)
     model, _ = load_model_dir(demo_job.model_dir)
-    record = gpu._guarded(lambda: gpu._aoti_variant(model, x, labels, reference_logits(demo_job, x), tmp_path, False, 1))
+    reference = reference_logits(demo_job, x)
+    record = gpu._guarded(lambda: gpu._aoti_variant(model, x, labels, reference, tmp_path, False, 1))
     assert "fresh process (exit -11, a segmentation fault)" in record["error"]
     assert gpu.choose_shipped({"aoti": record}, 0.0) is None
 
