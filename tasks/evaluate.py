@@ -86,7 +86,10 @@ def package_predictor(kind: str, file: Path):
     from vidopt.mlflow_aoti_model import AotiClipClassifier
 
     program = AotiClipClassifier()
-    program.load_package(file.parent)
+    try:
+        program.load_package(file.parent)
+    except RuntimeError as error:   # a CUDA program on a host without a GPU, or a package this torch cannot load
+        raise EvaluateError(f"{file}: {error}") from None
     return lambda batches: np.concatenate([program.predict(None, np.asarray(b)) for b in batches])
 
 

@@ -162,7 +162,7 @@ def test_a_package_serving_aotinductor_is_an_mlflow_model_and_runs_in_predict(gp
     PyTorch reference on contiguous clips (a program compiled for other strides gave wrong logits)."""
     import mlflow
 
-    from tasks.evaluate import open_model, package_predictor
+    from tasks.evaluate import EvaluateError, open_model, package_predictor
     from tasks.export import log_pyfunc_model
     from workers.common import archive
 
@@ -190,6 +190,11 @@ def test_a_package_serving_aotinductor_is_an_mlflow_model_and_runs_in_predict(gp
     kind, source, classes, clip = open_model(packed, tmp_path / "scratch")
     assert (kind, classes, clip) == ("aotinductor", ["a", "b", "c", "d", "e"], tuple(stored.shape[1:4]))
     np.testing.assert_allclose(package_predictor(kind, source)([stored[:2], stored[2:5]]), expected, atol=gpu.FP32_TOL)
+    if not torch.cuda.is_available():   # a program compiled for CUDA, opened where there is none: one clear error
+        described = json.loads((source.parent / "runtime.json").read_text())
+        (source.parent / "runtime.json").write_text(json.dumps({**described, "device": "cuda", "dtype": "float16"}))
+        with pytest.raises(EvaluateError, match="student.pt2 was compiled for CUDA and this host has no GPU"):
+            package_predictor(kind, source)
 
 
 def test_aoti_package_that_crashes_in_a_fresh_process_is_an_error(demo_job, tmp_path, monkeypatch):
